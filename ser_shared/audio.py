@@ -1,0 +1,177 @@
+"""Audio format sniffing, cheap probing (web tier) and decoding to mono float (workers).
+
+libsndfile (through soundfile) reads WAV, FLAC, OGG/Vorbis/Opus and MP3 in process; M4A/AAC and
+WebM go through ffmpeg, which the worker image installs. Everything lands as mono float32 at the
+pipeline's sample rate.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from ser_shared.errors import AudioTooLong, AudioTooShort, DecodeFailed, UnsupportedFormat
+
+SOUNDFILE_FORMATS = {"wav", "flac", "ogg", "mp3", "aiff"}
+FFMPEG_FORMATS = {"m4a", "aac", "webm"}
+MIME_TYPES = {
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "ogg": "audio/ogg",
+    "mp3": "audio/mpeg",
+    "aiff": "audio/aiff",
+    "m4a": "audio/mp4",
+    "aac": "audio/aac",
+    "webm": "audio/webm",
+}
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    format: str
+    sample_rate: int | None
+    channels: int | None
+    duration_s: float | None
+
+
+def sniff_format(head: bytes) -> str:
+    """Name the container from its first bytes; raise UnsupportedFormat for anything else."""
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if head[4:8] == b"ftyp":
+        return "m4a"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm"
+    if head[:3] == b"ID3":
+        return "mp3"
+    if len(head) >= 2 and head[0] == 0xFF:
+        if head[1] & 0xF6 == 0xF0:  # ADTS sync with layer bits 00: raw AAC
+            return "aac"
+        if head[1] & 0xE0 == 0xE0:  # MPEG audio frame sync
+            return "mp3"
+    raise UnsupportedFormat("not a recognised audio file (WAV, FLAC, OGG/Opus, MP3, M4A/AAC, WebM)")
+
+
+def probe(path: Path, fmt: str) -> AudioInfo:
+    """Read rate, channels and duration from the header (no full decode).
+
+    Raises DecodeFailed when the container cannot be parsed.
+    """
+    if fmt in SOUNDFILE_FORMATS:
+        try:
+            info = sf.info(str(path))
+        except (RuntimeError, sf.LibsndfileError) as exc:
+            if fmt != "mp3":
+                raise DecodeFailed(f"cannot read the {fmt} header: {exc}") from exc
+        else:
+            if info.samplerate <= 0 or info.channels <= 0:
+                raise DecodeFailed("the header declares no channels or no sample rate")
+            duration = info.frames / info.samplerate if info.frames > 0 else None
+            return AudioInfo(fmt, int(info.samplerate), int(info.channels), duration)
+    return _ffprobe(path, fmt)
+
+
+def _ffprobe(path: Path, fmt: str) -> AudioInfo:
+    exe = shutil.which("ffprobe")
+    if exe is None:
+        raise DecodeFailed(f"{fmt} needs ffmpeg, which is not installed on this server")
+    cmd = [exe, "-v", "error", "-select_streams", "a:0", "-show_entries",
+           "stream=sample_rate,channels,duration:format=duration", "-of", "json", str(path)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, timeout=30, check=True).stdout
+        data = json.loads(out or b"{}")
+    except (subprocess.SubprocessError, ValueError) as exc:
+        raise DecodeFailed(f"cannot read the {fmt} container") from exc
+    streams = data.get("streams") or []
+    if not streams:
+        raise DecodeFailed(f"the {fmt} file has no audio stream")
+    stream = streams[0]
+    duration = _float(stream.get("duration")) or _float((data.get("format") or {}).get("duration"))
+    rate = int(_float(stream.get("sample_rate")) or 0) or None
+    channels = int(stream.get("channels") or 0) or None
+    return AudioInfo(fmt, rate, channels, duration)
+
+
+def _float(value: object) -> float | None:
+    try:
+        result = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return result if np.isfinite(result) and result > 0 else None
+
+
+def check_duration(duration_s: float | None, min_s: float, max_s: float) -> None:
+    """Raise AudioTooLong / AudioTooShort when a known duration is outside the limits."""
+    if duration_s is None:
+        return
+    if duration_s > max_s:
+        raise AudioTooLong(f"recording is {duration_s:.1f} s; the limit is {max_s:.0f} s")
+    if duration_s < min_s:
+        raise AudioTooShort(f"recording is {duration_s:.3f} s; at least {min_s:.2f} s is needed")
+
+
+def decode(path: Path, fmt: str, sample_rate: int, max_s: float) -> np.ndarray:
+    """Decode to mono float32 at ``sample_rate``, reading at most ``max_s`` (plus a little) seconds.
+
+    Raises DecodeFailed for unreadable data and AudioTooLong when the stream runs past ``max_s``.
+    """
+    if fmt in SOUNDFILE_FORMATS:
+        try:
+            audio, rate = _read_soundfile(path, max_s)
+        except (RuntimeError, sf.LibsndfileError, ValueError) as exc:
+            if fmt == "wav" or shutil.which("ffmpeg") is None:
+                raise DecodeFailed(f"cannot decode the {fmt} data: {exc}") from exc
+            audio, rate = _read_ffmpeg(path, sample_rate, max_s), sample_rate
+    else:
+        audio, rate = _read_ffmpeg(path, sample_rate, max_s), sample_rate
+    if audio.size == 0:
+        raise DecodeFailed("the file decodes to no audio samples")
+    if audio.size > (max_s + 0.5) * rate:
+        raise AudioTooLong(f"recording is longer than the {max_s:.0f} s limit")
+    audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
+    return resample(np.clip(audio, -1.0, 1.0), rate, sample_rate)
+
+
+def _read_soundfile(path: Path, max_s: float) -> tuple[np.ndarray, int]:
+    with sf.SoundFile(str(path)) as f:
+        rate = int(f.samplerate)
+        if rate <= 0 or f.channels <= 0:
+            raise ValueError("no channels or no sample rate")
+        # Bounded read: a lying header or a huge file never decodes more than the limit allows.
+        frames = int((max_s + 1.0) * rate)
+        data = f.read(frames=frames, dtype="float32", always_2d=True)
+    return data.mean(axis=1, dtype=np.float32), rate
+
+
+def _read_ffmpeg(path: Path, sample_rate: int, max_s: float) -> np.ndarray:
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        raise DecodeFailed("this format needs ffmpeg, which is not installed on this server")
+    cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-t", f"{max_s + 1.0:.3f}", "-vn",
+           "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
+    proc = subprocess.run(cmd, capture_output=True, timeout=max(60.0, max_s), check=False)
+    if proc.returncode != 0 or not proc.stdout:
+        message = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no audio"]
+        raise DecodeFailed(f"cannot decode the audio: {message[0][:200]}")
+    return np.frombuffer(proc.stdout, dtype="<f4").astype(np.float32)
+
+
+def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """High-quality resampling with soxr (a no-op when the rates match)."""
+    if rate == target:
+        return audio.astype(np.float32, copy=False)
+    import soxr  # worker-only dependency
+
+    return soxr.resample(audio, rate, target, quality="HQ").astype(np.float32)

@@ -1,0 +1,148 @@
+"""The ``ser`` command: the composition root that starts the web tier, the workers, or both.
+
+Web and worker run as separate processes (exec'd), so neither imports the other; only the
+``train`` command imports worker code, lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ser_shared import logs
+from ser_shared.settings import get_settings
+
+log = logging.getLogger("ser")
+
+
+def _migrate(_: argparse.Namespace) -> int:
+    from ser_shared.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings)
+    log.info("migrations applied database=%s", settings.db_url.split("@")[-1])
+    return 0
+
+
+def _web_argv(host: str, port: int, workers: int) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--bind", f"{host}:{port}",
+            "--workers", str(workers), "--threads", "4", "--timeout", "300",
+            "--access-logfile", "-", "--forwarded-allow-ips", "*"]
+
+
+def _worker_argv(queues: str, concurrency: int, pool: str, loglevel: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker",
+            "--queues", queues, "--concurrency", str(concurrency), "--pool", pool,
+            "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+
+
+def _web(args: argparse.Namespace) -> int:
+    os.execv(sys.executable, _web_argv(args.host, args.port, args.workers))
+    return 1  # not reached
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    concurrency = args.concurrency or settings.worker_concurrency
+    os.execv(sys.executable, _worker_argv(args.queues, concurrency, args.pool, settings.log_level))
+    return 1  # not reached
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Migrate, then run web and worker together until interrupted."""
+    settings = get_settings()
+    _migrate(args)
+    if settings.is_embedded:
+        log.info("embedded mode: database=%s broker=%s (set SER_DATABASE_URL / SER_BROKER_URL "
+                 "for Postgres and Redis)", settings.db_url, settings.queue_url)
+    procs = [
+        subprocess.Popen(_worker_argv(args.queues, args.concurrency or settings.worker_concurrency,
+                                      "prefork", settings.log_level)),
+        subprocess.Popen(_web_argv(args.host, args.port, args.web_workers)),
+    ]
+    print(f"SER service running at http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping and all(p.poll() is None for p in procs):
+        time.sleep(0.5)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    code = 0
+    for p in procs:
+        try:
+            code = code or (p.wait(timeout=30) if not stopping else 0)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    return code
+
+
+def _train(args: argparse.Namespace) -> int:
+    from worker.training import TrainConfig, report, train
+
+    cfg = TrainConfig(folds=args.folds, seed=args.seed, epochs=args.epochs,
+                      limit_per_actor=args.limit_per_actor, rf_trees=args.trees)
+    manifest = train(Path(args.data), Path(args.out), cfg)
+    print(report(manifest))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ser", description="Speech emotion recognition job service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="apply migrations, run web and worker together")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--web-workers", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--queues", default="cpu")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("web", help="run the web tier under gunicorn")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_web)
+
+    p = sub.add_parser("worker", help="run a Celery worker")
+    p.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
+    p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
+    p.set_defaults(func=_migrate)
+
+    p = sub.add_parser("train", help="train and cross-validate the models, write models/")
+    p.add_argument("--data", default=str(Path("..") / "shared" / "datasets" / "ravdess"))
+    p.add_argument("--out", default="models")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--trees", type=int, default=500)
+    p.add_argument("--limit-per-actor", type=int, default=None)
+    p.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(get_settings().log_level)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The Celery app as both sides configure it, and commit-then-enqueue of job ids."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from celery import Celery
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ser_shared.models import Job, JobStatus
+from ser_shared.settings import Settings
+from ser_shared.tasks import ANALYZE, QUEUE_CPU, QUEUE_GPU
+
+log = logging.getLogger(__name__)
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for ``settings``: no result backend (results live in the database)."""
+    app = Celery("ser", broker=settings.queue_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        # A worker killed mid-task (OOM, kill -9) leaves the message for redelivery.
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.default_queue,
+        task_create_missing_queues=True,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        broker_transport_options=_transport_options(settings),
+        # Loading TensorFlow and the models takes several seconds per child process.
+        worker_proc_alive_timeout=120,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def _transport_options(settings: Settings) -> dict[str, object]:
+    if settings.queue_url.startswith("filesystem"):
+        folder = settings.broker_folder
+        for sub in ("queue", "control", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        # Producer and consumer share one folder: that folder is the queue.
+        return {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
+                "control_folder": str(folder / "control"), "processed_folder": str(folder / "processed"),
+                "store_processed": False}
+    # Redis redelivers an unacknowledged task after visibility_timeout: keep it above the worst task.
+    return {"visibility_timeout": max(3600, 2 * settings.task_time_limit_s),
+            "socket_connect_timeout": 3, "socket_timeout": 10, "max_retries": 1}
+
+
+def queue_for(options: dict[str, object] | None, default: str = QUEUE_CPU) -> str:
+    device = (options or {}).get("device")
+    return QUEUE_GPU if device == "gpu" else default
+
+
+def chunks(ids: Sequence[uuid.UUID], size: int) -> list[list[uuid.UUID]]:
+    return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
+
+
+def enqueue(celery: Celery, factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID],
+            queue: str, chunk_size: int) -> bool:
+    """Send committed jobs to the broker in chunks and record it on the rows.
+
+    A broker failure is recorded on the jobs (``enqueue_error``) rather than raised: the rows are
+    already committed, and a sweep (``sweep_unqueued``) sends them once the broker is back.
+    Returns True when every chunk was sent.
+    """
+    ok = True
+    for chunk in chunks(job_ids, chunk_size):
+        try:
+            celery.send_task(ANALYZE, args=[[str(i) for i in chunk]], queue=queue, retry=True,
+                             retry_policy={"max_retries": 2, "interval_start": 0.2,
+                                           "interval_step": 0.5})
+        except Exception as exc:  # kombu raises many transport-specific errors here
+            ok = False
+            log.warning("enqueue failed jobs=%d error=%s", len(chunk), exc)
+            _mark(factory, chunk, enqueued=False, error=f"broker unavailable: {exc}"[:500])
+        else:
+            _mark(factory, chunk, enqueued=True, error=None)
+    return ok
+
+
+def _mark(factory: sessionmaker[Session], ids: list[uuid.UUID], enqueued: bool, error: str | None) -> None:
+    with factory() as session:
+        session.execute(
+            update(Job).where(Job.id.in_(ids))
+            .values(enqueued_at=datetime.now(UTC) if enqueued else None, enqueue_error=error)
+        )
+        session.commit()
+
+
+def sweep_unqueued(celery: Celery, factory: sessionmaker[Session], settings: Settings,
+                   limit: int = 5000, min_age_s: float = 30.0) -> int:
+    """Enqueue jobs that were committed while the broker was unreachable. Returns how many were sent.
+
+    Jobs younger than ``min_age_s`` are left alone: their upload request may still be enqueuing them.
+    """
+    cutoff = datetime.now(UTC) - timedelta(seconds=min_age_s)
+    with factory() as session:
+        rows = session.execute(
+            select(Job.id, Job.options).where(Job.status == JobStatus.QUEUED.value,
+                                              Job.enqueued_at.is_(None), Job.created_at <= cutoff)
+            .order_by(Job.created_at).limit(limit)
+        ).all()
+    by_queue: dict[str, list[uuid.UUID]] = {}
+    for job_id, options in rows:
+        by_queue.setdefault(queue_for(options, settings.default_queue), []).append(job_id)
+    sent = 0
+    for queue, ids in by_queue.items():
+        if enqueue(celery, factory, ids, queue, settings.chunk_size):
+            sent += len(ids)
+    if rows:
+        log.info("sweep found=%d enqueued=%d", len(rows), sent)
+    return sent

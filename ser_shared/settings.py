@@ -1,0 +1,108 @@
+"""One settings object, read from ``SER_*`` environment variables and validated at start.
+
+Unset database and broker URLs fall back to an embedded default under ``SER_DATA_DIR``: a SQLite
+file for the database and kombu's filesystem transport for the queue. Both are real cross-process
+stores, so the web and worker processes still talk through them exactly as they would through
+Postgres and Redis.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Service configuration; every field maps to ``SER_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="SER_", extra="ignore")
+
+    env: Literal["development", "production", "test"] = "development"
+    data_dir: Path = Path("var")
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_dir: Path | None = None
+    models_dir: Path = REPO_ROOT / "models"
+    secret_key: str | None = None
+    log_level: str = "INFO"
+
+    # Upload limits. The request limit is enforced by werkzeug before the body is parsed.
+    max_request_mb: float = Field(default=2048, gt=0)
+    max_file_mb: float = Field(default=100, gt=0)
+    max_files_per_request: int = Field(default=5000, ge=1)
+    max_duration_s: float = Field(default=600, gt=0)
+    min_duration_s: float = Field(default=0.1, ge=0)
+
+    # Worker behaviour.
+    worker_concurrency: int = Field(default=2, ge=1)
+    chunk_size: int = Field(default=16, ge=1, le=512)
+    task_soft_time_limit_s: int = Field(default=300, ge=1)
+    task_time_limit_s: int = Field(default=360, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    default_queue: str = "cpu"
+    uncertain_threshold: float | None = Field(default=None, ge=0, le=1)
+
+    @field_validator("database_url", "broker_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if self.env == "production":
+            missing = [
+                name
+                for name, value in (
+                    ("SER_DATABASE_URL", self.database_url),
+                    ("SER_BROKER_URL", self.broker_url),
+                    ("SER_SECRET_KEY", self.secret_key),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(f"production requires {', '.join(missing)}")
+        if self.task_time_limit_s <= self.task_soft_time_limit_s:
+            raise ValueError("SER_TASK_TIME_LIMIT_S must exceed SER_TASK_SOFT_TIME_LIMIT_S")
+        return self
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_data_dir / 'ser.sqlite3'}"
+
+    @property
+    def queue_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def upload_dir(self) -> Path:
+        return (self.storage_dir or self.resolved_data_dir / "uploads").resolve()
+
+    @property
+    def broker_folder(self) -> Path:
+        """Folder of the embedded filesystem broker (used only when no broker URL is set)."""
+        return self.resolved_data_dir / "broker"
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.database_url is None or self.broker_url is None
+
+    @property
+    def flask_secret(self) -> str:
+        # Development only: a per-install key, so sessions survive restarts on one machine.
+        return self.secret_key or "dev-insecure-" + str(self.resolved_data_dir)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, built on first use (never at import time)."""
+    return Settings()

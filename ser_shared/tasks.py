@@ -1,0 +1,6 @@
+"""Task and queue names: the only coupling between the web tier and the workers."""
+
+ANALYZE = "ser.analyze"
+QUEUE_CPU = "cpu"
+QUEUE_GPU = "gpu"
+QUEUES = (QUEUE_CPU, QUEUE_GPU)

@@ -1,0 +1,101 @@
+"""JSON API under /api/v1, plus the health endpoints."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request, send_file
+from sqlalchemy import text
+
+from ser_shared import storage
+from ser_shared.audio import MIME_TYPES
+from ser_shared.errors import NotFound
+from web import queries
+from web.context import db, services
+from web.serialize import batch_dict, job_dict, job_summary
+from web.uploads import create_batch, parse_options
+
+bp = Blueprint("api", __name__)
+API = "/api/v1"
+
+
+@bp.post(f"{API}/jobs")
+def create_jobs() -> tuple[Response, int]:
+    """Upload one or many recordings (multipart ``file`` fields) as one batch."""
+    result = create_batch(services(), request.files.getlist("file"), parse_options(request.form.to_dict()))
+    body = {
+        "batch_id": str(result.batch.id),
+        "batch_url": f"{request.host_url.rstrip('/')}{API}/batches/{result.batch.id}",
+        "jobs": [job_summary(j) for j in result.jobs],
+    }
+    if not result.enqueued:
+        body["warning"] = "queue unavailable: jobs are stored and will be queued when it returns"
+    return jsonify(body), 202
+
+
+@bp.get(f"{API}/jobs")
+def list_jobs() -> Response:
+    f = queries.parse_filter(request.args.to_dict())
+    limit = queries.parse_limit(request.args.get("limit"))
+    jobs, next_cursor = queries.list_jobs(db(), f, limit, request.args.get("cursor"))
+    return jsonify({"jobs": [job_dict(j) for j in jobs], "next_cursor": next_cursor})
+
+
+@bp.get(f"{API}/jobs/<job_id>")
+def job(job_id: str) -> Response:
+    return jsonify(job_dict(queries.get_job(db(), job_id)))
+
+
+@bp.get(f"{API}/jobs/<job_id>/audio")
+def job_audio(job_id: str) -> Response:
+    found = queries.get_job(db(), job_id)
+    if not found.storage_key:
+        raise NotFound("this job has no stored audio")
+    path = storage.path_for(services().settings.upload_dir, found.storage_key)
+    if not path.exists():
+        raise NotFound("this job's audio is gone")
+    return send_file(path, mimetype=MIME_TYPES.get(found.format or "", "application/octet-stream"),
+                     download_name=found.filename, conditional=True)
+
+
+@bp.delete(f"{API}/jobs/<job_id>")
+def delete_job(job_id: str) -> tuple[str, int]:
+    """Remove the job, its result and its audio."""
+    session = db()
+    found = queries.get_job(session, job_id)
+    key = found.storage_key
+    session.delete(found)
+    session.commit()
+    storage.delete(services().settings.upload_dir, key)
+    return "", 204
+
+
+@bp.get(f"{API}/batches/<batch_id>")
+def batch(batch_id: str) -> Response:
+    session = db()
+    found = queries.get_batch(session, batch_id)
+    return jsonify(batch_dict(found, queries.status_counts(session, found.id)))
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """Ready when the database answers and the broker accepts a connection."""
+    checks: dict[str, str] = {}
+    svc = services()
+    try:
+        with svc.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unreachable: {type(exc).__name__}"
+    try:
+        with svc.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"unreachable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return jsonify({"status": "ready" if ready else "unavailable", "checks": checks}), 200 if ready else 503

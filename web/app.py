@@ -1,0 +1,53 @@
+"""Application factory: settings in, a configured Flask app out; nothing global."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from flask import Flask, g
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ser_shared.db import make_engine, make_session_factory
+from ser_shared.queue import make_celery
+from ser_shared.settings import Settings, get_settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    celery: Celery
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app; ``settings`` defaults to the environment's."""
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.flask_secret,
+        # werkzeug answers 413 before parsing a body larger than this.
+        MAX_CONTENT_LENGTH=int(settings.max_request_mb * (1 << 20)),
+        MAX_FORM_PARTS=settings.max_files_per_request + 100,
+        # Parsed file parts above 1 MiB spool to disk, so a large batch does not sit in memory.
+        MAX_FORM_MEMORY_SIZE=1 << 20,
+        JSON_SORT_KEYS=False,
+    )
+    engine = make_engine(settings)
+    app.extensions["ser"] = Services(settings, engine, make_session_factory(engine), make_celery(settings))
+    settings.upload_dir.mkdir(parents=True, exist_ok=True)
+
+    @app.teardown_appcontext
+    def _close_session(_: BaseException | None) -> None:
+        session = g.pop("db", None)
+        if session is not None:
+            session.close()
+
+    from web import api, errors, pages
+
+    app.register_blueprint(api.bp)
+    app.register_blueprint(pages.bp)
+    errors.register(app)
+    return app

@@ -1,0 +1,58 @@
+"""One error shape for the API, ``{"error": {"code", "message"}}``, mapped in one place."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify, render_template, request
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from ser_shared.errors import SERError
+
+log = logging.getLogger(__name__)
+
+HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
+              413: "request_too_large", 415: "unsupported_media_type"}
+
+
+def error_response(status: int, code: str, message: str) -> tuple[Response, int]:
+    return jsonify({"error": {"code": code, "message": message}}), status
+
+
+def _wants_json() -> bool:
+    return request.path.startswith("/api/") or request.path in ("/healthz", "/readyz")
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(SERError)
+    def _domain(exc: SERError) -> object:
+        if _wants_json():
+            return error_response(exc.http_status, exc.code, exc.message)
+        return render_template("error.html", code=exc.code, message=exc.message), exc.http_status
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> object:
+        status = exc.code or 500
+        code = HTTP_CODES.get(status, "http_error")
+        message = exc.description or exc.name
+        if status == 413:
+            message = f"request body exceeds {app.config['MAX_CONTENT_LENGTH'] // (1 << 20)} MiB"
+        if _wants_json():
+            return error_response(status, code, message)
+        return render_template("error.html", code=code, message=message), status
+
+    @app.errorhandler(OperationalError)
+    def _db_down(exc: OperationalError) -> object:
+        log.error("database unavailable: %s", exc.orig)
+        if _wants_json():
+            return error_response(503, "database_unavailable", "the database is unreachable; try again")
+        return render_template("error.html", code="database_unavailable",
+                               message="The database is unreachable; try again shortly."), 503
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> object:
+        log.exception("unhandled error path=%s", request.path)
+        if _wants_json():
+            return error_response(500, "internal_error", "unexpected server error")
+        return render_template("error.html", code="internal_error", message="Unexpected error."), 500

@@ -1,0 +1,102 @@
+"""The upload flow: validate → store under a generated key → insert rows → commit → enqueue."""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from werkzeug.datastructures import FileStorage
+
+from ser_shared import storage
+from ser_shared.audio import check_duration, probe, sniff_format
+from ser_shared.errors import AudioError, BadRequest
+from ser_shared.models import Batch, Job, JobStatus
+from ser_shared.queue import enqueue, queue_for
+from web.app import Services
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "gpu")
+
+
+@dataclass
+class UploadResult:
+    batch: Batch
+    jobs: list[Job]
+    enqueued: bool
+
+
+def clean_filename(name: str | None) -> str:
+    """The client's file name as display data: no control characters, bounded length."""
+    text = "".join(ch for ch in (name or "") if unicodedata.category(ch)[0] != "C").strip()
+    return text[:255] or "unnamed"
+
+
+def parse_options(form: dict[str, str]) -> dict[str, Any]:
+    """Per-batch options from form fields; unknown values are a 400."""
+    device = (form.get("device") or "auto").strip().lower()
+    if device not in DEVICES:
+        raise BadRequest(f"device must be one of {', '.join(DEVICES)}", code="invalid_option")
+    return {"device": device}
+
+
+def _ingest(svc: Services, job: Job, upload: FileStorage) -> None:
+    """Store one file and fill in what its header says; raises AudioError for a bad file."""
+    settings = svc.settings
+    stored = storage.save_stream(settings.upload_dir, upload.stream, int(settings.max_file_mb * (1 << 20)))
+    job.storage_key, job.size_bytes, job.content_hash = stored.key, stored.size, stored.sha256
+    job.format = sniff_format(stored.head)
+    info = probe(storage.path_for(settings.upload_dir, stored.key), job.format)
+    job.sample_rate, job.channels, job.duration_s = info.sample_rate, info.channels, info.duration_s
+    check_duration(info.duration_s, settings.min_duration_s, settings.max_duration_s)
+
+
+def _reject(svc: Services, job: Job, exc: AudioError) -> None:
+    storage.delete(svc.settings.upload_dir, job.storage_key)
+    job.storage_key = None
+    job.status, job.error_code, job.error_message = JobStatus.FAILED.value, exc.code, exc.message
+    job.finished_at = datetime.now(UTC)
+
+
+def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any]) -> UploadResult:
+    """Create a batch of jobs; a bad file fails alone, the others are queued.
+
+    Raises BadRequest for request-level problems (no files, too many).
+    """
+    files = [f for f in files if f is not None]
+    if not files:
+        raise BadRequest("send one or more recordings as multipart 'file' fields", code="no_files")
+    if len(files) > svc.settings.max_files_per_request:
+        raise BadRequest(f"at most {svc.settings.max_files_per_request} files per request",
+                         code="too_many_files")
+    batch = Batch(id=uuid.uuid4(), options=options, file_count=len(files))
+    jobs: list[Job] = []
+    for position, upload in enumerate(files):
+        job = Job(id=uuid.uuid4(), batch_id=batch.id, position=position, options=options,
+                  created_at=datetime.now(UTC),
+                  filename=clean_filename(upload.filename), status=JobStatus.QUEUED.value, attempts=0,
+                  size_bytes=0)
+        try:
+            _ingest(svc, job, upload)
+        except AudioError as exc:
+            _reject(svc, job, exc)
+        jobs.append(job)
+    try:
+        with svc.sessions() as session:
+            session.add(batch)
+            session.add_all(jobs)
+            session.commit()
+    except Exception:
+        # Nothing half-written: without the rows, the stored files would be orphans.
+        for job in jobs:
+            storage.delete(svc.settings.upload_dir, job.storage_key)
+        raise
+    queued = [j.id for j in jobs if j.status == JobStatus.QUEUED.value]
+    ok = enqueue(svc.celery, svc.sessions, queued, queue_for(options, svc.settings.default_queue),
+                 svc.settings.chunk_size) if queued else True
+    log.info("batch created batch_id=%s files=%d queued=%d enqueued=%s", batch.id, len(jobs), len(queued), ok)
+    return UploadResult(batch, jobs, ok)

@@ -1,0 +1,8 @@
+"""WSGI entry point for gunicorn: ``gunicorn web.wsgi:app``."""
+
+from ser_shared import logs
+from ser_shared.settings import get_settings
+from web import create_app
+
+logs.configure(get_settings().log_level)
+app = create_app()

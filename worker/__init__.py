@@ -1,0 +1,1 @@
+"""Celery workers: model loading, inference, training. Imports ser_shared, never web."""

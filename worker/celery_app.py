@@ -1,0 +1,52 @@
+"""The worker's Celery app (``celery -A worker.celery_app:app``) and its process lifecycle.
+
+Models and database engines are built per worker *process*, after the fork: TensorFlow and
+database connections do not survive a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+from ser_shared import logs
+from ser_shared.queue import make_celery, sweep_unqueued
+from ser_shared.settings import get_settings
+from worker import runtime
+
+log = logging.getLogger(__name__)
+
+app = make_celery(get_settings())
+app.conf.include = ["worker.tasks"]
+SWEEP_INTERVAL_S = 30.0
+_stop = threading.Event()
+
+
+@worker_process_init.connect
+def _load_models(**_: Any) -> None:
+    logs.configure(get_settings().log_level)
+    runtime.reset_after_fork()
+    runtime.ensemble()
+
+
+@worker_ready.connect
+def _start_sweeper(**_: Any) -> None:
+    """Periodically enqueue jobs committed while the broker was down (main process only)."""
+
+    def loop() -> None:
+        while not _stop.is_set():
+            try:
+                sweep_unqueued(app, runtime.session_factory(), get_settings())
+            except Exception:
+                log.exception("sweep failed")
+            _stop.wait(SWEEP_INTERVAL_S)
+
+    threading.Thread(target=loop, name="ser-sweeper", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_: Any) -> None:
+    _stop.set()

@@ -1,0 +1,120 @@
+"""The served ensemble: RandomForest + scaler and LSTM, loaded once per worker process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ser_shared.emotions import EMOTIONS
+from ser_shared.features import FEATURE_VERSION, Features
+from worker import lstm
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    emotion: str
+    confidence: float
+    uncertain: bool
+    probabilities: dict[str, float]
+    model_probabilities: dict[str, dict[str, float]]
+
+
+def _as_dict(classes: Sequence[str], probs: np.ndarray) -> dict[str, float]:
+    return {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)}
+
+
+def rf_proba(bundle: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    """RandomForest probabilities over all classes (a class absent in training gets zero)."""
+    rf = bundle["rf"]
+    out = np.zeros((x.shape[0], len(EMOTIONS)), dtype=np.float32)
+    out[:, rf.classes_] = rf.predict_proba(bundle["scaler"].transform(x))
+    return out
+
+
+class Ensemble:
+    """Both models plus the combination rule recorded at training time."""
+
+    def __init__(self, manifest: dict[str, Any], rf_bundle: dict[str, Any], lstm_model: Any) -> None:
+        if manifest["feature_version"] != FEATURE_VERSION:
+            raise RuntimeError(
+                f"models were trained on features {manifest['feature_version']}, "
+                f"this code computes {FEATURE_VERSION}: retrain with `ser train`"
+            )
+        self.manifest = manifest
+        self.classes: list[str] = list(manifest["classes"])
+        self.rf_bundle = rf_bundle
+        # One tree-walking thread per worker process: the pool already uses the cores.
+        rf_bundle["rf"].n_jobs = 1
+        self.lstm = lstm_model
+        info = manifest["models"]["lstm"]
+        self.seq_mean = np.asarray(info["seq_mean"], dtype=np.float32)
+        self.seq_std = np.asarray(info["seq_std"], dtype=np.float32)
+        self.max_steps = int(info["max_steps"])
+        self.weights = manifest["ensemble"]["weights"]
+        self.threshold = float(manifest["ensemble"]["uncertain_threshold"])
+        self.versions = {name: m["version"] for name, m in manifest["models"].items()}
+
+    @classmethod
+    def load(cls, models_dir: Path) -> Ensemble:
+        """Load the manifest and both artifacts; logs the versions and the load time."""
+        import joblib
+        import keras
+
+        started = time.perf_counter()
+        manifest = json.loads((models_dir / MANIFEST).read_text())
+        rf_bundle = joblib.load(models_dir / manifest["models"]["rf"]["file"])
+        model = keras.models.load_model(models_dir / manifest["models"]["lstm"]["file"], compile=False)
+        ensemble = cls(manifest, rf_bundle, model)
+        ensemble.predict_proba([_warmup_features()])  # build the graph now, not on the first job
+        log.info("models loaded versions=%s load_ms=%.0f", ensemble.versions,
+                 (time.perf_counter() - started) * 1000)
+        return ensemble
+
+    def rf_proba(self, vectors: np.ndarray) -> np.ndarray:
+        return rf_proba(self.rf_bundle, vectors)
+
+    def lstm_proba(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
+        normed = [lstm.normalise(s, self.seq_mean, self.seq_std) for s in seqs]
+        return lstm.predict(self.lstm, normed, self.max_steps)
+
+    def predict_proba(self, feats: Sequence[Features]) -> dict[str, np.ndarray]:
+        """Per-model and ensemble probabilities for a batch: one RF call, batched LSTM calls."""
+        rf = self.rf_proba(np.stack([f.vector for f in feats]))
+        lstm_p = self.lstm_proba([f.sequence for f in feats])
+        combined = self.weights["rf"] * rf + self.weights["lstm"] * lstm_p
+        return {"rf": rf, "lstm": lstm_p, "ensemble": combined / combined.sum(axis=1, keepdims=True)}
+
+    def predict(self, feats: Sequence[Features], threshold: float | None = None) -> list[Prediction]:
+        probs = self.predict_proba(feats)
+        cut = self.threshold if threshold is None else threshold
+        out = []
+        for i in range(len(feats)):
+            p = probs["ensemble"][i]
+            best = int(np.argmax(p))
+            out.append(Prediction(
+                emotion=self.classes[best],
+                confidence=round(float(p[best]), 6),
+                uncertain=bool(p[best] < cut),
+                probabilities=_as_dict(self.classes, p),
+                model_probabilities={m: _as_dict(self.classes, probs[m][i]) for m in ("rf", "lstm")},
+            ))
+        return out
+
+
+def _warmup_features() -> Features:
+    from ser_shared.features import SAMPLE_RATE, extract
+
+    t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
+    return extract(0.1 * np.sin(2 * np.pi * 150 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t)))
+

@@ -1,0 +1,81 @@
+"""The analysis of a chunk of recordings: decode → features → one RF call → batched LSTM.
+
+Pure of database concerns: it takes job inputs and returns outcomes; ``worker.store`` persists them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ser_shared.audio import check_duration, decode
+from ser_shared.errors import AudioError
+from ser_shared.features import SAMPLE_RATE, Features, extract
+from ser_shared.settings import Settings
+from worker.inference import Ensemble, Prediction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobInput:
+    id: uuid.UUID
+    path: Path
+    format: str
+
+
+@dataclass
+class Outcome:
+    job_id: uuid.UUID
+    prediction: Prediction | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    duration_s: float | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 2)
+
+
+def prepare(job: JobInput, settings: Settings) -> tuple[Features | None, Outcome]:
+    """Decode and featurise one recording; an AudioError becomes a failed outcome."""
+    outcome = Outcome(job.id)
+    try:
+        started = time.perf_counter()
+        audio = decode(job.path, job.format, SAMPLE_RATE, settings.max_duration_s)
+        outcome.timings_ms["decode"] = _ms(started)
+        outcome.duration_s = round(audio.size / SAMPLE_RATE, 3)
+        check_duration(outcome.duration_s, settings.min_duration_s, settings.max_duration_s)
+        started = time.perf_counter()
+        feats = extract(audio)
+        outcome.timings_ms["features"] = _ms(started)
+        return feats, outcome
+    except AudioError as exc:
+        outcome.error_code, outcome.error_message = exc.code, exc.message
+    except FileNotFoundError:
+        outcome.error_code, outcome.error_message = "audio_missing", "the stored recording is gone"
+    except Exception:
+        # A bug or an input we did not foresee: fail this recording alone, keep the traceback.
+        log.exception("analysis failed job_id=%s", job.id)
+        outcome.error_code, outcome.error_message = "internal_error", "unexpected error while analysing"
+    return None, outcome
+
+
+def run(ensemble: Ensemble, jobs: list[JobInput], settings: Settings) -> list[Outcome]:
+    """Analyse a chunk; every input gets exactly one outcome, in order."""
+    prepared = [prepare(job, settings) for job in jobs]
+    ready = [(f, o) for f, o in prepared if f is not None]
+    if ready:
+        started = time.perf_counter()
+        predictions = ensemble.predict([f for f, _ in ready], threshold=settings.uncertain_threshold)
+        per_clip = _ms(started) / len(ready)
+        for (_, outcome), prediction in zip(ready, predictions, strict=True):
+            outcome.prediction = prediction
+            outcome.timings_ms["inference"] = round(per_clip, 2)
+    for _, outcome in prepared:
+        outcome.timings_ms["total"] = round(sum(outcome.timings_ms.values()), 2)
+    return [o for _, o in prepared]

@@ -1,0 +1,96 @@
+"""The worker's database writes: claiming jobs and persisting outcomes, both idempotent."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ser_shared.models import FINISHED, Job, JobStatus, Result
+from ser_shared.settings import Settings
+from ser_shared.storage import path_for
+from worker.pipeline import JobInput, Outcome
+
+
+def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Settings) -> list[JobInput]:
+    """Mark jobs as processing and count the attempt.
+
+    Finished or deleted jobs are skipped (a redelivered message does nothing). A job that has used
+    up its attempts (it crashed its worker each time) is failed instead of tried again.
+    """
+    ids = [uuid.UUID(i) for i in job_ids]
+    now = datetime.now(UTC)
+    inputs: list[JobInput] = []
+    with factory() as session:
+        for job in session.scalars(select(Job).where(Job.id.in_(ids)).with_for_update()):
+            if job.status in FINISHED:
+                continue
+            if job.attempts >= settings.max_attempts:
+                _fail(job, "too_many_attempts",
+                      f"the analysis was interrupted {job.attempts} times; giving up", now)
+                continue
+            job.status, job.attempts, job.started_at = JobStatus.PROCESSING.value, job.attempts + 1, now
+            if job.storage_key is None or job.format is None:
+                _fail(job, "audio_missing", "the stored recording is gone", now)
+                continue
+            inputs.append(JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format))
+        session.commit()
+    return inputs
+
+
+def _fail(job: Job, code: str, message: str, now: datetime) -> None:
+    job.status, job.error_code, job.error_message, job.finished_at = (
+        JobStatus.FAILED.value, code, message, now)
+    job.emotion = job.confidence = None
+
+
+def fail_all(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], code: str, message: str) -> None:
+    """Fail jobs still running (used when the task as a whole cannot finish, e.g. a time limit)."""
+    now = datetime.now(UTC)
+    with factory() as session:
+        for job in session.scalars(select(Job).where(Job.id.in_(job_ids)).with_for_update()):
+            if job.status not in FINISHED:
+                _fail(job, code, message, now)
+        session.commit()
+
+
+def _upsert_result(session: Session, values: dict[str, Any]) -> None:
+    """Insert or overwrite the job's single result row (keyed by job id)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(Result).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Result.job_id], set_={k: stmt.excluded[k] for k in values if k != "job_id"})
+    session.execute(stmt)
+
+
+def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], versions: dict[str, str]) -> None:
+    """Write all outcomes of a chunk in one transaction."""
+    now = datetime.now(UTC)
+    by_id = {o.job_id: o for o in outcomes}
+    with factory() as session:
+        for job in session.scalars(select(Job).where(Job.id.in_(list(by_id))).with_for_update()):
+            outcome = by_id[job.id]
+            if outcome.duration_s is not None:
+                job.duration_s = outcome.duration_s
+            p = outcome.prediction
+            if p is None:
+                _fail(job, outcome.error_code or "internal_error", outcome.error_message or "", now)
+                continue
+            _upsert_result(session, {
+                "job_id": job.id, "emotion": p.emotion, "confidence": p.confidence,
+                "uncertain": p.uncertain, "probabilities": p.probabilities,
+                "model_probabilities": p.model_probabilities, "model_versions": versions,
+                "timings_ms": outcome.timings_ms, "created_at": now,
+            })
+            job.status, job.finished_at, job.error_code, job.error_message = (
+                JobStatus.SUCCEEDED.value, now, None, None)
+            job.emotion, job.confidence = p.emotion, p.confidence
+        session.commit()

@@ -1,0 +1,39 @@
+"""Celery tasks: thin wrappers that load ids, call the pipeline and persist."""
+
+from __future__ import annotations
+
+import logging
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from ser_shared.settings import get_settings
+from ser_shared.tasks import ANALYZE
+from worker import pipeline, runtime, store
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name=ANALYZE, bind=True, acks_late=True, autoretry_for=(OperationalError, DBAPIError),
+          retry_backoff=2, retry_backoff_max=60, retry_jitter=True, max_retries=8)
+def analyze(self: object, job_ids: list[str]) -> int:
+    """Analyse a chunk of jobs; returns how many were processed. Database hiccups are retried."""
+    settings = get_settings()
+    factory = runtime.session_factory()
+    inputs = store.claim(factory, job_ids, settings)
+    if not inputs:
+        return 0
+    models = runtime.ensemble()
+    try:
+        outcomes = pipeline.run(models, inputs, settings)
+    except SoftTimeLimitExceeded:
+        log.error("time limit exceeded jobs=%s", job_ids)
+        store.fail_all(factory, [i.id for i in inputs], "time_limit_exceeded",
+                       f"analysis took longer than {settings.task_soft_time_limit_s} s")
+        return 0
+    store.persist(factory, outcomes, models.versions)
+    log.info("analysed jobs=%d failed=%d", len(outcomes), sum(o.prediction is None for o in outcomes))
+    return len(outcomes)
+
+

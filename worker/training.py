@@ -1,0 +1,301 @@
+"""Training: speaker-independent cross-validation, then the shipped models on all actors.
+
+Protocol: GroupKFold by actor (no speaker is ever in both the training and the test side of a
+fold). Each fold trains the scaler + RandomForest and the LSTM on the training actors only; the
+out-of-fold probabilities give each model's and the ensemble's accuracy and choose the ensemble
+weight and the "uncertain" threshold. The final models are then fitted on every actor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ser_shared.audio import decode
+from ser_shared.emotions import EMOTIONS, parse_ravdess_name
+from ser_shared.features import FEATURE_VERSION, SAMPLE_RATE, Features, extract
+from worker import lstm
+from worker.inference import MANIFEST, rf_proba
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Corpus:
+    paths: list[Path]
+    labels: np.ndarray  # class indices into EMOTIONS
+    groups: np.ndarray  # actor ids
+    feats: list[Features]
+
+
+@dataclass
+class TrainConfig:
+    folds: int = 5
+    seed: int = 0
+    rf_trees: int = 500
+    lstm_units: int = 64
+    epochs: int = 60
+    patience: int = 8
+    max_steps: int = 400  # 12 s windows of 30 ms steps
+    limit_per_actor: int | None = None  # for quick runs and tests
+
+
+def list_ravdess(root: Path, limit_per_actor: int | None = None) -> list[tuple[Path, str, str]]:
+    """``(path, emotion, actor)`` for every RAVDESS-named audio file under ``root``."""
+    by_actor: dict[str, list[tuple[Path, str, str]]] = {}
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in (".wav", ".flac")):
+        parsed = parse_ravdess_name(path)
+        if parsed is not None:
+            by_actor.setdefault(parsed[1], []).append((path, parsed[0], parsed[1]))
+    items: list[tuple[Path, str, str]] = []
+    for files in by_actor.values():
+        if limit_per_actor is not None and len(files) > limit_per_actor:
+            # Evenly spaced picks: the names sort by emotion, so this keeps every class present.
+            picks = np.linspace(0, len(files) - 1, limit_per_actor).round().astype(int)
+            files = [files[i] for i in picks]
+        items.extend(files)
+    return items
+
+
+def _featurise(path: Path) -> Features:
+    return extract(decode(path, path.suffix.lstrip(".").lower(), SAMPLE_RATE, 600.0))
+
+
+def load_corpus(root: Path, limit_per_actor: int | None = None, jobs: int = 2) -> Corpus:
+    from joblib import Parallel, delayed
+
+    items = list_ravdess(root, limit_per_actor)
+    if not items:
+        raise SystemExit(f"no RAVDESS-named audio under {root}")
+    feats = Parallel(n_jobs=jobs)(delayed(_featurise)(p) for p, _, _ in items)
+    labels = np.array([EMOTIONS.index(e) for _, e, _ in items])
+    groups = np.array([a for _, _, a in items])
+    return Corpus([p for p, _, _ in items], labels, groups, list(feats))
+
+
+def seed_everything(seed: int) -> None:
+    import keras
+    import tensorflow as tf
+
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def fit_rf(x: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> dict[str, Any]:
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x)
+    rf = RandomForestClassifier(n_estimators=cfg.rf_trees, class_weight="balanced_subsample",
+                                min_samples_leaf=2, max_features="sqrt", n_jobs=2,
+                                random_state=cfg.seed)
+    rf.fit(scaler.transform(x), y)
+    return {"scaler": scaler, "rf": rf, "classes": list(EMOTIONS), "feature_version": FEATURE_VERSION}
+
+
+def seq_stats(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    stacked = np.concatenate(seqs, axis=0)
+    return stacked.mean(axis=0), stacked.std(axis=0) + 1e-6
+
+
+def _lstm_arrays(seqs: list[np.ndarray], mean: np.ndarray, std: np.ndarray, max_steps: int) -> np.ndarray:
+    return lstm.pad([lstm.normalise(s[:max_steps], mean, std) for s in seqs])
+
+
+def _class_weights(y: np.ndarray) -> dict[int, float]:
+    counts = np.bincount(y, minlength=len(EMOTIONS)).astype(float)
+    return {i: float(len(y) / (len(EMOTIONS) * c)) for i, c in enumerate(counts) if c > 0}
+
+
+def fit_lstm(seqs: list[np.ndarray], y: np.ndarray, cfg: TrainConfig, epochs: int,
+             val: tuple[list[np.ndarray], np.ndarray] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train the LSTM; with ``val`` (held-out actors) stop early on its loss and report the epoch."""
+    import keras
+
+    mean, std = seq_stats(seqs)
+    model = lstm.build_model(seqs[0].shape[1], len(EMOTIONS), units=cfg.lstm_units)
+    x = _lstm_arrays(seqs, mean, std, cfg.max_steps)
+    callbacks = []
+    val_data = None
+    if val is not None:
+        val_data = (_lstm_arrays(val[0], mean, std, cfg.max_steps), val[1])
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
+                                                       restore_best_weights=True))
+    history = model.fit(x, y, batch_size=32, epochs=epochs, validation_data=val_data, verbose=0,
+                        class_weight=_class_weights(y), callbacks=callbacks, shuffle=True)
+    losses = history.history.get("val_loss")
+    best_epoch = int(np.argmin(losses)) + 1 if losses else epochs
+    return model, {"seq_mean": mean.tolist(), "seq_std": std.tolist(), "best_epoch": best_epoch}
+
+
+def lstm_proba(model: Any, info: dict[str, Any], seqs: list[np.ndarray], max_steps: int) -> np.ndarray:
+    mean, std = np.asarray(info["seq_mean"], np.float32), np.asarray(info["seq_std"], np.float32)
+    return lstm.predict(model, [lstm.normalise(s, mean, std) for s in seqs], max_steps)
+
+
+def metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    pred = probs.argmax(axis=1)
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, average="macro", labels=range(len(EMOTIONS)), zero_division=0)),
+    }
+
+
+def _inner_split(groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out two training actors for LSTM early stopping (never the test fold's actors)."""
+    actors = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    held = rng.choice(actors, size=min(2, len(actors) - 1), replace=False)
+    val = np.isin(groups, held)
+    return ~val, val
+
+
+def cross_validate(corpus: Corpus, cfg: TrainConfig) -> dict[str, Any]:
+    """Out-of-fold probabilities and per-fold metrics for the RF, the LSTM and their ensemble."""
+    from sklearn.model_selection import GroupKFold
+
+    y, groups = corpus.labels, corpus.groups
+    vectors = np.stack([f.vector for f in corpus.feats])
+    seqs = [f.sequence for f in corpus.feats]
+    oof = {"rf": np.zeros((len(y), len(EMOTIONS))), "lstm": np.zeros((len(y), len(EMOTIONS)))}
+    folds: list[dict[str, Any]] = []
+    for k, (train, test) in enumerate(GroupKFold(n_splits=cfg.folds).split(vectors, y, groups)):
+        started = time.perf_counter()
+        bundle = fit_rf(vectors[train], y[train], cfg)
+        oof["rf"][test] = rf_proba(bundle, vectors[test])
+        fit_idx, val_idx = _inner_split(groups[train], cfg.seed + k)
+        tr, va = train[fit_idx], train[val_idx]
+        model, info = fit_lstm([seqs[i] for i in tr], y[tr], cfg, cfg.epochs,
+                               val=([seqs[i] for i in va], y[va]))
+        oof["lstm"][test] = lstm_proba(model, info, [seqs[i] for i in test], cfg.max_steps)
+        folds.append({"fold": k, "test_actors": sorted(set(groups[test].tolist())),
+                      "lstm_best_epoch": info["best_epoch"],
+                      "rf": metrics(y[test], oof["rf"][test]),
+                      "lstm": metrics(y[test], oof["lstm"][test]),
+                      "seconds": round(time.perf_counter() - started, 1)})
+        log.info("fold=%d actors=%s rf=%.3f lstm=%.3f", k, folds[-1]["test_actors"],
+                 folds[-1]["rf"]["accuracy"], folds[-1]["lstm"]["accuracy"])
+    return {"oof": oof, "folds": folds}
+
+
+def choose_weight(y: np.ndarray, oof: dict[str, np.ndarray]) -> float:
+    """The RF weight (0..1, step 0.1) that maximises out-of-fold ensemble accuracy."""
+    grid = np.round(np.linspace(0, 1, 11), 2)
+    scores = [metrics(y, w * oof["rf"] + (1 - w) * oof["lstm"])["accuracy"] for w in grid]
+    return float(grid[int(np.argmax(scores))])
+
+
+def choose_threshold(y: np.ndarray, probs: np.ndarray) -> float:
+    """Lowest confidence at which out-of-fold predictions are right at least half the time.
+
+    Below it the ensemble is more often wrong than right, which is what "uncertain" tells a user.
+    """
+    conf = probs.max(axis=1)
+    right = probs.argmax(axis=1) == y
+    for t in np.round(np.arange(0.15, 0.95, 0.025), 3):
+        band = (conf >= t) & (conf < t + 0.1)
+        if band.sum() >= 20 and right[band].mean() >= 0.5:
+            return float(t)
+    return 0.5
+
+
+def summarize(folds: list[dict[str, Any]], key: str, y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    per_fold = [f[key]["accuracy"] for f in folds]
+    f1s = [f[key]["macro_f1"] for f in folds]
+    return {**metrics(y, probs), "accuracy_fold_mean": float(np.mean(per_fold)),
+            "accuracy_fold_std": float(np.std(per_fold)), "macro_f1_fold_mean": float(np.mean(f1s)),
+            "macro_f1_fold_std": float(np.std(f1s))}
+
+
+def _fold_ensemble(folds: list[dict[str, Any]], corpus: Corpus, probs: np.ndarray) -> None:
+    for f in folds:
+        mask = np.isin(corpus.groups, f["test_actors"])
+        f["ensemble"] = metrics(corpus.labels[mask], probs[mask])
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
+def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Cross-validate, fit the final models on all actors, write artifacts and the manifest."""
+    import joblib
+
+    seed_everything(cfg.seed)
+    started = time.perf_counter()
+    corpus = load_corpus(data_dir, cfg.limit_per_actor)
+    log.info("features files=%d seconds=%.1f", len(corpus.paths), time.perf_counter() - started)
+    cv = cross_validate(corpus, cfg)
+    y, oof = corpus.labels, cv["oof"]
+    w = choose_weight(y, oof)
+    ens = w * oof["rf"] + (1 - w) * oof["lstm"]
+    _fold_ensemble(cv["folds"], corpus, ens)
+    threshold = choose_threshold(y, ens)
+    final_epochs = int(np.median([f["lstm_best_epoch"] for f in cv["folds"]]))
+
+    seed_everything(cfg.seed)
+    vectors = np.stack([f.vector for f in corpus.feats])
+    seqs = [f.sequence for f in corpus.feats]
+    bundle = fit_rf(vectors, y, cfg)
+    model, info = fit_lstm(seqs, y, cfg, final_epochs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    joblib.dump(bundle, out_dir / "rf.joblib", compress=3)
+    model.save(out_dir / "lstm.keras")
+    manifest = {
+        "feature_version": FEATURE_VERSION,
+        "sample_rate": SAMPLE_RATE,
+        "classes": list(EMOTIONS),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seed": cfg.seed,
+        "data": {"corpus": "RAVDESS speech", "actors": sorted(set(corpus.groups.tolist())),
+                 "files": len(corpus.paths), "calm": "merged into neutral"},
+        "config": {k: v for k, v in vars(cfg).items()},
+        "cv": {
+            "protocol": f"GroupKFold({cfg.folds}) by actor; LSTM early stopping on 2 training actors",
+            "folds": cv["folds"],
+            "rf": summarize(cv["folds"], "rf", y, oof["rf"]),
+            "lstm": summarize(cv["folds"], "lstm", y, oof["lstm"]),
+            "ensemble": summarize(cv["folds"], "ensemble", y, ens),
+        },
+        "ensemble": {"weights": {"rf": w, "lstm": round(1 - w, 2)}, "uncertain_threshold": threshold},
+        "models": {
+            "rf": {"file": "rf.joblib", "version": f"rf-{FEATURE_VERSION}-{_digest(out_dir / 'rf.joblib')}",
+                   "trees": cfg.rf_trees},
+            "lstm": {"file": "lstm.keras",
+                     "version": f"lstm-{FEATURE_VERSION}-{_digest(out_dir / 'lstm.keras')}",
+                     "epochs": final_epochs, "max_steps": cfg.max_steps,
+                     "seq_mean": info["seq_mean"], "seq_std": info["seq_std"]},
+        },
+        "training_seconds": round(time.perf_counter() - started, 1),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def report(manifest: dict[str, Any]) -> str:
+    """A short human summary of the cross-validation figures."""
+    lines = [f"speaker-independent CV: {manifest['cv']['protocol']}"]
+    for name in ("rf", "lstm", "ensemble"):
+        m = manifest["cv"][name]
+        lines.append(f"  {name:9s} accuracy {m['accuracy_fold_mean']:.3f} ± {m['accuracy_fold_std']:.3f}"
+                     f"  macro-F1 {m['macro_f1_fold_mean']:.3f} ± {m['macro_f1_fold_std']:.3f}"
+                     f"  (pooled accuracy {m['accuracy']:.3f})")
+    e = manifest["ensemble"]
+    lines.append(f"  ensemble weights {e['weights']}, uncertain below {e['uncertain_threshold']}")
+    return "\n".join(lines)
