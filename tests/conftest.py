@@ -1,0 +1,166 @@
+"""Shared fixtures: a real Postgres test database, a real Redis, real worker processes.
+
+The Postgres database is created per test session (and dropped after); Redis uses a dedicated
+database number that is flushed first. Override the servers with SER_TEST_PG_ADMIN_URL and
+SER_TEST_REDIS_URL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from ser_shared.settings import REPO_ROOT, Settings
+
+PG_ADMIN_URL = os.environ.get("SER_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("SER_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+DATASETS = Path(os.environ.get("SER_TEST_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+RAVDESS = DATASETS / "ravdess"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process the same settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SER_")}
+    values = {
+        "SER_ENV": settings.env, "SER_DATA_DIR": str(settings.data_dir),
+        "SER_DATABASE_URL": settings.database_url, "SER_BROKER_URL": settings.broker_url,
+        "SER_STORAGE_DIR": str(settings.storage_dir) if settings.storage_dir else None,
+        "SER_MODELS_DIR": str(settings.models_dir), "SER_CHUNK_SIZE": str(settings.chunk_size),
+        "SER_WORKER_CONCURRENCY": str(settings.worker_concurrency),
+        "SER_MAX_FILE_MB": str(settings.max_file_mb), "SER_MAX_DURATION_S": str(settings.max_duration_s),
+    }
+    env.update({k: v for k, v in values.items() if v is not None})
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    name = f"ser_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def pg_settings(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Production-shaped settings (Postgres + Redis), migrated once per session."""
+    from ser_shared.migrate import upgrade
+
+    data = tmp_path_factory.mktemp("pgdata")
+    settings = Settings(env="test", database_url=pg_url, broker_url=redis_url, data_dir=data,
+                        storage_dir=data / "uploads", chunk_size=4, worker_concurrency=1)
+    upgrade(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def app(pg_settings: Settings):  # type: ignore[no-untyped-def]
+    from web import create_app
+
+    flask_app = create_app(pg_settings)
+    flask_app.config["TESTING"] = True
+    return flask_app
+
+
+@pytest.fixture
+def client(app):  # type: ignore[no-untyped-def]
+    return app.test_client()
+
+
+class WorkerProcess:
+    """A real Celery worker in a subprocess, started through the `ser worker` command."""
+
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+        env = settings_env(settings) | (extra_env or {})
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ser_shared.cli", "worker", "--concurrency", "1"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Block until the worker consumes and its child has loaded the models."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            if "ready." in text and "models loaded" in text:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        raise RuntimeError(f"worker did not become ready:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def pg_worker(pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    worker = WorkerProcess(pg_settings, tmp_path_factory.mktemp("logs") / "worker.log")
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop()
+
+
+def ravdess_file(actor: int, emotion: str, intensity: str = "01", statement: str = "01",
+                 rep: str = "01") -> Path:
+    """A RAVDESS file by its name fields (emotion code as in the names: 01..08)."""
+    path = RAVDESS / f"Actor_{actor:02d}" / f"03-01-{emotion}-{intensity}-{statement}-{rep}-{actor:02d}.flac"
+    if not path.exists():
+        raise FileNotFoundError(f"dataset file missing (is ../shared/datasets there?): {path}")
+    return path
+
+
+@pytest.fixture
+def copy_to(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Copy dataset files into a temporary folder (never read or write the shared copy in place)."""
+
+    def _copy(src: Path) -> Path:
+        dst = tmp_path / src.name
+        shutil.copy(src, dst)
+        return dst
+
+    return _copy
+
+
+def wait_for(predicate, timeout: float = 90.0, interval: float = 0.5):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns a truthy value; fail with its last value."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met in {timeout} s; last value: {value!r}")
