@@ -80,13 +80,15 @@ def _serve(args: argparse.Namespace) -> int:
     for p in procs:
         if p.poll() is None:
             p.terminate()
-    code = 0
+    codes = []
     for p in procs:
         try:
-            code = code or (p.wait(timeout=30) if not stopping else 0)
+            codes.append(p.wait(timeout=60))
         except subprocess.TimeoutExpired:
             p.kill()
-    return code
+            codes.append(p.wait())
+    # Asked to stop: a clean exit. Otherwise one child died, and its failure is ours.
+    return 0 if stopping else next((c for c in codes if c), 1)
 
 
 def _train(args: argparse.Namespace) -> int:
