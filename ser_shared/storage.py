@@ -7,7 +7,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from ser_shared.errors import EmptyFile, FileTooLarge
 
@@ -36,7 +36,7 @@ def path_for(root: Path, key: str) -> Path:
     return path
 
 
-def save_stream(root: Path, stream: BinaryIO, max_bytes: int) -> StoredFile:
+def save_stream(root: Path, stream: IO[bytes], max_bytes: int) -> StoredFile:
     """Copy ``stream`` into storage while hashing it.
 
     Raises EmptyFile for zero bytes and FileTooLarge past ``max_bytes``; nothing is left behind then.

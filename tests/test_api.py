@@ -112,8 +112,10 @@ def test_listing_filters(client, listed_jobs) -> None:  # type: ignore[no-untype
     batch, jobs, base = listed_jobs["batch"], listed_jobs["jobs"], listed_jobs["base"]
     newest_first = [str(j.id) for j in reversed(jobs)]
     assert _ids(client, f"batch_id={batch}&limit=200") == newest_first
-    assert _ids(client, f"batch_id={batch}&status=failed") == [str(j.id) for j in reversed(jobs) if j.status == "failed"]
-    assert _ids(client, f"batch_id={batch}&emotion=angry") == [str(j.id) for j in reversed(jobs) if j.emotion == "angry"]
+    failed = [str(j.id) for j in reversed(jobs) if j.status == "failed"]
+    angry = [str(j.id) for j in reversed(jobs) if j.emotion == "angry"]
+    assert _ids(client, f"batch_id={batch}&status=failed") == failed
+    assert _ids(client, f"batch_id={batch}&emotion=angry") == angry
     assert _ids(client, f"batch_id={batch}&q=CALL_03") == [str(jobs[3].id)]
     assert _ids(client, f"batch_id={batch}&q=50%25") == [str(jobs[5].id)]  # % is literal, not a wildcard
     since = (base + timedelta(minutes=4)).isoformat()

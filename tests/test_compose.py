@@ -359,9 +359,9 @@ def test_worker_concurrency_matches_command(services):
 
 def test_required_secrets_use_required_interpolation(raw):
     for var in REQUIRED_SECRETS:
-        assert "${%s:?" % var in raw, f"{var} must be referenced as ${{{var}:?...}}"
+        assert f"${{{var}:?" in raw, f"{var} must be referenced as ${{{var}:?...}}"
         # ... and never optionally, which would silently run with an empty secret
-        assert not re.search(r"\$\{%s(?:[:]?[-+=]|\})" % var, raw), (
+        assert not re.search(rf"\$\{{{var}(?:[:]?[-+=]|\}})", raw), (
             f"{var} is also referenced without :?"
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify, render_template, request
+from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -26,13 +27,13 @@ def _wants_json() -> bool:
 
 def register(app: Flask) -> None:
     @app.errorhandler(SERError)
-    def _domain(exc: SERError) -> object:
+    def _domain(exc: SERError) -> ResponseReturnValue:
         if _wants_json():
             return error_response(exc.http_status, exc.code, exc.message)
         return render_template("error.html", code=exc.code, message=exc.message), exc.http_status
 
     @app.errorhandler(HTTPException)
-    def _http(exc: HTTPException) -> object:
+    def _http(exc: HTTPException) -> ResponseReturnValue:
         status = exc.code or 500
         code = HTTP_CODES.get(status, "http_error")
         message = exc.description or exc.name
@@ -43,7 +44,7 @@ def register(app: Flask) -> None:
         return render_template("error.html", code=code, message=message), status
 
     @app.errorhandler(OperationalError)
-    def _db_down(exc: OperationalError) -> object:
+    def _db_down(exc: OperationalError) -> ResponseReturnValue:
         log.error("database unavailable: %s", exc.orig)
         if _wants_json():
             return error_response(503, "database_unavailable", "the database is unreachable; try again")
@@ -51,7 +52,7 @@ def register(app: Flask) -> None:
                                message="The database is unreachable; try again shortly."), 503
 
     @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> object:
+    def _unexpected(exc: Exception) -> ResponseReturnValue:
         log.exception("unhandled error path=%s", request.path)
         if _wants_json():
             return error_response(500, "internal_error", "unexpected server error")

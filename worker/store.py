@@ -60,11 +60,10 @@ def fail_all(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], code:
 
 def _upsert_result(session: Session, values: dict[str, Any]) -> None:
     """Insert or overwrite the job's single result row (keyed by job id)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
     dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+    insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(Result).values(**values)
     stmt = stmt.on_conflict_do_update(
         index_elements=[Result.job_id], set_={k: stmt.excluded[k] for k in values if k != "job_id"})

@@ -1,7 +1,7 @@
 """create batches jobs results
 
 Revision ID: 20261121_0001
-Revises: 
+Revises:
 Create Date: 2026-11-21
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
+
 revision: str = '20261121_0001'
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None

@@ -1,0 +1,46 @@
+# Sourced by scripts/serve and scripts/test: installs what the project needs, idempotently.
+# Usage: source scripts/bootstrap.sh EXTRAS   (EXTRAS: worker | test)
+
+ser_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ser_extras="${1:-worker}"
+
+ser_log() { printf '[ser] %s\n' "$*" >&2; }
+
+ser_system_packages() {
+    # ffmpeg decodes M4A/AAC and WebM (and probes them at upload); espeak-ng and sox make test audio.
+    local wanted=(ffmpeg libsndfile1)
+    [ "$ser_extras" = test ] && wanted+=(espeak-ng sox)
+    local missing=()
+    for pkg in "${wanted[@]}"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        ser_log "installing system packages: ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        ser_log "please install: ${missing[*]} (M4A/WebM uploads fail without ffmpeg)"
+    fi
+}
+
+ser_venv() {
+    local venv="$ser_root/.venv"
+    local stamp="$venv/.ser-installed-$ser_extras"
+    local want
+    want="$(sha256sum "$ser_root/pyproject.toml" | cut -c1-16)"
+    if [ ! -x "$venv/bin/python" ]; then
+        ser_log "creating virtual environment in .venv"
+        python3 -m venv "$venv"
+    fi
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        ser_log "installing the project with extras [$ser_extras] (first run takes a few minutes)"
+        "$venv/bin/python" -m pip install -q --upgrade pip
+        "$venv/bin/python" -m pip install -q -e "$ser_root[$ser_extras]"
+        echo "$want" > "$stamp"
+    fi
+    export PATH="$venv/bin:$PATH"
+}
+
+ser_system_packages
+ser_venv
