@@ -7,7 +7,6 @@ tones of known frequency, trimming against digital silence added around a real c
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import librosa
 import numpy as np
