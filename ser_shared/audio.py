@@ -56,6 +56,8 @@ def sniff_format(head: bytes) -> str:
         return "webm"
     if head[:3] == b"ID3":
         return "mp3"
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise UnsupportedFormat("this is UTF-16 text, not audio")
     if len(head) >= 2 and head[0] == 0xFF:
         if head[1] & 0xF6 == 0xF0:  # ADTS sync with layer bits 00: raw AAC
             return "aac"

@@ -16,7 +16,7 @@ from scipy.fft import dct
 
 from ser_shared.errors import SilentAudio
 
-FEATURE_VERSION = "fv1"
+FEATURE_VERSION = "fv2"
 SAMPLE_RATE = 16000
 N_FFT = 512
 WIN = 400  # 25 ms
@@ -27,6 +27,7 @@ PITCH_WIN = 640  # 40 ms: two periods of a 50 Hz voice
 PITCH_FFT = 2048
 F0_MIN, F0_MAX = 60.0, 500.0
 VOICING_THRESHOLD = 0.45
+OCTAVE_TOLERANCE = 0.9
 SEQ_POOL = 3  # LSTM steps of 30 ms
 SILENCE_DBFS = -70.0
 TRIM_DB = 40.0
@@ -107,7 +108,15 @@ def _pitch(frames: np.ndarray, wac: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     ac = ac / (ac[:, :1] + EPS) / np.maximum(wac, 1e-3)
     lo, hi = int(SAMPLE_RATE / F0_MAX), int(SAMPLE_RATE / F0_MIN)
     region = ac[:, lo:hi]
-    idx = np.argmax(region, axis=1)
+    # Multiples of the period peak almost as high as the period itself (and the window correction
+    # lifts them further), so take the shortest-lag local maximum close to the best one rather
+    # than the best one: that avoids reporting a half or a third of the true pitch.
+    inner = region[:, 1:-1]
+    is_peak = np.zeros_like(region, dtype=bool)
+    is_peak[:, 1:-1] = (inner >= region[:, :-2]) & (inner >= region[:, 2:])
+    best = region.max(axis=1, keepdims=True)
+    candidates = is_peak & (region >= OCTAVE_TOLERANCE * best)
+    idx = np.where(candidates.any(axis=1), np.argmax(candidates, axis=1), np.argmax(region, axis=1))
     peak = region[np.arange(region.shape[0]), idx]
     # Parabolic interpolation around the peak for sub-sample lag precision.
     left = region[np.arange(region.shape[0]), np.maximum(idx - 1, 0)]

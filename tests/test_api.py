@@ -170,3 +170,15 @@ def test_web_process_never_imports_tensorflow_or_librosa(pg_settings: Settings) 
     proc = subprocess.run([sys.executable, "-c", code], env=settings_env(pg_settings), cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_upload_page_creates_a_batch_and_redirects(client) -> None:  # type: ignore[no-untyped-def]
+    assert 'type="file"' in client.get("/").get_data(as_text=True)
+    resp = _post_page(client, [read(ravdess_file(12, "06")), ("x.wav", b"nope")])
+    assert resp.status_code == 303 and "/batches/" in resp.headers["Location"]
+    page = client.get(resp.headers["Location"]).get_data(as_text=True)
+    assert "2 file(s)" in page and "unsupported_format" in page
+
+
+def _post_page(client, files):  # type: ignore[no-untyped-def]
+    return client.post("/upload", data=multipart(files), content_type="multipart/form-data")

@@ -77,8 +77,11 @@ class Ensemble:
         model = keras.models.load_model(models_dir / manifest["models"]["lstm"]["file"], compile=False)
         ensemble = cls(manifest, rf_bundle, model)
         ensemble.predict_proba([_warmup_features()])  # build the graph now, not on the first job
-        log.info("models loaded versions=%s load_ms=%.0f", ensemble.versions,
-                 (time.perf_counter() - started) * 1000)
+        import tensorflow as tf
+
+        gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+        log.info("models loaded versions=%s load_ms=%.0f devices=%s", ensemble.versions,
+                 (time.perf_counter() - started) * 1000, gpus or "cpu")
         return ensemble
 
     def rf_proba(self, vectors: np.ndarray) -> np.ndarray:
