@@ -29,8 +29,9 @@ ser_venv() {
     local stamp="$venv/.ser-installed-$ser_extras"
     local want
     want="$(sha256sum "$ser_root/pyproject.toml" | cut -c1-16)"
-    if [ ! -x "$venv/bin/python" ]; then
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
         ser_log "creating virtual environment in .venv"
+        rm -rf "$venv"  # a half-made one (interrupted creation) is rebuilt, not reused
         python3 -m venv "$venv"
     fi
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
