@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, request, send_file
+from flask import Blueprint, Response, jsonify, request, send_file, url_for
 from sqlalchemy import text
 
 from ser_shared import storage
@@ -23,7 +23,7 @@ def create_jobs() -> tuple[Response, int]:
     result = create_batch(services(), request.files.getlist("file"), parse_options(request.form.to_dict()))
     body = {
         "batch_id": str(result.batch.id),
-        "batch_url": f"{request.host_url.rstrip('/')}{API}/batches/{result.batch.id}",
+        "batch_url": url_for("api.batch", batch_id=result.batch.id, _external=True),
         "jobs": [job_summary(j) for j in result.jobs],
     }
     if not result.enqueued:

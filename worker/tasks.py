@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ser_shared.settings import get_settings
 from ser_shared.tasks import ANALYZE
@@ -15,9 +15,10 @@ from worker.celery_app import app
 log = logging.getLogger(__name__)
 
 
-@app.task(name=ANALYZE, bind=True, acks_late=True, autoretry_for=(OperationalError, DBAPIError),
+# Lost connections are transient (a database restart, a failover): retry with backoff.
+@app.task(name=ANALYZE, acks_late=True, autoretry_for=(OperationalError, InterfaceError),
           retry_backoff=2, retry_backoff_max=60, retry_jitter=True, max_retries=8)
-def analyze(self: object, job_ids: list[str]) -> int:
+def analyze(job_ids: list[str]) -> int:
     """Analyse a chunk of jobs; returns how many were processed. Database hiccups are retried."""
     settings = get_settings()
     factory = runtime.session_factory()
