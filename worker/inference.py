@@ -88,8 +88,7 @@ class Ensemble:
         return rf_proba(self.rf_bundle, vectors)
 
     def lstm_proba(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
-        normed = [lstm.normalise(s, self.seq_mean, self.seq_std) for s in seqs]
-        return lstm.predict(self.lstm, normed, self.max_steps)
+        return lstm.predict(self.lstm, seqs, self.seq_mean, self.seq_std, self.max_steps)
 
     def predict_proba(self, feats: Sequence[Features]) -> dict[str, np.ndarray]:
         """Per-model and ensemble probabilities for a batch: one RF call, batched LSTM calls."""

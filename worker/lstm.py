@@ -52,13 +52,15 @@ def pad(seqs: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def predict(model: Any, seqs: Sequence[np.ndarray], max_steps: int) -> np.ndarray:
-    """Class probabilities per sequence, in batches sorted by length to keep padding small.
+def predict(model: Any, seqs: Sequence[np.ndarray], mean: np.ndarray, std: np.ndarray,
+            max_steps: int) -> np.ndarray:
+    """Class probabilities per raw sequence, standardised with the training ``mean``/``std``.
 
-    Long sequences are cut into windows whose probabilities are averaged, weighted by length.
+    Runs in batches sorted by length to keep padding small; long sequences are cut into windows
+    whose probabilities are averaged, weighted by length.
     """
     pieces: list[tuple[int, np.ndarray]] = [
-        (i, w) for i, s in enumerate(seqs) for w in windows(s, max_steps)
+        (i, w) for i, s in enumerate(seqs) for w in windows(normalise(s, mean, std), max_steps)
     ]
     order = sorted(range(len(pieces)), key=lambda k: pieces[k][1].shape[0])
     n_classes = int(model.output_shape[-1])

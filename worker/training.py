@@ -141,11 +141,6 @@ def fit_lstm(seqs: list[np.ndarray], y: np.ndarray, cfg: TrainConfig, epochs: in
     return model, {"seq_mean": mean.tolist(), "seq_std": std.tolist(), "best_epoch": best_epoch}
 
 
-def lstm_proba(model: Any, info: dict[str, Any], seqs: list[np.ndarray], max_steps: int) -> np.ndarray:
-    mean, std = np.asarray(info["seq_mean"], np.float32), np.asarray(info["seq_std"], np.float32)
-    return lstm.predict(model, [lstm.normalise(s, mean, std) for s in seqs], max_steps)
-
-
 def metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
@@ -183,7 +178,8 @@ def cross_validate(corpus: Corpus, cfg: TrainConfig) -> dict[str, Any]:
         tr, va = train[fit_idx], train[val_idx]
         model, info = fit_lstm([seqs[i] for i in tr], y[tr], cfg, cfg.epochs,
                                val=([seqs[i] for i in va], y[va]))
-        oof["lstm"][test] = lstm_proba(model, info, [seqs[i] for i in test], cfg.max_steps)
+        oof["lstm"][test] = lstm.predict(model, [seqs[i] for i in test], np.asarray(info["seq_mean"], np.float32),
+                                         np.asarray(info["seq_std"], np.float32), cfg.max_steps)
         folds.append({"fold": k, "test_actors": sorted(set(groups[test].tolist())),
                       "lstm_best_epoch": info["best_epoch"],
                       "rf": metrics(y[test], oof["rf"][test]),
