@@ -101,6 +101,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from worker.evaluation import evaluate, summary
+
+    settings = get_settings()
+    models = Path(args.models) if args.models else settings.models_dir
+    rep = evaluate(Path(args.dir), models, settings, Path(args.json) if args.json else None,
+                   Path(args.plot) if args.plot else None)
+    print(summary(rep))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ser", description="Speech emotion recognition job service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trees", type=int, default=500)
     p.add_argument("--limit-per-actor", type=int, default=None)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="score the served models on a folder of labelled recordings")
+    p.add_argument("dir", help="folder with RAVDESS-named or Indian EmoSpeech-named audio (searched recursively)")
+    p.add_argument("--json", help="write the full report (metrics, per-file predictions) here")
+    p.add_argument("--plot", help="write the confusion-matrix PNG here")
+    p.add_argument("--models", help="model directory (default: SER_MODELS_DIR)")
+    p.set_defaults(func=_evaluate)
     return parser
 
 

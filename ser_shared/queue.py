@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 
 from celery import Celery
 from sqlalchemy import select, update
@@ -16,6 +17,8 @@ from ser_shared.settings import Settings
 from ser_shared.tasks import ANALYZE, QUEUE_CPU, QUEUE_GPU
 
 log = logging.getLogger(__name__)
+
+MARK_BATCH = 500  # job ids per UPDATE when recording what was enqueued
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -63,7 +66,17 @@ def queue_for(options: dict[str, object] | None, default: str = QUEUE_CPU) -> st
 
 
 def chunks(ids: Sequence[uuid.UUID], size: int) -> list[list[uuid.UUID]]:
-    return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
+    """The fewest chunks of at most ``size`` ids, as even as possible.
+
+    100 ids at size 16 make seven chunks of 14 or 15, not six of 16 and a straggler of 4: each
+    chunk pays a fixed cost for its model calls, and even chunks keep the workers evenly busy.
+    """
+    if not ids:
+        return []
+    count = -(-len(ids) // size)
+    base, extra = divmod(len(ids), count)
+    bounds = [i * base + min(i, extra) for i in range(count + 1)]
+    return [list(ids[start:end]) for start, end in pairwise(bounds)]
 
 
 def enqueue(celery: Celery, factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID],
@@ -74,27 +87,32 @@ def enqueue(celery: Celery, factory: sessionmaker[Session], job_ids: Sequence[uu
     already committed, and a sweep (``sweep_unqueued``) sends them once the broker is back.
     Returns True when every chunk was sent.
     """
-    ok = True
+    sent: list[uuid.UUID] = []
+    failed: list[tuple[list[uuid.UUID], str]] = []
     for chunk in chunks(job_ids, chunk_size):
         try:
             celery.send_task(ANALYZE, args=[[str(i) for i in chunk]], queue=queue, retry=True,
                              retry_policy={"max_retries": 2, "interval_start": 0.2,
                                            "interval_step": 0.5})
         except Exception as exc:  # kombu raises many transport-specific errors here
-            ok = False
             log.warning("enqueue failed jobs=%d error=%s", len(chunk), exc)
-            _mark(factory, chunk, enqueued=False, error=f"broker unavailable: {exc}"[:500])
+            failed.append((chunk, f"broker unavailable: {exc}"[:500]))
         else:
-            _mark(factory, chunk, enqueued=True, error=None)
-    return ok
+            sent.extend(chunk)
+    _mark(factory, sent, failed)
+    return not failed
 
 
-def _mark(factory: sessionmaker[Session], ids: list[uuid.UUID], enqueued: bool, error: str | None) -> None:
+def _mark(factory: sessionmaker[Session], sent: list[uuid.UUID],
+          failed: list[tuple[list[uuid.UUID], str]]) -> None:
+    """Record which jobs reached the broker: one transaction per upload, not one per chunk."""
+    now = datetime.now(UTC)
     with factory() as session:
-        session.execute(
-            update(Job).where(Job.id.in_(ids))
-            .values(enqueued_at=datetime.now(UTC) if enqueued else None, enqueue_error=error)
-        )
+        # Bounded IN lists: a 5000-file upload stays far below any driver's bind-parameter limit.
+        for ids in chunks(sent, MARK_BATCH):
+            session.execute(update(Job).where(Job.id.in_(ids)).values(enqueued_at=now, enqueue_error=None))
+        for ids, error in failed:
+            session.execute(update(Job).where(Job.id.in_(ids)).values(enqueued_at=None, enqueue_error=error))
         session.commit()
 
 

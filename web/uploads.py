@@ -7,6 +7,7 @@ import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from werkzeug.datastructures import FileStorage
@@ -44,13 +45,13 @@ def parse_options(form: dict[str, str]) -> dict[str, Any]:
     return {"device": device}
 
 
-def _ingest(svc: Services, job: Job, upload: FileStorage) -> None:
-    """Store one file and fill in what its header says; raises AudioError for a bad file."""
+def _ingest(svc: Services, root: Path, job: Job, upload: FileStorage) -> None:
+    """Store one file under ``root`` and fill in what its header says; raises AudioError for a bad file."""
     settings = svc.settings
-    stored = storage.save_stream(settings.upload_dir, upload.stream, int(settings.max_file_mb * (1 << 20)))
+    stored = storage.save_stream(root, upload.stream, int(settings.max_file_mb * (1 << 20)))
     job.storage_key, job.size_bytes, job.content_hash = stored.key, stored.size, stored.sha256
     job.format = sniff_format(stored.head)
-    info = probe(storage.path_for(settings.upload_dir, stored.key), job.format)
+    info = probe(storage.path_for(root, stored.key), job.format)
     job.sample_rate, job.channels, job.duration_s = info.sample_rate, info.channels, info.duration_s
     check_duration(info.duration_s, settings.min_duration_s, settings.max_duration_s)
 
@@ -75,13 +76,14 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
                          code="too_many_files")
     batch = Batch(id=uuid.uuid4(), options=options, file_count=len(files))
     jobs: list[Job] = []
+    root = svc.settings.upload_dir  # resolved once per request, not twice per file (it is a realpath walk)
     for position, upload in enumerate(files):
         job = Job(id=uuid.uuid4(), batch_id=batch.id, position=position, options=options,
                   created_at=datetime.now(UTC),
                   filename=clean_filename(upload.filename), status=JobStatus.QUEUED.value, attempts=0,
                   size_bytes=0)
         try:
-            _ingest(svc, job, upload)
+            _ingest(svc, root, job, upload)
         except AudioError as exc:
             _reject(svc, job, exc)
         jobs.append(job)

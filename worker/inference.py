@@ -15,6 +15,7 @@ import numpy as np
 from ser_shared.emotions import EMOTIONS
 from ser_shared.features import FEATURE_VERSION, Features
 from worker import lstm
+from worker.metrics import apply_temperature
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class Ensemble:
         self.seq_std = np.asarray(info["seq_std"], dtype=np.float32)
         self.max_steps = int(info["max_steps"])
         self.weights = manifest["ensemble"]["weights"]
+        # Temperature fitted on out-of-fold predictions (1.0: models from before calibration).
+        self.temperature = float(manifest["ensemble"].get("temperature", 1.0))
         self.threshold = float(manifest["ensemble"]["uncertain_threshold"])
         self.versions = {name: m["version"] for name, m in manifest["models"].items()}
 
@@ -95,7 +98,8 @@ class Ensemble:
         rf = self.rf_proba(np.stack([f.vector for f in feats]))
         lstm_p = self.lstm_proba([f.sequence for f in feats])
         combined = self.weights["rf"] * rf + self.weights["lstm"] * lstm_p
-        return {"rf": rf, "lstm": lstm_p, "ensemble": combined / combined.sum(axis=1, keepdims=True)}
+        calibrated = apply_temperature(combined / combined.sum(axis=1, keepdims=True), self.temperature)
+        return {"rf": rf, "lstm": lstm_p, "ensemble": calibrated.astype(np.float32)}
 
     def predict(self, feats: Sequence[Features], threshold: float | None = None) -> list[Prediction]:
         probs = self.predict_proba(feats)

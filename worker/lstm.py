@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,13 +52,36 @@ def pad(seqs: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
+def compiled(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """The model's forward pass as one graph for any batch size and length.
+
+    ``model.predict`` (and ``predict_on_batch``) trace a new graph for each new input shape, and
+    every chunk of recordings pads to a different length: tracing would cost more than inference.
+    A ``tf.function`` with a shape-polymorphic signature is traced once.
+    """
+    import tensorflow as tf
+
+    cached = getattr(model, "_ser_forward", None)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    spec = tf.TensorSpec(shape=(None, None, int(model.input_shape[-1])), dtype=tf.float32)
+    graph = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(graph(tf.constant(batch)))
+
+    model._ser_forward = forward
+    return forward
+
+
 def predict(model: Any, seqs: Sequence[np.ndarray], mean: np.ndarray, std: np.ndarray,
             max_steps: int) -> np.ndarray:
     """Class probabilities per raw sequence, standardised with the training ``mean``/``std``.
 
-    Runs in batches sorted by length to keep padding small; long sequences are cut into windows
-    whose probabilities are averaged, weighted by length.
+    Runs in batches sorted by length to keep padding small, through one compiled graph; long
+    sequences are cut into windows whose probabilities are averaged, weighted by length.
     """
+    forward = compiled(model)
     pieces: list[tuple[int, np.ndarray]] = [
         (i, w) for i, s in enumerate(seqs) for w in windows(normalise(s, mean, std), max_steps)
     ]
@@ -68,7 +91,7 @@ def predict(model: Any, seqs: Sequence[np.ndarray], mean: np.ndarray, std: np.nd
     weights = np.zeros(len(seqs), dtype=np.float64)
     for start in range(0, len(order), BATCH):
         chunk = [pieces[k] for k in order[start : start + BATCH]]
-        probs = np.asarray(model.predict_on_batch(pad([w for _, w in chunk])))
+        probs = forward(pad([w for _, w in chunk]))
         for (i, w), p in zip(chunk, probs, strict=True):
             sums[i] += p * w.shape[0]
             weights[i] += w.shape[0]

@@ -58,22 +58,29 @@ def fail_all(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], code:
         session.commit()
 
 
-def _upsert_result(session: Session, values: dict[str, Any]) -> None:
-    """Insert or overwrite the job's single result row (keyed by job id)."""
+def _upsert_results(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert or overwrite each job's single result row (keyed by job id), all rows in one statement.
+
+    One executemany (rendered as a multi-row INSERT ... ON CONFLICT) instead of a statement per job:
+    a chunk's results cost one round trip, and the statement compiles once per process.
+    """
+    if not rows:
+        return
     from sqlalchemy.dialects import postgresql, sqlite
 
     dialect = session.get_bind().dialect.name
     insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(Result).values(**values)
+    stmt = insert(Result)
     stmt = stmt.on_conflict_do_update(
-        index_elements=[Result.job_id], set_={k: stmt.excluded[k] for k in values if k != "job_id"})
-    session.execute(stmt)
+        index_elements=[Result.job_id], set_={k: stmt.excluded[k] for k in rows[0] if k != "job_id"})
+    session.execute(stmt, rows)
 
 
 def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], versions: dict[str, str]) -> None:
     """Write all outcomes of a chunk in one transaction."""
     now = datetime.now(UTC)
     by_id = {o.job_id: o for o in outcomes}
+    results: list[dict[str, Any]] = []
     with factory() as session:
         for job in session.scalars(select(Job).where(Job.id.in_(list(by_id))).with_for_update()):
             outcome = by_id[job.id]
@@ -83,7 +90,7 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
             if p is None:
                 _fail(job, outcome.error_code or "internal_error", outcome.error_message or "", now)
                 continue
-            _upsert_result(session, {
+            results.append({
                 "job_id": job.id, "emotion": p.emotion, "confidence": p.confidence,
                 "uncertain": p.uncertain, "probabilities": p.probabilities,
                 "model_probabilities": p.model_probabilities, "model_versions": versions,
@@ -92,4 +99,5 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
             job.status, job.finished_at, job.error_code, job.error_message = (
                 JobStatus.SUCCEEDED.value, now, None, None)
             job.emotion, job.confidence = p.emotion, p.confidence
+        _upsert_results(session, results)
         session.commit()

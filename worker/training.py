@@ -26,6 +26,7 @@ from ser_shared.emotions import EMOTIONS, parse_ravdess_name
 from ser_shared.features import FEATURE_VERSION, SAMPLE_RATE, Features, extract
 from worker import lstm
 from worker.inference import MANIFEST, rf_proba
+from worker.metrics import apply_temperature, classification, fit_temperature, reliability
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +143,8 @@ def fit_lstm(seqs: list[np.ndarray], y: np.ndarray, cfg: TrainConfig, epochs: in
 
 
 def metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
-
-    pred = probs.argmax(axis=1)
-    return {
-        "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, average="macro", labels=range(len(EMOTIONS)), zero_division=0)),
-    }
+    full = classification(y, probs)
+    return {k: full[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
 
 
 def _inner_split(groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +206,25 @@ def choose_threshold(y: np.ndarray, probs: np.ndarray) -> float:
     return 0.5
 
 
+def calibrate(y: np.ndarray, probs: np.ndarray, groups: np.ndarray,
+              folds: list[dict[str, Any]]) -> tuple[float, dict[str, Any], np.ndarray]:
+    """Temperature for the served ensemble, and an honest calibration error for it.
+
+    The shipped temperature is fitted on all out-of-fold predictions. The reported ECE is
+    cross-fitted: each fold's predictions are scaled with a temperature fitted on the other folds,
+    so the figure is not measured on the data that chose the temperature.
+    """
+    temperature = fit_temperature(y, probs)
+    crossed = np.zeros_like(probs)
+    for f in folds:
+        test = np.isin(groups, f["test_actors"])
+        crossed[test] = apply_temperature(probs[test], fit_temperature(y[~test], probs[~test]))
+    curves = {"uncalibrated": reliability(y, probs), "temperature (cross-fitted)": reliability(y, crossed)}
+    info = {"temperature": temperature, "ece_uncalibrated": curves["uncalibrated"]["ece"],
+            "ece_cross_fitted": curves["temperature (cross-fitted)"]["ece"], "curves": curves}
+    return temperature, info, apply_temperature(probs, temperature)
+
+
 def summarize(folds: list[dict[str, Any]], key: str, y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     per_fold = [f[key]["accuracy"] for f in folds]
     f1s = [f[key]["macro_f1"] for f in folds]
@@ -240,7 +254,9 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
     cv = cross_validate(corpus, cfg)
     y, oof = corpus.labels, cv["oof"]
     w = choose_weight(y, oof)
-    ens = w * oof["rf"] + (1 - w) * oof["lstm"]
+    raw = w * oof["rf"] + (1 - w) * oof["lstm"]
+    raw /= raw.sum(axis=1, keepdims=True)
+    temperature, calibration, ens = calibrate(y, raw, corpus.groups, cv["folds"])
     _fold_ensemble(cv["folds"], corpus, ens)
     threshold = choose_threshold(y, ens)
     final_epochs = int(np.median([f["lstm_best_epoch"] for f in cv["folds"]]))
@@ -269,7 +285,9 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
             "lstm": summarize(cv["folds"], "lstm", y, oof["lstm"]),
             "ensemble": summarize(cv["folds"], "ensemble", y, ens),
         },
-        "ensemble": {"weights": {"rf": w, "lstm": round(1 - w, 2)}, "uncertain_threshold": threshold},
+        "ensemble": {"weights": {"rf": w, "lstm": round(1 - w, 2)}, "temperature": temperature,
+                     "uncertain_threshold": threshold},
+        "calibration": calibration,
         "models": {
             "rf": {"file": "rf.joblib", "version": f"rf-{FEATURE_VERSION}-{_digest(out_dir / 'rf.joblib')}",
                    "trees": cfg.rf_trees},
@@ -281,7 +299,40 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
         "training_seconds": round(time.perf_counter() - started, 1),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    field = data_dir.parent / "indian_emospeech"
+    if field.is_dir():
+        manifest["cross_corpus"] = {"indian_emospeech": cross_corpus(field, out_dir)}
+        (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _plots(out_dir, classification(y, ens)["confusion"]["matrix"], calibration["curves"], manifest)
     return manifest
+
+
+def cross_corpus(root: Path, models_dir: Path) -> dict[str, Any]:
+    """The shipped models on a corpus they never saw, through ``ser evaluate``'s path."""
+    from ser_shared.settings import Settings
+    from worker.evaluation import analyse, labelled_files, report
+    from worker.inference import Ensemble
+
+    items = labelled_files(root)
+    ensemble = Ensemble.load(models_dir)
+    rep = report(ensemble, items, analyse(ensemble, items, Settings(env="test")), root)
+    keep = ("n", "n_failed", "accuracy", "balanced_accuracy", "macro_f1", "labels_present", "models", "calibration")
+    return {k: rep[k] for k in keep} | {"confusion": rep["confusion"]["matrix"]}
+
+
+def _plots(out_dir: Path, matrix: list[list[int]], curves: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """The model card's pictures, when matplotlib is installed (the ``train`` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+
+        from worker.plots import confusion_png, reliability_png
+    except ImportError:
+        log.warning("matplotlib not installed: no confusion matrix or reliability diagram written")
+        return
+    cv = manifest["cv"]["ensemble"]
+    confusion_png(np.asarray(matrix), list(EMOTIONS), out_dir / "cv_confusion.png",
+                  title=f"ensemble, out-of-fold (unseen actors): accuracy {cv['accuracy']:.3f}")
+    reliability_png(curves, out_dir / "reliability.png")
 
 
 def report(manifest: dict[str, Any]) -> str:
@@ -293,5 +344,12 @@ def report(manifest: dict[str, Any]) -> str:
                      f"  macro-F1 {m['macro_f1_fold_mean']:.3f} ± {m['macro_f1_fold_std']:.3f}"
                      f"  (pooled accuracy {m['accuracy']:.3f})")
     e = manifest["ensemble"]
-    lines.append(f"  ensemble weights {e['weights']}, uncertain below {e['uncertain_threshold']}")
+    lines.append(f"  ensemble weights {e['weights']}, temperature {e['temperature']}, "
+                 f"uncertain below {e['uncertain_threshold']}")
+    for corpus, m in manifest.get("cross_corpus", {}).items():
+        lines.append(f"  cross-corpus {corpus}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
+                     f"over {m['labels_present']} (n={m['n']})")
+    c = manifest["calibration"]
+    lines.append(f"  expected calibration error: {c['ece_uncalibrated']:.3f} before, "
+                 f"{c['ece_cross_fitted']:.3f} after temperature scaling (cross-fitted)")
     return "\n".join(lines)
