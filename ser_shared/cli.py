@@ -91,11 +91,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if stopping else next((c for c in codes if c), 1)
 
 
+# Kept here (not imported from worker.augment) so that `ser --help` does not load worker code.
+AUGMENTATIONS = "speed0.9,speed1.1,noise20"
+
+
 def _train(args: argparse.Namespace) -> int:
     from worker.training import TrainConfig, report, train
 
     cfg = TrainConfig(folds=args.folds, seed=args.seed, epochs=args.epochs,
-                      limit_per_actor=args.limit_per_actor, rf_trees=args.trees)
+                      limit_per_actor=args.limit_per_actor, rf_trees=args.trees,
+                      augment=tuple(a for a in args.augment.split(",") if a and a != "none"))
     manifest = train(Path(args.data), Path(args.out), cfg)
     print(report(manifest))
     return 0
@@ -146,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--trees", type=int, default=500)
+    p.add_argument("--augment", default=AUGMENTATIONS,
+                   help="training-copy augmentations, comma-separated, or 'none'")
     p.add_argument("--limit-per-actor", type=int, default=None)
     p.set_defaults(func=_train)
 

@@ -8,29 +8,36 @@ descriptors; the frame sequence (for the LSTM) is a pooled, per-utterance-normal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from scipy import fft as sfft
 from scipy.fft import dct
 
 from ser_shared.errors import SilentAudio
 
-FEATURE_VERSION = "fv2"
+FEATURE_VERSION = "fv3"
 SAMPLE_RATE = 16000
 N_FFT = 512
 WIN = 400  # 25 ms
 HOP = 160  # 10 ms
 N_MELS = 64
 N_MFCC = 20
-PITCH_WIN = 640  # 40 ms: two periods of a 50 Hz voice
-PITCH_FFT = 2048
+TOP_DB = 80.0  # log-mel floor below the loudest bin, as librosa's power_to_db
+PITCH_RATE = 8000  # pitch is tracked at half rate: 500 Hz needs nothing above 4 kHz
+PITCH_WIN = 320  # 40 ms at 8 kHz: two periods of a 50 Hz voice
+PITCH_HOP = HOP * PITCH_RATE // SAMPLE_RATE
+PITCH_FFT = 512  # >= PITCH_WIN + the longest lag (133), so the autocorrelation does not wrap
 F0_MIN, F0_MAX = 60.0, 500.0
 VOICING_THRESHOLD = 0.45
 OCTAVE_TOLERANCE = 0.9
+ROLLOFF = 0.85
 SEQ_POOL = 3  # LSTM steps of 30 ms
 SILENCE_DBFS = -70.0
 TRIM_DB = 40.0
+AMIN = 1e-10
 EPS = 1e-10
 
 
@@ -49,64 +56,114 @@ def _mel_basis() -> np.ndarray:
                                fmax=SAMPLE_RATE / 2).astype(np.float32).T  # (freq, mels)
 
 
+def hann(n: int) -> np.ndarray:
+    """Periodic Hann window (the one librosa's STFT uses)."""
+    return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)).astype(np.float32)
+
+
 @lru_cache(maxsize=1)
-def _windows() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    win = np.hanning(WIN + 2)[1:-1].astype(np.float32)
-    pwin = np.hanning(PITCH_WIN + 2)[1:-1].astype(np.float32)
+def _constants() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    pwin = hann(PITCH_WIN)
     # Autocorrelation of the window itself: dividing by it removes the taper's bias toward short lags.
     wac = np.fft.irfft(np.abs(np.fft.rfft(pwin, PITCH_FFT)) ** 2)[:PITCH_WIN]
-    return win, pwin, (wac / wac[0]).astype(np.float32)
+    freqs = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1, dtype=np.float32)
+    return hann(WIN), pwin, (wac / wac[0]).astype(np.float32), freqs
 
 
-def _frames(x: np.ndarray, length: int, n: int) -> np.ndarray:
-    """``n`` frames of ``length`` samples every HOP samples, centred on k*HOP (zero-padded)."""
+def _frames(x: np.ndarray, length: int, n: int, hop: int = HOP, mode: str = "constant") -> np.ndarray:
+    """``n`` frames of ``length`` samples every ``hop`` samples, centred on k*hop (padded by ``mode``)."""
     pad = length // 2
-    need = (n - 1) * HOP + length
-    padded = np.zeros(need, dtype=np.float32)
-    end = min(x.size, need - pad)
-    padded[pad : pad + end] = x[:end]
-    return np.lib.stride_tricks.sliding_window_view(padded, length)[::HOP][:n]
+    need = (n - 1) * hop + length
+    if mode == "edge":
+        padded = np.pad(x, (pad, max(0, need - pad - x.size)), mode="edge")[:need]
+    else:
+        padded = np.zeros(need, dtype=np.float32)
+        end = min(x.size, need - pad)
+        padded[pad : pad + end] = x[:end]
+    return np.lib.stride_tricks.sliding_window_view(padded, length)[::hop][:n]
+
+
+def power_spectrogram(x: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:
+    """|STFT|^2, (frames, N_FFT//2+1): 25 ms periodic-Hann frames every 10 ms, centred, zero-padded."""
+    if frames is None:
+        frames = _frames(x, WIN, 1 + x.size // HOP)
+    return _power(frames, _constants()[0], N_FFT)
+
+
+def _power(frames: np.ndarray, window: np.ndarray, n_fft: int) -> np.ndarray:
+    """|rfft|^2 of windowed frames, zero-padded to ``n_fft`` in one preallocated buffer."""
+    buf = np.zeros((frames.shape[0], n_fft), dtype=np.float32)
+    np.multiply(frames, window, out=buf[:, : frames.shape[1]])
+    spec = sfft.rfft(buf, axis=1)
+    return np.square(spec.real) + np.square(spec.imag)
 
 
 def frame_descriptors(audio: np.ndarray) -> dict[str, np.ndarray]:
-    """Frame-level descriptors at a 10 ms hop: log-mel, MFCC, energy, spectral shape, pitch."""
+    """Frame-level descriptors at a 10 ms hop: log-mel, MFCC, energy, spectral shape, pitch.
+
+    One power spectrogram feeds every spectral descriptor; pitch comes from one FFT-based
+    autocorrelation of the signal at 8 kHz. The definitions follow librosa's (periodic Hann,
+    centred frames, Slaney mel, power_to_db with an 80 dB floor), which ``bench.reference`` checks.
+    """
     x = np.ascontiguousarray(audio, dtype=np.float32)
-    n = max(1, 1 + x.size // HOP)
-    win, pwin, wac = _windows()
+    n = 1 + x.size // HOP
     frames = _frames(x, WIN, n)
-    power = np.abs(np.fft.rfft(frames * win, N_FFT)).astype(np.float32) ** 2  # (n, 257)
-    logmel = 10.0 * np.log10(power @ _mel_basis() + EPS)
-    mfcc = dct(logmel, type=2, norm="ortho", axis=1)[:, :N_MFCC].astype(np.float32)
-    rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1)).astype(np.float32)
-    energy_db = 20.0 * np.log10(rms + 1e-5)
-    freqs = np.linspace(0.0, SAMPLE_RATE / 2, power.shape[1], dtype=np.float32)
-    total = power.sum(axis=1) + EPS
-    centroid = (power @ freqs) / total
-    bandwidth = np.sqrt(np.maximum((power @ freqs**2) / total - centroid**2, 0.0))
-    cumulative = np.cumsum(power, axis=1)
-    rolloff = freqs[np.minimum((cumulative < 0.85 * total[:, None]).sum(axis=1), freqs.size - 1)]
-    flatness = np.exp(np.mean(np.log(power + EPS), axis=1)) / (np.mean(power, axis=1) + EPS)
+    power = power_spectrogram(x, frames)
+    freqs = _constants()[3]
+    mel = power @ _mel_basis()
+    logmel = 10.0 * np.log10(np.maximum(mel, AMIN))
+    logmel = np.maximum(logmel, logmel.max() - TOP_DB)
+    mfcc = dct(logmel, type=2, norm="ortho", axis=1)[:, :N_MFCC]
+    energy_db = 20.0 * np.log10(np.sqrt(np.einsum("ij,ij->i", frames, frames) / WIN) + 1e-5)
     mag = np.sqrt(power)
-    norm_mag = mag / (mag.sum(axis=1, keepdims=True) + EPS)
-    flux = np.r_[0.0, np.sum(np.maximum(np.diff(norm_mag, axis=0), 0.0), axis=1)].astype(np.float32)
-    signs = np.signbit(frames)
-    zcr = np.mean(signs[:, 1:] != signs[:, :-1], axis=1).astype(np.float32)
-    f0, harmonicity = _pitch(_frames(x, PITCH_WIN, n) * pwin, wac)
+    total = mag.sum(axis=1) + EPS
+    centroid = (mag @ freqs) / total
+    bandwidth = np.sqrt(np.maximum((mag @ freqs**2) / total - centroid**2, 0.0))
+    # The first bin holding ROLLOFF of the magnitude (0 Hz for a silent frame, as librosa).
+    below = np.cumsum(mag, axis=1) < ROLLOFF * mag.sum(axis=1)[:, None]
+    rolloff = freqs[np.minimum(below.sum(axis=1), freqs.size - 1)]
+    clipped = np.maximum(power, AMIN)
+    flatness = np.exp(np.mean(np.log(clipped), axis=1)) / np.mean(clipped, axis=1)
+    norm_mag = mag / total[:, None]
+    flux = np.r_[0.0, np.sum(np.maximum(np.diff(norm_mag, axis=0), 0.0), axis=1)]
+    zframes = _frames(np.where(np.abs(x) <= 1e-10, 0.0, x), WIN, n, mode="edge")
+    signs = np.signbit(zframes)
+    zcr = np.count_nonzero(signs[:, 1:] != signs[:, :-1], axis=1) / WIN
+    f0, harmonicity = pitch_track(x, n)
+    return assemble(logmel=logmel, mfcc=mfcc, energy_db=energy_db, centroid=centroid, bandwidth=bandwidth,
+                    rolloff=rolloff, flatness=flatness, flux=flux, zcr=zcr, f0=f0, harmonicity=harmonicity)
+
+
+def assemble(*, logmel: np.ndarray, mfcc: np.ndarray, energy_db: np.ndarray, centroid: np.ndarray,
+             bandwidth: np.ndarray, rolloff: np.ndarray, flatness: np.ndarray, flux: np.ndarray, zcr: np.ndarray,
+             f0: np.ndarray, harmonicity: np.ndarray) -> dict[str, np.ndarray]:
+    """The descriptor dictionary (float32, kHz for frequencies) with the voicing decision."""
+    f32 = np.float32
     voiced = (harmonicity > VOICING_THRESHOLD) & (energy_db > energy_db.max() - 35.0)
     return {
-        "logmel": logmel, "mfcc": mfcc, "energy_db": energy_db, "centroid": centroid / 1000.0,
-        "bandwidth": bandwidth / 1000.0, "rolloff": rolloff / 1000.0, "flatness": flatness,
-        "flux": flux, "zcr": zcr, "f0": np.where(voiced, f0, 0.0).astype(np.float32),
-        "harmonicity": harmonicity, "voiced": voiced,
+        "logmel": logmel.astype(f32), "mfcc": mfcc.astype(f32), "energy_db": energy_db.astype(f32),
+        "centroid": (centroid / 1000.0).astype(f32), "bandwidth": (bandwidth / 1000.0).astype(f32),
+        "rolloff": (rolloff / 1000.0).astype(f32), "flatness": flatness.astype(f32), "flux": flux.astype(f32),
+        "zcr": zcr.astype(f32), "f0": np.where(voiced, f0, 0.0).astype(f32),
+        "harmonicity": harmonicity.astype(f32), "voiced": voiced,
     }
 
 
-def _pitch(frames: np.ndarray, wac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """F0 and harmonicity (normalised autocorrelation peak) per frame, via one FFT per frame."""
-    spec = np.fft.rfft(frames, PITCH_FFT)
-    ac = np.fft.irfft(np.abs(spec) ** 2, PITCH_FFT)[:, :PITCH_WIN].astype(np.float32)
+def pitch_track(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """F0 (Hz) and harmonicity (normalised autocorrelation peak) for ``n`` frames at the 10 ms hop."""
+    import soxr
+
+    low = soxr.resample(x, SAMPLE_RATE, PITCH_RATE, quality="HQ").astype(np.float32)
+    _, pwin, wac, _ = _constants()
+    power = _power(_frames(low, PITCH_WIN, n, hop=PITCH_HOP), pwin, PITCH_FFT)
+    ac = sfft.irfft(power, PITCH_FFT, axis=1)[:, :PITCH_WIN]
+    return pick_pitch(ac, wac)
+
+
+def pick_pitch(ac: np.ndarray, wac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """F0 and harmonicity from raw per-frame autocorrelations (lags 0..PITCH_WIN-1 at PITCH_RATE)."""
     ac = ac / (ac[:, :1] + EPS) / np.maximum(wac, 1e-3)
-    lo, hi = int(SAMPLE_RATE / F0_MAX), int(SAMPLE_RATE / F0_MIN)
+    lo, hi = int(PITCH_RATE / F0_MAX), int(PITCH_RATE / F0_MIN)
     region = ac[:, lo:hi]
     # Multiples of the period peak almost as high as the period itself (and the window correction
     # lifts them further), so take the shortest-lag local maximum close to the best one rather
@@ -117,14 +174,15 @@ def _pitch(frames: np.ndarray, wac: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     best = region.max(axis=1, keepdims=True)
     candidates = is_peak & (region >= OCTAVE_TOLERANCE * best)
     idx = np.where(candidates.any(axis=1), np.argmax(candidates, axis=1), np.argmax(region, axis=1))
-    peak = region[np.arange(region.shape[0]), idx]
+    rows = np.arange(region.shape[0])
+    peak = region[rows, idx]
     # Parabolic interpolation around the peak for sub-sample lag precision.
-    left = region[np.arange(region.shape[0]), np.maximum(idx - 1, 0)]
-    right = region[np.arange(region.shape[0]), np.minimum(idx + 1, region.shape[1] - 1)]
+    left = region[rows, np.maximum(idx - 1, 0)]
+    right = region[rows, np.minimum(idx + 1, region.shape[1] - 1)]
     denom = left - 2 * peak + right
     shift = np.where(np.abs(denom) > EPS, 0.5 * (left - right) / np.where(denom == 0, 1, denom), 0.0)
     lag = lo + idx + np.clip(shift, -0.5, 0.5)
-    return (SAMPLE_RATE / lag).astype(np.float32), np.clip(peak, 0.0, 1.0).astype(np.float32)
+    return (PITCH_RATE / lag).astype(np.float32), np.clip(peak, 0.0, 1.0).astype(np.float32)
 
 
 def _active_span(energy_db: np.ndarray) -> slice:
@@ -209,14 +267,16 @@ def frame_sequence(d: dict[str, np.ndarray]) -> np.ndarray:
     return seq.reshape(steps, -1, seq.shape[1]).mean(axis=1)
 
 
-def extract(audio: np.ndarray) -> Features:
+def extract(audio: np.ndarray,
+            descriptors: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None) -> Features:
     """Both models' inputs from mono float32 audio at SAMPLE_RATE.
 
+    ``descriptors`` replaces the frame-descriptor stage (the benchmark's naive reference uses it).
     Raises SilentAudio when nothing in the recording rises above digital near-silence.
     """
     if audio.size == 0 or float(np.max(np.abs(audio))) < 10 ** (SILENCE_DBFS / 20):
         raise SilentAudio("the recording is silent")
-    d = frame_descriptors(audio)
+    d = (descriptors or frame_descriptors)(audio)
     span = _active_span(d["energy_db"])
     trimmed = {k: v[span] for k, v in d.items()}
     return Features(utterance_vector(trimmed), frame_sequence(trimmed), audio.size / SAMPLE_RATE)

@@ -55,18 +55,39 @@ def test_shipped_models_classify_real_speech(manifest: dict) -> None:
         assert np.isclose(sum(p.probabilities.values()), 1.0, atol=1e-3)
 
 
-def test_training_command_writes_loadable_artifacts(tmp_path: Path) -> None:
-    """A tiny run of `ser train` (3 files per actor, 2 folds) produces a manifest the worker loads."""
-    out = tmp_path / "models"
+def _tiny_train(out: Path) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "ser_shared.cli", "train", "--data", str(RAVDESS), "--out", str(out),
-           "--folds", "2", "--epochs", "2", "--trees", "10", "--limit-per-actor", "7"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "speaker-independent CV" in proc.stdout and "ensemble" in proc.stdout
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert len(manifest["cv"]["folds"]) == 2 and manifest["data"]["files"] == 140
+           "--folds", "2", "--epochs", "2", "--trees", "10", "--limit-per-actor", "7",
+           "--augment", "speed1.1,noise20"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+
+
+def test_training_is_deterministic_and_writes_loadable_artifacts(tmp_path: Path) -> None:
+    """Two tiny runs of `ser train` with the same seed (2 folds, augmented copies, 7 files per
+    actor) write identical figures and models that predict identically; the worker loads them."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        proc = _tiny_train(out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "speaker-independent CV" in proc.stdout and "calibration error" in proc.stdout
+    first, second = (json.loads((out / "manifest.json").read_text()) for out in runs)
+    assert len(first["cv"]["folds"]) == 2 and first["data"]["files"] == 140
+    assert "LSTM also on augmented copies (speed1.1, noise20) of training actors" in first["cv"]["protocol"]
+    for key in ("cv", "ensemble", "calibration", "cross_corpus"):
+        assert first[key] == second[key], key
+    assert first["models"]["rf"]["version"] == second["models"]["rf"]["version"]
     from worker.inference import Ensemble
 
-    ensemble = Ensemble.load(out)
-    (pred,) = ensemble.predict([extract(decode(ravdess_file(1, "05", "02"), "flac", SAMPLE_RATE, 600))])
-    assert pred.emotion in EMOTIONS
+    feats = [extract(decode(ravdess_file(a, "05", "02"), "flac", SAMPLE_RATE, 600)) for a in (1, 2, 3)]
+    probs = [Ensemble.load(out).predict_proba(feats) for out in runs]
+    for model in ("rf", "lstm", "ensemble"):
+        np.testing.assert_array_equal(probs[0][model], probs[1][model])
+    assert all(p.emotion in EMOTIONS for p in Ensemble.load(runs[0]).predict(feats))
+    assert (runs[0] / "reliability.png").is_file() and (runs[0] / "cv_confusion.png").is_file()
+
+
+def test_cli_default_augmentations_are_the_trainers() -> None:
+    from ser_shared.cli import AUGMENTATIONS as cli_default
+    from worker.augment import AUGMENTATIONS
+
+    assert cli_default.split(",") == list(AUGMENTATIONS)

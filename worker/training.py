@@ -24,7 +24,9 @@ import numpy as np
 from ser_shared.audio import decode
 from ser_shared.emotions import EMOTIONS, parse_ravdess_name
 from ser_shared.features import FEATURE_VERSION, SAMPLE_RATE, Features, extract
+from worker import augment as augmentation
 from worker import lstm
+from worker.augment import AUGMENTATIONS
 from worker.inference import MANIFEST, rf_proba
 from worker.metrics import apply_temperature, classification, fit_temperature, reliability
 
@@ -37,6 +39,14 @@ class Corpus:
     labels: np.ndarray  # class indices into EMOTIONS
     groups: np.ndarray  # actor ids
     feats: list[Features]
+    augmented: dict[str, list[Features]]  # augmentation name -> features of every file's copy
+
+    def training_set(self, idx: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """Vectors, sequences and labels of files ``idx`` plus their augmented copies."""
+        sets = [self.feats, *self.augmented.values()]
+        vectors = np.stack([s[i].vector for s in sets for i in idx])
+        seqs = [s[i].sequence for s in sets for i in idx]
+        return vectors, seqs, np.tile(self.labels[idx], len(sets))
 
 
 @dataclass
@@ -49,6 +59,7 @@ class TrainConfig:
     patience: int = 8
     max_steps: int = 400  # 12 s windows of 30 ms steps
     limit_per_actor: int | None = None  # for quick runs and tests
+    augment: tuple[str, ...] = AUGMENTATIONS
 
 
 def list_ravdess(root: Path, limit_per_actor: int | None = None) -> list[tuple[Path, str, str]]:
@@ -68,20 +79,25 @@ def list_ravdess(root: Path, limit_per_actor: int | None = None) -> list[tuple[P
     return items
 
 
-def _featurise(path: Path) -> Features:
-    return extract(decode(path, path.suffix.lstrip(".").lower(), SAMPLE_RATE, 600.0))
+def _featurise(path: Path, augment: tuple[str, ...], seed: int) -> list[Features]:
+    """Features of the recording and of each augmented copy (decoded once)."""
+    audio = decode(path, path.suffix.lstrip(".").lower(), SAMPLE_RATE, 600.0)
+    return [extract(audio)] + [extract(augmentation.apply(name, audio, seed)) for name in augment]
 
 
-def load_corpus(root: Path, limit_per_actor: int | None = None, jobs: int = 2) -> Corpus:
+def load_corpus(root: Path, limit_per_actor: int | None = None, augment: tuple[str, ...] = (),
+                seed: int = 0, jobs: int = 2) -> Corpus:
     from joblib import Parallel, delayed
 
     items = list_ravdess(root, limit_per_actor)
     if not items:
         raise SystemExit(f"no RAVDESS-named audio under {root}")
-    feats = Parallel(n_jobs=jobs)(delayed(_featurise)(p) for p, _, _ in items)
+    rows = Parallel(n_jobs=jobs, batch_size=16)(
+        delayed(_featurise)(p, augment, seed * 100_003 + i) for i, (p, _, _) in enumerate(items))
     labels = np.array([EMOTIONS.index(e) for _, e, _ in items])
     groups = np.array([a for _, _, a in items])
-    return Corpus([p for p, _, _ in items], labels, groups, list(feats))
+    augmented = {name: [row[k + 1] for row in rows] for k, name in enumerate(augment)}
+    return Corpus([p for p, _, _ in items], labels, groups, [row[0] for row in rows], augmented)
 
 
 def seed_everything(seed: int) -> None:
@@ -101,7 +117,7 @@ def fit_rf(x: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> dict[str, Any]:
 
     scaler = StandardScaler().fit(x)
     rf = RandomForestClassifier(n_estimators=cfg.rf_trees, class_weight="balanced_subsample",
-                                min_samples_leaf=2, max_features="sqrt", n_jobs=2,
+                                min_samples_leaf=1, max_features="sqrt", n_jobs=2,
                                 random_state=cfg.seed)
     rf.fit(scaler.transform(x), y)
     return {"scaler": scaler, "rf": rf, "classes": list(EMOTIONS), "feature_version": FEATURE_VERSION}
@@ -171,8 +187,9 @@ def cross_validate(corpus: Corpus, cfg: TrainConfig) -> dict[str, Any]:
         oof["rf"][test] = rf_proba(bundle, vectors[test])
         fit_idx, val_idx = _inner_split(groups[train], cfg.seed + k)
         tr, va = train[fit_idx], train[val_idx]
-        model, info = fit_lstm([seqs[i] for i in tr], y[tr], cfg, cfg.epochs,
-                               val=([seqs[i] for i in va], y[va]))
+        # Augmented copies of the training actors only; the test actors are scored on originals.
+        _, tr_seqs, tr_y = corpus.training_set(tr)
+        model, info = fit_lstm(tr_seqs, tr_y, cfg, cfg.epochs, val=([seqs[i] for i in va], y[va]))
         oof["lstm"][test] = lstm.predict(model, [seqs[i] for i in test], np.asarray(info["seq_mean"], np.float32),
                                          np.asarray(info["seq_std"], np.float32), cfg.max_steps)
         folds.append({"fold": k, "test_actors": sorted(set(groups[test].tolist())),
@@ -249,7 +266,7 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
 
     seed_everything(cfg.seed)
     started = time.perf_counter()
-    corpus = load_corpus(data_dir, cfg.limit_per_actor)
+    corpus = load_corpus(data_dir, cfg.limit_per_actor, cfg.augment, cfg.seed)
     log.info("features files=%d seconds=%.1f", len(corpus.paths), time.perf_counter() - started)
     cv = cross_validate(corpus, cfg)
     y, oof = corpus.labels, cv["oof"]
@@ -262,10 +279,9 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
     final_epochs = int(np.median([f["lstm_best_epoch"] for f in cv["folds"]]))
 
     seed_everything(cfg.seed)
-    vectors = np.stack([f.vector for f in corpus.feats])
-    seqs = [f.sequence for f in corpus.feats]
-    bundle = fit_rf(vectors, y, cfg)
-    model, info = fit_lstm(seqs, y, cfg, final_epochs)
+    bundle = fit_rf(np.stack([f.vector for f in corpus.feats]), y, cfg)
+    _, seqs, labels = corpus.training_set(np.arange(len(y)))
+    model, info = fit_lstm(seqs, labels, cfg, final_epochs)
     out_dir.mkdir(parents=True, exist_ok=True)
     joblib.dump(bundle, out_dir / "rf.joblib", compress=3)
     model.save(out_dir / "lstm.keras")
@@ -279,7 +295,8 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
                  "files": len(corpus.paths), "calm": "merged into neutral"},
         "config": {k: v for k, v in vars(cfg).items()},
         "cv": {
-            "protocol": f"GroupKFold({cfg.folds}) by actor; LSTM early stopping on 2 training actors",
+            "protocol": f"GroupKFold({cfg.folds}) by actor; LSTM early stopping on 2 training actors; "
+                        f"LSTM also on augmented copies ({', '.join(cfg.augment) or 'none'}) of training actors",
             "folds": cv["folds"],
             "rf": summarize(cv["folds"], "rf", y, oof["rf"]),
             "lstm": summarize(cv["folds"], "lstm", y, oof["lstm"]),

@@ -1,0 +1,108 @@
+"""Cost growth with recording length: time and memory of one recording from 1 s to 10 minutes.
+
+    python -m bench.scaling [--lengths 1,10,60,600]
+
+Each recording is real speech (RAVDESS clips joined end to end), written to a temporary FLAC and
+run through the worker's path for one recording: decode, features, both models. Time is the best
+of a few runs; memory is the peak of Python-visible allocations (numpy's included, via
+tracemalloc) during one run. Linear cost shows as a flat milliseconds-per-audio-second column and
+a flat megabytes-per-audio-minute column. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # before numpy loads: one core per worker process, as served
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from bench.features import DEFAULT_DATA, pick_files, read, versions
+from ser_shared import features
+from ser_shared.audio import decode
+from ser_shared.settings import REPO_ROOT
+
+
+def speech_of_length(files: Sequence[Path], seconds: float) -> np.ndarray:
+    """Real clips joined until ``seconds`` of audio (the last one cut)."""
+    need = int(seconds * features.SAMPLE_RATE)
+    parts, total, i = [], 0, 0
+    while total < need:
+        clip = read(files[i % len(files)])
+        parts.append(clip)
+        total += clip.size
+        i += 1
+    return np.concatenate(parts)[:need]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", default="1,10,60,600", help="seconds, comma-separated")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--models", type=Path, default=REPO_ROOT / "models")
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from worker.inference import Ensemble
+
+    ensemble = Ensemble.load(args.models)
+    files = pick_files(args.data, 60)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seconds in (float(s) for s in args.lengths.split(",")):
+            path = Path(tmp) / f"speech_{seconds:g}s.flac"
+            sf.write(path, speech_of_length(files, seconds), features.SAMPLE_RATE, subtype="PCM_16")
+
+            def once(path: Path = path) -> object:
+                audio = decode(path, "flac", features.SAMPLE_RATE, 3600.0)
+                return ensemble.predict_proba([features.extract(audio)])
+
+            once()  # warm-up (graph shapes, page cache)
+            repeats = 5 if seconds <= 60 else 2
+            best = float("inf")
+            for _ in range(repeats):
+                started = time.perf_counter()
+                once()
+                best = min(best, time.perf_counter() - started)
+            tracemalloc.start()
+            once()
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            rows.append({"seconds": seconds, "ms": round(best * 1000, 2),
+                         "ms_per_audio_s": round(best * 1000 / seconds, 3),
+                         "peak_mb": round(peak / 2**20, 1), "mb_per_audio_min": round(peak / 2**20 / seconds * 60, 2)})
+            print(f"{seconds:>6g} s: {rows[-1]['ms']:9.1f} ms ({rows[-1]['ms_per_audio_s']:.2f} ms per audio s), "
+                  f"peak {rows[-1]['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
+    long = [r for r in rows if r["seconds"] >= 10]  # below that, fixed per-call costs dominate
+    per_s = [r["ms_per_audio_s"] for r in long]
+    per_min = [r["mb_per_audio_min"] for r in long]
+    result = {
+        "benchmark": "scaling",
+        "lengths": rows,
+        "time_per_audio_s_spread": round(max(per_s) / min(per_s), 2) if per_s else None,
+        "memory_per_audio_min_spread": round(max(per_min) / min(per_min), 2) if per_min else None,
+        "realtime_factor_longest": round(rows[-1]["seconds"] * 1000 / rows[-1]["ms"], 1),
+        "model_versions": ensemble.versions,
+        "versions": versions() | {"tensorflow": tf.__version__},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
