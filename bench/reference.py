@@ -9,6 +9,8 @@ so the two must give the same numbers: ``tests/test_features_reference.py`` chec
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ser_shared import features as F
@@ -20,8 +22,9 @@ def descriptors(audio: np.ndarray) -> dict[str, np.ndarray]:
 
     x = np.ascontiguousarray(audio, dtype=np.float32)
     sr = F.SAMPLE_RATE
-    stft = {"n_fft": F.N_FFT, "hop_length": F.HOP, "win_length": F.WIN, "center": True, "pad_mode": "constant"}
-    mel = {"n_mels": F.N_MELS, "fmin": 50.0, "fmax": sr / 2}
+    stft: dict[str, Any] = {"n_fft": F.N_FFT, "hop_length": F.HOP, "win_length": F.WIN, "center": True,
+                            "pad_mode": "constant"}
+    mel: dict[str, Any] = {"n_mels": F.N_MELS, "fmin": 50.0, "fmax": sr / 2}
     melspec = librosa.feature.melspectrogram(y=x, sr=sr, power=2.0, **stft, **mel)
     logmel = librosa.power_to_db(melspec, ref=1.0, amin=F.AMIN, top_db=F.TOP_DB).T
     mfcc = librosa.feature.mfcc(y=x, sr=sr, n_mfcc=F.N_MFCC, **stft, **mel).T
