@@ -33,6 +33,7 @@ import numpy as np
 from bench import reference
 from ser_shared import features
 from ser_shared.audio import decode
+from ser_shared.memory import tune_malloc
 from ser_shared.settings import REPO_ROOT
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "ravdess"
@@ -116,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = parser.parse_args(argv)
+    tune_malloc()  # as the worker processes do
     files = pick_files(args.data, args.files)
     runs = methods()
     if "opensmile_egemaps" not in runs:

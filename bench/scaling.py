@@ -32,6 +32,7 @@ import soundfile as sf
 from bench.features import DEFAULT_DATA, pick_files, read, versions
 from ser_shared import features
 from ser_shared.audio import decode
+from ser_shared.memory import tune_malloc
 from ser_shared.settings import REPO_ROOT
 
 
@@ -53,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--models", type=Path, default=REPO_ROOT / "models")
     args = parser.parse_args(argv)
+    tune_malloc()  # as the worker processes do
 
     import tensorflow as tf
 

@@ -19,6 +19,7 @@ import numpy as np
 from ser_shared.audio import sniff_format
 from ser_shared.emotions import EMOTIONS, parse_ravdess_name
 from ser_shared.errors import AudioError
+from ser_shared.memory import tune_malloc
 from ser_shared.settings import Settings
 from worker import metrics
 from worker.inference import Ensemble
@@ -156,6 +157,7 @@ def summary(rep: dict[str, Any]) -> str:
 
 def evaluate(root: Path, models_dir: Path, settings: Settings, json_path: Path | None = None,
              plot_path: Path | None = None) -> dict[str, Any]:
+    tune_malloc()  # as in a worker process
     items = labelled_files(root)
     if not items:
         raise SystemExit(f"no labelled recordings (RAVDESS or Indian EmoSpeech names) under {root}")

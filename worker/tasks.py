@@ -9,6 +9,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 from threadpoolctl import threadpool_limits
 
+from ser_shared.memory import tune_malloc
 from ser_shared.settings import get_settings
 from ser_shared.tasks import ANALYZE
 from worker import pipeline, runtime, store
@@ -32,6 +33,7 @@ def limit_blas_threads() -> None:
 
 
 limit_blas_threads()
+tune_malloc()  # before the pool forks: children inherit the allocator settings
 
 
 # Lost connections are transient (a database restart, a failover): retry with backoff.

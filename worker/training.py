@@ -24,6 +24,7 @@ import numpy as np
 from ser_shared.audio import decode
 from ser_shared.emotions import EMOTIONS, parse_ravdess_name
 from ser_shared.features import FEATURE_VERSION, SAMPLE_RATE, Features, extract
+from ser_shared.memory import tune_malloc
 from worker import augment as augmentation
 from worker import lstm
 from worker.augment import AUGMENTATIONS
@@ -79,6 +80,7 @@ def list_ravdess(root: Path, limit_per_actor: int | None = None) -> list[tuple[P
 
 def _featurise(path: Path, augment: tuple[str, ...], seed: int) -> list[Features]:
     """Features of the recording and of each augmented copy (decoded once)."""
+    tune_malloc()  # joblib's workers are fresh processes
     audio = decode(path, path.suffix.lstrip(".").lower(), SAMPLE_RATE, 600.0)
     return [extract(audio)] + [extract(augmentation.apply(name, audio, seed)) for name in augment]
 
@@ -263,6 +265,7 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
     import joblib
 
     seed_everything(cfg.seed)
+    tune_malloc()
     started = time.perf_counter()
     corpus = load_corpus(data_dir, cfg.limit_per_actor, cfg.augment, cfg.seed)
     log.info("features files=%d seconds=%.1f", len(corpus.paths), time.perf_counter() - started)
