@@ -5,8 +5,9 @@
 Each recording is real speech (RAVDESS clips joined end to end), written to a temporary FLAC and
 run through the worker's path for one recording: decode, features, both models. Time is the best
 of a few runs; memory is the peak of Python-visible allocations (numpy's included, via
-tracemalloc) during one run. Linear cost shows as a flat milliseconds-per-audio-second column and
-a flat megabytes-per-audio-minute column. Ends with one JSON line.
+tracemalloc; not TensorFlow's own allocator) during one run. Linear cost shows as a good straight-
+line fit of time against length (a fixed cost per recording plus a cost per audio second) and a
+flat megabytes-per-audio-minute column. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -90,14 +91,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "peak_mb": round(peak / 2**20, 1), "mb_per_audio_min": round(peak / 2**20 / seconds * 60, 2)})
             print(f"{seconds:>6g} s: {rows[-1]['ms']:9.1f} ms ({rows[-1]['ms_per_audio_s']:.2f} ms per audio s), "
                   f"peak {rows[-1]['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
-    long = [r for r in rows if r["seconds"] >= 10]  # below that, fixed per-call costs dominate
-    per_s = [r["ms_per_audio_s"] for r in long]
-    per_min = [r["mb_per_audio_min"] for r in long]
+    # Linear cost = a fixed cost per recording (model calls) plus a constant cost per audio second:
+    # fit time = fixed + slope * seconds and report how far any length strays from that line.
+    secs = np.array([r["seconds"] for r in rows])
+    ms = np.array([r["ms"] for r in rows])
+    slope, fixed = np.polyfit(secs, ms, 1) if len(rows) > 1 else (ms[0] / secs[0], 0.0)
+    residual = np.abs(ms - (fixed + slope * secs)) / ms
+    long = [r["mb_per_audio_min"] for r in rows if r["seconds"] >= 10]  # tiny inputs: fixed overheads
     result = {
         "benchmark": "scaling",
         "lengths": rows,
-        "time_per_audio_s_spread": round(max(per_s) / min(per_s), 2) if per_s else None,
-        "memory_per_audio_min_spread": round(max(per_min) / min(per_min), 2) if per_min else None,
+        "linear_fit": {"fixed_ms": round(float(fixed), 2), "ms_per_audio_s": round(float(slope), 3),
+                       "max_relative_residual": round(float(residual.max()), 3)},
+        "memory_per_audio_min_spread": round(max(long) / min(long), 2) if long else None,
         "realtime_factor_longest": round(rows[-1]["seconds"] * 1000 / rows[-1]["ms"], 1),
         "model_versions": ensemble.versions,
         "versions": versions() | {"tensorflow": tf.__version__},
