@@ -6,7 +6,7 @@ and voicing. The utterance vector (for the RandomForest) is a set of statistics 
 descriptors; the frame sequence (for the LSTM) is a pooled, per-utterance-normalised view of them.
 
 The descriptors follow librosa's definitions, so ``bench/reference.py`` can recompute each one
-with its own librosa call (the naive way, about 30 times slower) and the tests check both agree.
+with its own librosa call (the naive way, about four times slower) and the tests check both agree.
 """
 
 from __future__ import annotations
