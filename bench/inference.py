@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,22 +42,29 @@ def per_clip_ms(fn: Callable[[], object], clips: int, repeat: int = 3) -> float:
     return best
 
 
+def load_single_threaded(models: Path) -> Any:
+    """The served ensemble, on one core with the worker's allocator settings."""
+    import tensorflow as tf
+
+    tune_malloc()  # as the worker processes do
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from worker.inference import Ensemble
+
+    return Ensemble.load(models)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clips", type=int, default=256)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--models", type=Path, default=REPO_ROOT / "models")
     args = parser.parse_args(argv)
-    tune_malloc()  # as the worker processes do
-
+    ensemble = load_single_threaded(args.models)
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
     from worker import lstm
-    from worker.inference import Ensemble
 
-    ensemble = Ensemble.load(args.models)
     feats = [features.extract(read(p)) for p in pick_files(args.data, args.clips)]
     seqs = [f.sequence for f in feats]
     vectors = np.stack([f.vector for f in feats])

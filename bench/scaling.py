@@ -31,9 +31,9 @@ import numpy as np
 import soundfile as sf
 
 from bench.features import DEFAULT_DATA, pick_files, read, versions
+from bench.inference import load_single_threaded
 from ser_shared import features
 from ser_shared.audio import decode
-from ser_shared.memory import tune_malloc
 from ser_shared.settings import REPO_ROOT
 
 
@@ -55,15 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--models", type=Path, default=REPO_ROOT / "models")
     args = parser.parse_args(argv)
-    tune_malloc()  # as the worker processes do
-
+    ensemble = load_single_threaded(args.models)
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    from worker.inference import Ensemble
-
-    ensemble = Ensemble.load(args.models)
     files = pick_files(args.data, 60)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
