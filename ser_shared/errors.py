@@ -26,6 +26,11 @@ class NotFound(SERError):
     http_status = 404
 
 
+class Conflict(SERError):
+    code = "conflict"
+    http_status = 409
+
+
 class ServiceUnavailable(SERError):
     code = "service_unavailable"
     http_status = 503

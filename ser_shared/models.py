@@ -79,6 +79,7 @@ class Job(Base):
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_emotion_created_at", "emotion", "created_at"),
         Index("ix_jobs_batch_id_position", "batch_id", "position"),
+        Index("ix_jobs_client_reference_created_at", "client_reference", "created_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -94,6 +95,9 @@ class Job(Base):
     sample_rate: Mapped[int | None] = mapped_column(Integer)
     channels: Mapped[int | None] = mapped_column(Integer)
     options: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # The caller's own identifiers (a call id, a study code): stored, filterable, returned as given.
+    client_reference: Mapped[str | None] = mapped_column(String(200))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
 
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     error_code: Mapped[str | None] = mapped_column(String(64))
@@ -135,3 +139,17 @@ class Result(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="result")
+
+
+class IdempotencyKey(Base):
+    """A client's ``Idempotency-Key`` and the response its first request got (kept 24 h)."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # SHA-256 over the request (fields and each file's bytes): the same key with another request is a 409.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # NULL while the first request is still being processed.
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONType)

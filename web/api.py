@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, jsonify, request, send_file, url_for
 from sqlalchemy import text
 
 from ser_shared import storage
 from ser_shared.audio import MIME_TYPES
 from ser_shared.errors import NotFound
-from web import queries
+from web import idempotency, queries
 from web.context import db, services
 from web.serialize import batch_dict, job_dict, job_summary
-from web.uploads import create_batch, parse_options
+from web.uploads import create_batch, parse_labels, parse_options
 
 bp = Blueprint("api", __name__)
 API = "/api/v1"
@@ -19,15 +21,37 @@ API = "/api/v1"
 
 @bp.post(f"{API}/jobs")
 def create_jobs() -> tuple[Response, int]:
-    """Upload one or many recordings (multipart ``file`` fields) as one batch."""
-    result = create_batch(services(), request.files.getlist("file"), parse_options(request.form.to_dict()))
-    body = {
+    """Upload one or many recordings (multipart ``file`` fields) as one batch.
+
+    With an ``Idempotency-Key`` header, a retry of the same request replays the first response
+    instead of creating the jobs again (see ``web.idempotency``).
+    """
+    svc = services()
+    files = [f for f in request.files.getlist("file") if f is not None]
+    header = request.headers.get(idempotency.HEADER)
+    key = idempotency.validate_key(header) if header is not None else None
+    if key is not None:
+        stored = idempotency.claim(svc, key, idempotency.fingerprint(request.form, files))
+        if stored is not None:
+            replay = jsonify(stored.body)
+            replay.headers[idempotency.REPLAYED] = "true"
+            return replay, stored.status
+    try:
+        result = create_batch(svc, files, parse_options(request.form.to_dict()),
+                              parse_labels(request.form, len(files)))
+    except Exception:
+        if key is not None:
+            idempotency.release(svc, key)  # nothing was created: the client may retry with this key
+        raise
+    body: dict[str, Any] = {
         "batch_id": str(result.batch.id),
         "batch_url": url_for("api.batch", batch_id=result.batch.id, _external=True),
         "jobs": [job_summary(j) for j in result.jobs],
     }
     if not result.enqueued:
         body["warning"] = "queue unavailable: jobs are stored and will be queued when it returns"
+    if key is not None:
+        idempotency.complete(svc, key, 202, body)
     return jsonify(body), 202
 
 

@@ -27,6 +27,7 @@ class JobFilter:
     since: datetime | None = None
     until: datetime | None = None
     q: str | None = None
+    client_reference: str | None = None
 
 
 def parse_uuid(value: str, what: str = "id") -> uuid.UUID:
@@ -60,8 +61,9 @@ def parse_filter(args: dict[str, str]) -> JobFilter:
     except ValueError as exc:
         raise BadRequest("batch_id must be a UUID", code="invalid_parameter") from exc
     q = (args.get("q") or "").strip()[:200] or None
+    reference = (args.get("client_reference") or "").strip()[:200] or None
     return JobFilter(status, emotion, batch_id, _parse_time(args.get("since"), "since"),
-                     _parse_time(args.get("until"), "until"), q)
+                     _parse_time(args.get("until"), "until"), q, reference)
 
 
 def _db_time(session: Session, value: datetime) -> datetime:
@@ -76,6 +78,8 @@ def _apply(session: Session, stmt: Select, f: JobFilter) -> Select:
         stmt = stmt.where(Job.emotion == f.emotion)
     if f.batch_id:
         stmt = stmt.where(Job.batch_id == f.batch_id)
+    if f.client_reference:
+        stmt = stmt.where(Job.client_reference == f.client_reference)
     if f.since:
         stmt = stmt.where(Job.created_at >= _db_time(session, f.since))
     if f.until:

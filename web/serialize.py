@@ -37,6 +37,7 @@ def result_dict(result: Result | None) -> dict[str, Any] | None:
 def job_summary(job: Job) -> dict[str, Any]:
     """The short form returned by uploads."""
     out: dict[str, Any] = {"id": str(job.id), "filename": job.filename, "status": job.status,
+                           "client_reference": job.client_reference,
                            "url": url_for("api.job", job_id=job.id, _external=True)}
     if job.error_code:
         out["error"] = {"code": job.error_code, "message": job.error_message}
@@ -58,6 +59,8 @@ def job_dict(job: Job) -> dict[str, Any]:
         "sample_rate": job.sample_rate,
         "channels": job.channels,
         "options": job.options,
+        "client_reference": job.client_reference,
+        "metadata": job.meta,
         "attempts": job.attempts,
         "queue": {"enqueued": job.enqueued_at is not None, "enqueued_at": iso(job.enqueued_at),
                   "error": job.enqueue_error},

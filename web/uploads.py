@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import unicodedata
 import uuid
@@ -10,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from werkzeug.datastructures import FileStorage
+from werkzeug.datastructures import FileStorage, MultiDict
 
 from ser_shared import storage
 from ser_shared.audio import check_duration, probe, sniff_format
@@ -45,6 +46,41 @@ def parse_options(form: dict[str, str]) -> dict[str, Any]:
     return {"device": device}
 
 
+MAX_REFERENCE = 200
+MAX_METADATA_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What the caller attaches to its jobs: a reference per file (or one for all) and metadata."""
+
+    references: list[str | None]
+    metadata: dict[str, Any] | None
+
+
+def parse_labels(form: MultiDict[str, str], n_files: int) -> Labels:
+    """``client_reference`` once (every job) or once per file (in file order); ``metadata`` a JSON object."""
+    given = [r.strip() for r in form.getlist("client_reference")]
+    if any(len(r) > MAX_REFERENCE for r in given):
+        raise BadRequest(f"client_reference is limited to {MAX_REFERENCE} characters", code="invalid_parameter")
+    if len(given) > 1 and len(given) != n_files:
+        raise BadRequest(f"send client_reference once, or once per file ({n_files}); got {len(given)}",
+                         code="invalid_parameter")
+    references: list[str | None] = list(given) if len(given) == n_files else [given[0] if given else None] * n_files
+    metadata = None
+    raw = form.get("metadata")
+    if raw:
+        if len(raw.encode()) > MAX_METADATA_BYTES:
+            raise BadRequest(f"metadata is limited to {MAX_METADATA_BYTES} bytes", code="invalid_parameter")
+        try:
+            metadata = json.loads(raw)
+        except ValueError:
+            metadata = None
+        if not isinstance(metadata, dict):
+            raise BadRequest("metadata must be a JSON object", code="invalid_parameter")
+    return Labels([r or None for r in references], metadata)
+
+
 def _ingest(svc: Services, root: Path, job: Job, upload: FileStorage) -> None:
     """Store one file under ``root`` and fill in what its header says; raises AudioError for a bad file."""
     settings = svc.settings
@@ -63,7 +99,8 @@ def _reject(svc: Services, job: Job, exc: AudioError) -> None:
     job.finished_at = datetime.now(UTC)
 
 
-def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any]) -> UploadResult:
+def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any],
+                 labels: Labels | None = None) -> UploadResult:
     """Create a batch of jobs; a bad file fails alone, the others are queued.
 
     Raises BadRequest for request-level problems (no files, too many).
@@ -74,6 +111,7 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
     if len(files) > svc.settings.max_files_per_request:
         raise BadRequest(f"at most {svc.settings.max_files_per_request} files per request",
                          code="too_many_files")
+    labels = labels or Labels([None] * len(files), None)
     batch = Batch(id=uuid.uuid4(), options=options, file_count=len(files))
     jobs: list[Job] = []
     root = svc.settings.upload_dir  # resolved once per request, not twice per file (it is a realpath walk)
@@ -81,7 +119,7 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
         job = Job(id=uuid.uuid4(), batch_id=batch.id, position=position, options=options,
                   created_at=datetime.now(UTC),
                   filename=clean_filename(upload.filename), status=JobStatus.QUEUED.value, attempts=0,
-                  size_bytes=0)
+                  size_bytes=0, client_reference=labels.references[position], meta=labels.metadata)
         try:
             _ingest(svc, root, job, upload)
         except AudioError as exc:
