@@ -64,6 +64,8 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     options: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     file_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Where job.succeeded / job.failed / batch.completed events go (checked against SSRF at upload).
+    webhook_url: Mapped[str | None] = mapped_column(Text)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="batch", order_by="Job.position")
 
@@ -153,3 +155,27 @@ class IdempotencyKey(Base):
     # NULL while the first request is still being processed.
     status_code: Mapped[int | None] = mapped_column(Integer)
     response: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook URL, and every attempt to deliver it (a transactional outbox).
+
+    Rows are written in the same transaction as the state change they announce. The id is derived
+    from the job or batch and the event type, so writing an event twice (a redelivered task) is a
+    no-op; it is also the ``webhook-id`` receivers use to de-duplicate.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    batch_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # [{"at", "status_code", "latency_ms", "error"}], oldest first.
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     default_queue: str = "cpu"
     uncertain_threshold: float | None = Field(default=None, ge=0, le=1)
 
+    # Webhooks (Standard Webhooks signing). The secret is "whsec_" + base64; without one it is
+    # derived from the secret key, so every process of a deployment signs alike.
+    webhook_secret: str | None = None
+    # Hosts or networks (comma-separated: "127.0.0.1,10.0.0.0/8,hooks.internal") that webhook
+    # URLs may resolve to despite the SSRF guard, which otherwise refuses private addresses.
+    webhook_allow: str = ""
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_retry_base_s: float = Field(default=30.0, gt=0)
+    webhook_retry_max_s: float = Field(default=1800.0, gt=0)  # below the broker visibility timeout
+    webhook_max_age_s: float = Field(default=86400.0, gt=0)
+
     @field_validator("database_url", "broker_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:

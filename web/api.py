@@ -13,7 +13,7 @@ from ser_shared.errors import NotFound
 from web import idempotency, queries
 from web.context import db, services
 from web.serialize import batch_dict, job_dict, job_summary
-from web.uploads import create_batch, parse_labels, parse_options
+from web.uploads import create_batch, parse_labels, parse_options, parse_webhook
 
 bp = Blueprint("api", __name__)
 API = "/api/v1"
@@ -38,7 +38,7 @@ def create_jobs() -> tuple[Response, int]:
             return replay, stored.status
     try:
         result = create_batch(svc, files, parse_options(request.form.to_dict()),
-                              parse_labels(request.form, len(files)))
+                              parse_labels(request.form, len(files)), parse_webhook(request.form, svc.settings))
     except Exception:
         if key is not None:
             idempotency.release(svc, key)  # nothing was created: the client may retry with this key
@@ -65,7 +65,9 @@ def list_jobs() -> Response:
 
 @bp.get(f"{API}/jobs/<job_id>")
 def job(job_id: str) -> Response:
-    return jsonify(job_dict(queries.get_job(db(), job_id)))
+    session = db()
+    found = queries.get_job(session, job_id)
+    return jsonify(job_dict(found, queries.deliveries_for_job(session, found.id)))
 
 
 @bp.get(f"{API}/jobs/<job_id>/audio")
@@ -96,7 +98,8 @@ def delete_job(job_id: str) -> tuple[str, int]:
 def batch(batch_id: str) -> Response:
     session = db()
     found = queries.get_batch(session, batch_id)
-    return jsonify(batch_dict(found, queries.status_counts(session, found.id)))
+    return jsonify(batch_dict(found, queries.status_counts(session, found.id),
+                              queries.deliveries_for_batch(session, found.id)))
 
 
 @bp.get("/healthz")

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from ser_shared.emotions import EMOTIONS
 from ser_shared.errors import BadRequest, NotFound
-from ser_shared.models import Batch, Job, JobStatus
+from ser_shared.models import Batch, Job, JobStatus, WebhookDelivery
 
 STATUSES = tuple(s.value for s in JobStatus)
 MAX_LIMIT = 200
@@ -146,3 +146,13 @@ def status_counts(session: Session, batch_id: uuid.UUID) -> dict[str, int]:
     counts = dict.fromkeys(STATUSES, 0)
     counts.update({status: n for status, n in rows})
     return counts
+
+
+def deliveries_for_job(session: Session, job_id: uuid.UUID) -> list[WebhookDelivery]:
+    return list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
+                                .order_by(WebhookDelivery.created_at)))
+
+
+def deliveries_for_batch(session: Session, batch_id: uuid.UUID) -> list[WebhookDelivery]:
+    return list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.batch_id == batch_id,
+                                                              WebhookDelivery.job_id.is_(None))))

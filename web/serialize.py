@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import url_for
 
-from ser_shared.models import Batch, Job, Result
+from ser_shared.models import Batch, Job, Result, WebhookDelivery
 
 
 def iso(value: datetime | None) -> str | None:
@@ -44,7 +44,12 @@ def job_summary(job: Job) -> dict[str, Any]:
     return out
 
 
-def job_dict(job: Job) -> dict[str, Any]:
+def delivery_dict(d: WebhookDelivery) -> dict[str, Any]:
+    return {"id": d.id, "event": d.event, "url": d.url, "status": d.status, "created_at": iso(d.created_at),
+            "next_attempt_at": iso(d.next_attempt_at), "attempts": d.attempts}
+
+
+def job_dict(job: Job, deliveries: list[WebhookDelivery] | None = None) -> dict[str, Any]:
     return {
         "id": str(job.id),
         "batch_id": str(job.batch_id),
@@ -69,10 +74,12 @@ def job_dict(job: Job) -> dict[str, Any]:
         "finished_at": iso(job.finished_at),
         "url": url_for("api.job", job_id=job.id, _external=True),
         "audio_url": url_for("api.job_audio", job_id=job.id, _external=True) if job.storage_key else None,
+        "webhooks": [delivery_dict(d) for d in deliveries or []],
     }
 
 
-def batch_dict(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
+def batch_dict(batch: Batch, counts: dict[str, int],
+               deliveries: list[WebhookDelivery] | None = None) -> dict[str, Any]:
     done = counts.get("succeeded", 0) + counts.get("failed", 0)
     return {
         "id": str(batch.id),
@@ -82,5 +89,7 @@ def batch_dict(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
         "counts": counts,
         "done": done == batch.file_count,
         "url": url_for("api.batch", batch_id=batch.id, _external=True),
+        "webhook_url": batch.webhook_url,
+        "webhooks": [delivery_dict(d) for d in deliveries or [] if d.job_id is None],
         "jobs": [job_dict(j) for j in batch.jobs],
     }

@@ -13,11 +13,13 @@ from typing import Any
 
 from werkzeug.datastructures import FileStorage, MultiDict
 
-from ser_shared import storage
+from ser_shared import storage, webhooks
 from ser_shared.audio import check_duration, probe, sniff_format
 from ser_shared.errors import AudioError, BadRequest
 from ser_shared.models import Batch, Job, JobStatus
 from ser_shared.queue import enqueue, queue_for
+from ser_shared.settings import Settings
+from ser_shared.webhooks import record_events
 from web.app import Services
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,12 @@ class Labels:
 
     references: list[str | None]
     metadata: dict[str, Any] | None
+
+
+def parse_webhook(form: MultiDict[str, str], settings: Settings) -> str | None:
+    """``webhook_url`` if given and allowed (SSRF guard); BadRequest otherwise."""
+    url = (form.get("webhook_url") or "").strip()
+    return webhooks.check_url(url, settings) if url else None
 
 
 def parse_labels(form: MultiDict[str, str], n_files: int) -> Labels:
@@ -100,7 +108,7 @@ def _reject(svc: Services, job: Job, exc: AudioError) -> None:
 
 
 def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any],
-                 labels: Labels | None = None) -> UploadResult:
+                 labels: Labels | None = None, webhook_url: str | None = None) -> UploadResult:
     """Create a batch of jobs; a bad file fails alone, the others are queued.
 
     Raises BadRequest for request-level problems (no files, too many).
@@ -112,7 +120,7 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
         raise BadRequest(f"at most {svc.settings.max_files_per_request} files per request",
                          code="too_many_files")
     labels = labels or Labels([None] * len(files), None)
-    batch = Batch(id=uuid.uuid4(), options=options, file_count=len(files))
+    batch = Batch(id=uuid.uuid4(), options=options, file_count=len(files), webhook_url=webhook_url)
     jobs: list[Job] = []
     root = svc.settings.upload_dir  # resolved once per request, not twice per file (it is a realpath walk)
     for position, upload in enumerate(files):
@@ -129,12 +137,15 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
         with svc.sessions() as session:
             session.add(batch)
             session.add_all(jobs)
+            # Files rejected here are already finished: their events go out with the batch's rows.
+            events = record_events(session, [j.id for j in jobs if j.status != JobStatus.QUEUED.value])
             session.commit()
     except Exception:
         # Nothing half-written: without the rows, the stored files would be orphans.
         for job in jobs:
             storage.delete(svc.settings.upload_dir, job.storage_key)
         raise
+    webhooks.send(svc.celery, events)
     queued = [j.id for j in jobs if j.status == JobStatus.QUEUED.value]
     ok = enqueue(svc.celery, svc.sessions, queued, queue_for(options, svc.settings.default_queue),
                  svc.settings.chunk_size) if queued else True

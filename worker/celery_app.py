@@ -12,10 +12,11 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from ser_shared import logs
+from ser_shared import logs, webhooks
 from ser_shared.queue import make_celery, sweep_unqueued
 from ser_shared.settings import get_settings
 from worker import runtime
+from worker import webhooks as worker_webhooks
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ def _start_sweeper(**_: Any) -> None:
         while not _stop.is_set():
             try:
                 sweep_unqueued(app, runtime.session_factory(), get_settings())
+                # Webhook attempts whose broker message was lost (a Redis restart) are overdue.
+                webhooks.send(app, worker_webhooks.due(runtime.session_factory()))
             except Exception:
                 log.exception("sweep failed")
             _stop.wait(SWEEP_INTERVAL_S)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,10 +13,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from ser_shared.models import FINISHED, Job, JobStatus, Result
 from ser_shared.settings import Settings
 from ser_shared.storage import path_for
+from ser_shared.webhooks import record_events
 from worker.pipeline import JobInput, Outcome
 
+Notify = Callable[[list[str]], None]  # receives the webhook deliveries a commit created
 
-def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Settings) -> list[JobInput]:
+
+def _notify(notify: Notify | None, events: list[str]) -> None:
+    if notify is not None and events:
+        notify(events)
+
+
+def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Settings,
+          notify: Notify | None = None) -> list[JobInput]:
     """Mark jobs as processing and count the attempt.
 
     Finished or deleted jobs are skipped (a redelivered message does nothing). A job that has used
@@ -25,6 +34,7 @@ def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Sett
     ids = [uuid.UUID(i) for i in job_ids]
     now = datetime.now(UTC)
     inputs: list[JobInput] = []
+    failed: list[uuid.UUID] = []
     with factory() as session:
         for job in session.scalars(select(Job).where(Job.id.in_(ids)).with_for_update()):
             if job.status in FINISHED:
@@ -32,13 +42,17 @@ def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Sett
             if job.attempts >= settings.max_attempts:
                 _fail(job, "too_many_attempts",
                       f"the analysis was interrupted {job.attempts} times; giving up", now)
+                failed.append(job.id)
                 continue
             job.status, job.attempts, job.started_at = JobStatus.PROCESSING.value, job.attempts + 1, now
             if job.storage_key is None or job.format is None:
                 _fail(job, "audio_missing", "the stored recording is gone", now)
+                failed.append(job.id)
                 continue
             inputs.append(JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format))
+        events = record_events(session, failed)
         session.commit()
+    _notify(notify, events)
     return inputs
 
 
@@ -48,14 +62,17 @@ def _fail(job: Job, code: str, message: str, now: datetime) -> None:
     job.emotion = job.confidence = None
 
 
-def fail_all(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], code: str, message: str) -> None:
+def fail_all(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], code: str, message: str,
+             notify: Notify | None = None) -> None:
     """Fail jobs still running (used when the task as a whole cannot finish, e.g. a time limit)."""
     now = datetime.now(UTC)
     with factory() as session:
         for job in session.scalars(select(Job).where(Job.id.in_(job_ids)).with_for_update()):
             if job.status not in FINISHED:
                 _fail(job, code, message, now)
+        events = record_events(session, job_ids)
         session.commit()
+    _notify(notify, events)
 
 
 def _upsert_results(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -76,8 +93,9 @@ def _upsert_results(session: Session, rows: list[dict[str, Any]]) -> None:
     session.execute(stmt, rows)
 
 
-def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], versions: dict[str, str]) -> None:
-    """Write all outcomes of a chunk in one transaction."""
+def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], versions: dict[str, str],
+            notify: Notify | None = None) -> None:
+    """Write all outcomes of a chunk, and the webhook events they imply, in one transaction."""
     now = datetime.now(UTC)
     by_id = {o.job_id: o for o in outcomes}
     results: list[dict[str, Any]] = []
@@ -100,4 +118,6 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
                 JobStatus.SUCCEEDED.value, now, None, None)
             job.emotion, job.confidence = p.emotion, p.confidence
         _upsert_results(session, results)
+        events = record_events(session, list(by_id))
         session.commit()
+    _notify(notify, events)

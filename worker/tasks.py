@@ -9,10 +9,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 from threadpoolctl import threadpool_limits
 
+from ser_shared import webhooks
 from ser_shared.memory import tune_malloc
 from ser_shared.settings import get_settings
-from ser_shared.tasks import ANALYZE
+from ser_shared.tasks import ANALYZE, DELIVER_WEBHOOK
 from worker import pipeline, runtime, store
+from worker import webhooks as worker_webhooks
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,8 @@ def analyze(job_ids: list[str]) -> int:
     """Analyse a chunk of jobs; returns how many were processed. Database hiccups are retried."""
     settings = get_settings()
     factory = runtime.session_factory()
-    inputs = store.claim(factory, job_ids, settings)
+    notify = _send_webhooks
+    inputs = store.claim(factory, job_ids, settings, notify)
     if not inputs:
         return 0
     models = runtime.ensemble()
@@ -52,10 +55,23 @@ def analyze(job_ids: list[str]) -> int:
     except SoftTimeLimitExceeded:
         log.error("time limit exceeded jobs=%s", job_ids)
         store.fail_all(factory, [i.id for i in inputs], "time_limit_exceeded",
-                       f"analysis took longer than {settings.task_soft_time_limit_s} s")
+                       f"analysis took longer than {settings.task_soft_time_limit_s} s", notify)
         return 0
-    store.persist(factory, outcomes, models.versions)
+    store.persist(factory, outcomes, models.versions, notify)
     log.info("analysed jobs=%d failed=%d", len(outcomes), sum(o.prediction is None for o in outcomes))
     return len(outcomes)
 
 
+
+
+def _send_webhooks(delivery_ids: list[str]) -> None:
+    webhooks.send(app, delivery_ids)
+
+
+@app.task(name=DELIVER_WEBHOOK, acks_late=True, autoretry_for=(OperationalError, InterfaceError),
+          retry_backoff=2, retry_backoff_max=60, max_retries=8)
+def deliver_webhook(delivery_id: str) -> None:
+    """One delivery attempt; the next one, if any, is scheduled with a countdown."""
+    delay = worker_webhooks.deliver(runtime.session_factory(), get_settings(), delivery_id)
+    if delay is not None:
+        webhooks.send(app, [delivery_id], countdown=delay)

@@ -1,0 +1,171 @@
+"""Webhooks: events, Standard Webhooks signatures, the SSRF guard, and the delivery schedule.
+
+Events (``job.succeeded``, ``job.failed``, ``batch.completed``) are rows written in the same
+transaction as the state change they announce (``record_events``), then handed to the
+``ser.deliver_webhook`` task after the commit. Delivery itself is in ``worker.webhooks``.
+
+Signing follows https://www.standardwebhooks.com: headers ``webhook-id``, ``webhook-timestamp``
+and ``webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import logging
+import socket
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ser_shared.errors import BadRequest
+from ser_shared.models import FINISHED, Batch, Job, WebhookDelivery
+from ser_shared.settings import Settings
+from ser_shared.tasks import DELIVER_WEBHOOK, QUEUE_CPU
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = uuid.UUID("5b0f4c1e-8f55-4c33-9a5e-0f5f3f9b7a11")  # for deterministic delivery ids
+MAX_URL = 2048
+
+
+# --- signing ---------------------------------------------------------------------------------
+
+def secret_bytes(settings: Settings) -> bytes:
+    """The signing key: the configured ``whsec_`` secret, or one derived from the secret key."""
+    if settings.webhook_secret:
+        return base64.b64decode(settings.webhook_secret.removeprefix("whsec_"))
+    return hmac.new(settings.flask_secret.encode(), b"ser-webhooks", hashlib.sha256).digest()
+
+
+def public_secret(settings: Settings) -> str:
+    """The secret in the ``whsec_`` form a receiver configures."""
+    return "whsec_" + base64.b64encode(secret_bytes(settings)).decode()
+
+
+def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def headers(key: bytes, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(key, msg_id, timestamp, body), "content-type": "application/json",
+            "user-agent": "ser-webhooks/1"}
+
+
+# --- SSRF guard ------------------------------------------------------------------------------
+
+def _allowed(host: str, addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address], allow: str) -> bool:
+    for entry in (e.strip() for e in allow.split(",") if e.strip()):
+        if entry.lower() == host.lower():
+            return True
+        try:
+            net = ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            continue
+        if addresses and all(a in net for a in addresses):
+            return True
+    return False
+
+
+def check_url(url: str, settings: Settings) -> str:
+    """The URL if webhooks may be sent there; BadRequest(``webhook_url_refused``) otherwise.
+
+    Refuses other schemes, and hosts that resolve to loopback, private, link-local (cloud metadata
+    at 169.254.169.254 among them), multicast, reserved or unspecified addresses, unless the host
+    or its network is in ``SER_WEBHOOK_ALLOW``. Checked at submission and again before each
+    attempt, since DNS answers can change.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > MAX_URL:
+        raise BadRequest("webhook_url must be an http(s) URL with a host", code="webhook_url_refused")
+    host = parts.hostname
+    try:
+        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
+                                   type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise BadRequest(f"webhook_url host {host!r} does not resolve", code="webhook_url_refused") from exc
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    if _allowed(host, addresses, settings.webhook_allow):
+        return url.strip()
+    for addr in addresses:
+        if (addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_multicast
+                or addr.is_reserved or addr.is_unspecified):
+            raise BadRequest(f"webhook_url resolves to a non-public address ({addr}); allow it with "
+                             "SER_WEBHOOK_ALLOW if that is intended", code="webhook_url_refused")
+    return url.strip()
+
+
+# --- events ----------------------------------------------------------------------------------
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _delivery(batch: Batch, job: Job | None, event: str, data: dict[str, Any], now: datetime) -> dict[str, Any]:
+    subject = job.id if job is not None else batch.id
+    msg_id = "msg_" + uuid.uuid5(NAMESPACE, f"{subject}:{event}").hex
+    payload = {"type": event, "timestamp": _iso(now), "data": data}
+    return {"id": msg_id, "batch_id": batch.id, "job_id": job.id if job else None, "event": event,
+            "url": batch.webhook_url, "payload": payload, "created_at": now, "status": "pending",
+            "next_attempt_at": now, "attempts": []}
+
+
+def record_events(session: Session, job_ids: Sequence[uuid.UUID]) -> list[str]:
+    """Write the events that these jobs' (now flushed) state implies; returns the new delivery ids.
+
+    A finished job gets ``job.succeeded`` or ``job.failed``; a batch whose jobs are all finished
+    gets ``batch.completed``. Call before the commit that finishes the jobs.
+    """
+    if not job_ids:
+        return []
+    session.flush()
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = []
+    jobs = session.scalars(select(Job).join(Batch).where(Job.id.in_(list(job_ids)),
+                                                          Batch.webhook_url.is_not(None))).all()
+    batches: dict[uuid.UUID, Batch] = {}
+    for job in jobs:
+        if job.status not in FINISHED:
+            continue
+        data = {"job_id": str(job.id), "batch_id": str(job.batch_id), "status": job.status,
+                "emotion": job.emotion, "confidence": job.confidence, "client_reference": job.client_reference,
+                "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None}
+        rows.append(_delivery(job.batch, job, f"job.{job.status}", data, now))
+        batches[job.batch_id] = job.batch
+    for batch in batches.values():
+        open_jobs = session.scalar(select(Job.id).where(Job.batch_id == batch.id, Job.status.not_in(FINISHED))
+                                   .limit(1))
+        if open_jobs is None:
+            counts: dict[str, int] = {}
+            for status in session.scalars(select(Job.status).where(Job.batch_id == batch.id)):
+                counts[status] = counts.get(status, 0) + 1
+            rows.append(_delivery(batch, None, "batch.completed",
+                                  {"batch_id": str(batch.id), "file_count": batch.file_count, "counts": counts}, now))
+    if not rows:
+        return []
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert: Any = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    inserted = session.execute(insert(WebhookDelivery).on_conflict_do_nothing(index_elements=["id"])
+                               .returning(WebhookDelivery.id), rows)
+    return [row[0] for row in inserted]
+
+
+def send(celery: Celery, delivery_ids: Sequence[str], countdown: float | None = None) -> None:
+    """Hand deliveries to the worker; a failure here is safe (the sweeper finds pending rows)."""
+    for msg_id in delivery_ids:
+        try:
+            celery.send_task(DELIVER_WEBHOOK, args=[msg_id], queue=QUEUE_CPU, countdown=countdown,
+                             retry=True, retry_policy={"max_retries": 1, "interval_start": 0.2})
+        except Exception as exc:  # kombu raises transport-specific errors
+            log.warning("webhook enqueue failed id=%s error=%s", msg_id, exc)
