@@ -142,6 +142,8 @@ def test_events_are_signed_retried_with_growing_delays_and_recorded(
     assert all(a["latency_ms"] >= 0 for a in hooks[0]["attempts"])
     batch = client.get(body["batch_url"]).get_json()
     assert [h["event"] for h in batch["webhooks"]] == ["batch.completed"]
+    page = client.get(f"/jobs/{bad['id']}").get_data(as_text=True)  # and on the job page
+    assert "Webhooks" in page and page.count("job.failed") == 3 and "503" in page
 
 
 def test_a_4xx_answer_stops_delivery(client, pg_worker: WorkerProcess, receiver: Receiver) -> None:  # type: ignore[no-untyped-def]

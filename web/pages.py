@@ -46,8 +46,10 @@ def history() -> str:
 
 @bp.get("/jobs/<job_id>")
 def job(job_id: str) -> str:
-    found = queries.get_job(db(), job_id)
-    return render_template("job.html", job=found, result=found.result)
+    session = db()
+    found = queries.get_job(session, job_id)
+    return render_template("job.html", job=found, result=found.result,
+                           deliveries=queries.deliveries_for_job(session, found.id))
 
 
 @bp.get("/batches/<batch_id>")
