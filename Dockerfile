@@ -36,9 +36,10 @@ FROM base AS runtime
 ARG EXTRAS=worker
 
 # ffmpeg: the worker decodes m4a/webm through it and web probes uploads with
-# ffprobe. libsndfile1: soundfile. (libpq comes with psycopg[binary].)
+# ffprobe. libsndfile1: soundfile. flac: encodes audio for Google speech-to-text.
+# (libpq comes with psycopg[binary].)
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ffmpeg libsndfile1 \
+ && apt-get install -y --no-install-recommends ffmpeg libsndfile1 flac \
  && rm -rf /var/lib/apt/lists/*
 
 # Fixed uid/gid so ownership of the shared volume is the same in every image.

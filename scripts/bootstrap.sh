@@ -7,8 +7,9 @@ ser_extras="${1:-worker}"
 ser_log() { printf '[ser] %s\n' "$*" >&2; }
 
 ser_system_packages() {
-    # ffmpeg decodes M4A/AAC and WebM (and probes them at upload); espeak-ng and sox make test audio.
-    local wanted=(ffmpeg libsndfile1)
+    # ffmpeg decodes M4A/AAC and WebM (and probes them at upload); flac encodes audio for Google's
+    # speech API (SpeechRecognition bundles no encoder for ARM); espeak-ng and sox make test audio.
+    local wanted=(ffmpeg libsndfile1 flac)
     [ "$ser_extras" = test ] && wanted+=(espeak-ng sox)
     local missing=()
     for pkg in "${wanted[@]}"; do

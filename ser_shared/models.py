@@ -139,6 +139,9 @@ class Result(Base):
     model_versions: Mapped[dict[str, str]] = mapped_column(JSONType)
     timings_ms: Mapped[dict[str, float]] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # A stage of its own: {"status": "pending" | "succeeded" | "unavailable", "engine", "language",
+    # "text", "reason", "message", "seconds"}; NULL when no transcript was asked for.
+    transcript: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
     job: Mapped[Job] = relationship(back_populates="result")
 

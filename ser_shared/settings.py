@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     default_queue: str = "cpu"
     uncertain_threshold: float | None = Field(default=None, ge=0, le=1)
 
+    # Transcripts (SpeechRecognition): a per-recording budget, after which the transcript is
+    # "unavailable" and the emotion result stands; the Google Web Speech key (None: its demo key).
+    transcribe_timeout_s: float = Field(default=20.0, gt=0)
+    google_speech_key: str | None = None
+
     # Webhooks (Standard Webhooks signing). The secret is "whsec_" + base64; without one it is
     # derived from the secret key, so every process of a deployment signs alike.
     webhook_secret: str | None = None

@@ -40,6 +40,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "SER_MAX_FILE_MB": str(settings.max_file_mb), "SER_MAX_DURATION_S": str(settings.max_duration_s),
         "SER_WEBHOOK_ALLOW": settings.webhook_allow, "SER_WEBHOOK_RETRY_BASE_S": str(settings.webhook_retry_base_s),
         "SER_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s), "SER_SECRET_KEY": settings.secret_key,
+        "SER_TRANSCRIBE_TIMEOUT_S": str(settings.transcribe_timeout_s),
     }
     env.update({k: v for k, v in values.items() if v is not None})
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -75,7 +76,7 @@ def pg_settings(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFa
     settings = Settings(env="test", database_url=pg_url, broker_url=redis_url, data_dir=data,
                         storage_dir=data / "uploads", chunk_size=4, worker_concurrency=1,
                         webhook_allow="127.0.0.1,localhost", webhook_retry_base_s=0.4, webhook_timeout_s=2.0,
-                        secret_key="test-secret-key")
+                        secret_key="test-secret-key", transcribe_timeout_s=10.0)
     upgrade(settings)
     return settings
 

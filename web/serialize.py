@@ -31,6 +31,7 @@ def result_dict(result: Result | None) -> dict[str, Any] | None:
             for name, probs in result.model_probabilities.items()
         },
         "timings_ms": result.timings_ms,
+        "transcript": result.transcript,
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import unicodedata
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from web.app import Services
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "gpu")
+TRANSCRIBE = ("none", "google", "sphinx")
+# BCP-47 as the engines take it: a language subtag and optional region/script subtags (en-US, hi-IN).
+LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,2}$")
 
 
 @dataclass
@@ -45,7 +49,16 @@ def parse_options(form: dict[str, str]) -> dict[str, Any]:
     device = (form.get("device") or "auto").strip().lower()
     if device not in DEVICES:
         raise BadRequest(f"device must be one of {', '.join(DEVICES)}", code="invalid_option")
-    return {"device": device}
+    transcribe = (form.get("transcribe") or "none").strip().lower()
+    if transcribe not in TRANSCRIBE:
+        raise BadRequest(f"transcribe must be one of {', '.join(TRANSCRIBE)}", code="invalid_option")
+    language = (form.get("language") or "en-US").strip()
+    if not LANGUAGE.match(language):
+        raise BadRequest("language must be a BCP-47 tag such as en-US or hi-IN", code="invalid_option")
+    options: dict[str, Any] = {"device": device}
+    if transcribe != "none":
+        options |= {"transcribe": transcribe, "language": language}
+    return options
 
 
 MAX_REFERENCE = 200

@@ -10,6 +10,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ser_shared.audio import check_duration, decode
 from ser_shared.errors import AudioError
@@ -25,6 +28,8 @@ class JobInput:
     id: uuid.UUID
     path: Path
     format: str
+    transcribe: str | None = None  # "google" | "sphinx" when a transcript was asked for
+    language: str = "en-US"
 
 
 @dataclass
@@ -35,6 +40,10 @@ class Outcome:
     error_message: str | None = None
     duration_s: float | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Transcript stage: "pending" until ``transcribe_all`` fills it; the decoded audio is kept only
+    # for recordings that asked for one, and dropped once transcribed.
+    transcript: dict[str, Any] | None = None
+    audio: np.ndarray | None = field(default=None, repr=False)
 
 
 def _ms(since: float) -> float:
@@ -53,6 +62,9 @@ def prepare(job: JobInput, settings: Settings) -> tuple[Features | None, Outcome
         started = time.perf_counter()
         feats = extract(audio)
         outcome.timings_ms["features"] = _ms(started)
+        if job.transcribe:
+            outcome.audio = audio
+            outcome.transcript = {"status": "pending", "engine": job.transcribe, "language": job.language}
         return feats, outcome
     except AudioError as exc:
         outcome.error_code, outcome.error_message = exc.code, exc.message
@@ -79,3 +91,20 @@ def run(ensemble: Ensemble, jobs: list[JobInput], settings: Settings) -> list[Ou
     for _, outcome in prepared:
         outcome.timings_ms["total"] = round(sum(outcome.timings_ms.values()), 2)
     return [o for _, o in prepared]
+
+
+def transcribe_all(outcomes: list[Outcome], settings: Settings) -> dict[uuid.UUID, dict[str, Any]]:
+    """Transcripts for the analysed recordings that asked for one (never raises, never blocks
+    longer than ``transcribe_timeout_s`` per recording). Runs after the emotions are stored."""
+    from worker.transcribe import transcribe
+
+    done: dict[uuid.UUID, dict[str, Any]] = {}
+    for outcome in outcomes:
+        if outcome.audio is None or outcome.transcript is None or outcome.prediction is None:
+            continue
+        t = transcribe(outcome.audio, SAMPLE_RATE, outcome.transcript["engine"], outcome.transcript["language"],
+                       timeout_s=settings.transcribe_timeout_s, google_key=settings.google_speech_key)
+        outcome.audio = None
+        done[outcome.job_id] = {"status": t.status, "engine": t.engine, "language": t.language, "text": t.text,
+                                "reason": t.reason, "message": t.message, "seconds": round(t.seconds, 3)}
+    return done

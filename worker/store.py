@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ser_shared.models import FINISHED, Job, JobStatus, Result
@@ -49,7 +49,9 @@ def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Sett
                 _fail(job, "audio_missing", "the stored recording is gone", now)
                 failed.append(job.id)
                 continue
-            inputs.append(JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format))
+            options = job.options or {}
+            inputs.append(JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format,
+                                   options.get("transcribe"), options.get("language", "en-US")))
         events = record_events(session, failed)
         session.commit()
     _notify(notify, events)
@@ -112,7 +114,7 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
                 "job_id": job.id, "emotion": p.emotion, "confidence": p.confidence,
                 "uncertain": p.uncertain, "probabilities": p.probabilities,
                 "model_probabilities": p.model_probabilities, "model_versions": versions,
-                "timings_ms": outcome.timings_ms, "created_at": now,
+                "timings_ms": outcome.timings_ms, "created_at": now, "transcript": outcome.transcript,
             })
             job.status, job.finished_at, job.error_code, job.error_message = (
                 JobStatus.SUCCEEDED.value, now, None, None)
@@ -121,3 +123,13 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
         events = record_events(session, list(by_id))
         session.commit()
     _notify(notify, events)
+
+
+def save_transcripts(factory: sessionmaker[Session], transcripts: dict[uuid.UUID, dict[str, Any]]) -> None:
+    """Fill in the transcript stage of results already stored (one transaction)."""
+    if not transcripts:
+        return
+    with factory() as session:
+        for job_id, transcript in transcripts.items():
+            session.execute(update(Result).where(Result.job_id == job_id).values(transcript=transcript))
+        session.commit()

@@ -7,11 +7,12 @@ import os
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 from threadpoolctl import threadpool_limits
 
 from ser_shared import webhooks
 from ser_shared.memory import tune_malloc
-from ser_shared.settings import get_settings
+from ser_shared.settings import Settings, get_settings
 from ser_shared.tasks import ANALYZE, DELIVER_WEBHOOK
 from worker import pipeline, runtime, store
 from worker import webhooks as worker_webhooks
@@ -58,10 +59,24 @@ def analyze(job_ids: list[str]) -> int:
                        f"analysis took longer than {settings.task_soft_time_limit_s} s", notify)
         return 0
     store.persist(factory, outcomes, models.versions, notify)
+    _transcripts(factory, outcomes, settings)
     log.info("analysed jobs=%d failed=%d", len(outcomes), sum(o.prediction is None for o in outcomes))
     return len(outcomes)
 
 
+
+
+def _transcripts(factory: sessionmaker[Session], outcomes: list[pipeline.Outcome], settings: Settings) -> None:
+    """The transcript stage, after the emotions are stored: its failures never touch them."""
+    if not any(o.audio is not None for o in outcomes):
+        return
+    try:
+        store.save_transcripts(factory, pipeline.transcribe_all(outcomes, settings))
+    except SoftTimeLimitExceeded:
+        left = {o.job_id: {**(o.transcript or {}), "status": "unavailable", "reason": "time_limit",
+                           "message": "the task ran out of time before this transcript"}
+                for o in outcomes if o.audio is not None}
+        store.save_transcripts(factory, left)
 
 
 def _send_webhooks(delivery_ids: list[str]) -> None:

@@ -1,0 +1,60 @@
+"""Transcripts as a job stage, through the real API and a real worker (Postgres, Redis)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import WorkerProcess, ravdess_file, wait_for
+from tests.helpers import multipart, read
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng makes the test speech")
+
+
+def _speech(tmp_path: Path, text: str) -> tuple[str, bytes]:
+    out = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us+f2", "-s", "150", "-w", str(out), text], check=True)
+    return out.name, out.read_bytes()
+
+
+def _finished(client, url: str) -> dict | None:  # type: ignore[no-untyped-def]
+    job = client.get(url).get_json()
+    transcript = (job.get("result") or {}).get("transcript") or {}
+    return job if job["status"] == "succeeded" and transcript.get("status") != "pending" else None
+
+
+def test_offline_transcript_comes_back_with_the_emotion(client, pg_worker: WorkerProcess,  # type: ignore[no-untyped-def]
+                                                         tmp_path: Path) -> None:
+    resp = client.post("/api/v1/jobs", data=multipart([_speech(tmp_path, "we are going to the market this afternoon")],
+                                                      transcribe="sphinx", language="en-US"),
+                       content_type="multipart/form-data")
+    assert resp.status_code == 202
+    job = wait_for(lambda: _finished(client, resp.get_json()["jobs"][0]["url"]), timeout=120)
+    transcript = job["result"]["transcript"]
+    assert transcript["status"] == "succeeded" and transcript["engine"] == "sphinx"
+    words = set(transcript["text"].lower().split())
+    assert len(words & {"going", "market", "afternoon"}) >= 2, transcript
+    assert job["result"]["emotion"] and job["options"]["transcribe"] == "sphinx"
+
+
+def test_unreachable_google_leaves_the_emotion_intact(client, pg_worker: WorkerProcess) -> None:  # type: ignore[no-untyped-def]
+    # This machine reaches no Google endpoint: the transcript must say so, the emotion must stand.
+    resp = client.post("/api/v1/jobs", data=multipart([read(ravdess_file(8, "05", "02"))], transcribe="google",
+                                                      language="hi-IN"),
+                       content_type="multipart/form-data")
+    job = wait_for(lambda: _finished(client, resp.get_json()["jobs"][0]["url"]), timeout=120)
+    transcript = job["result"]["transcript"]
+    assert transcript["status"] == "unavailable" and transcript["reason"] in ("network_error", "timeout")
+    assert transcript["language"] == "hi-IN" and transcript["text"] is None
+    assert transcript["seconds"] <= 10.0 + 2.0  # bounded by SER_TRANSCRIBE_TIMEOUT_S (10 s in the tests)
+    assert job["result"]["emotion"] and job["error"] is None
+
+
+@pytest.mark.parametrize("fields", [{"transcribe": "whisper"}, {"transcribe": "google", "language": "english!"}])
+def test_bad_transcript_options_are_400(client, fields: dict) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post("/api/v1/jobs", data=multipart([read(ravdess_file(8, "03"))], **fields),
+                       content_type="multipart/form-data")
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "invalid_option"
