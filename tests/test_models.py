@@ -38,6 +38,11 @@ def test_manifest_describes_the_artifacts(manifest: dict) -> None:
     for fold in cv["folds"]:  # speaker independence: test actors never overlap between folds
         assert len(fold["test_actors"]) == 4
     assert sorted(a for f in cv["folds"] for a in f["test_actors"]) == manifest["data"]["actors"]
+    # Calibration was measured honestly (cross-fitted) and helped; the nested figure is recorded.
+    calibration = manifest["calibration"]
+    assert 0 <= calibration["ece_cross_fitted"] < calibration["ece_uncalibrated"]
+    assert manifest["ensemble"]["temperature"] == calibration["temperature"]
+    assert len(cv["ensemble_nested"]["folds"]) == len(cv["folds"])
 
 
 def test_shipped_models_classify_real_speech(manifest: dict) -> None:
