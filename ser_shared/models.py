@@ -142,6 +142,9 @@ class Result(Base):
     # A stage of its own: {"status": "pending" | "succeeded" | "unavailable", "engine", "language",
     # "text", "reason", "message", "seconds"}; NULL when no transcript was asked for.
     transcript: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # [{"start", "end", "emotion", "confidence", "uncertain", "probabilities"}] in time order; the
+    # recording's own result is their duration-weighted average.
+    segments: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
 
     job: Mapped[Job] = relationship(back_populates="result")
 

@@ -60,7 +60,9 @@ def list_jobs() -> Response:
     f = queries.parse_filter(request.args.to_dict())
     limit = queries.parse_limit(request.args.get("limit"))
     jobs, next_cursor = queries.list_jobs(db(), f, limit, request.args.get("cursor"))
-    return jsonify({"jobs": [job_dict(j) for j in jobs], "next_cursor": next_cursor})
+    # Segments make long recordings' rows large: listed only on request.
+    segments = request.args.get("segments", "").lower() in ("1", "true", "yes")
+    return jsonify({"jobs": [job_dict(j, segments=segments) for j in jobs], "next_cursor": next_cursor})
 
 
 @bp.get(f"{API}/jobs/<job_id>")

@@ -18,10 +18,10 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z")
 
 
-def result_dict(result: Result | None) -> dict[str, Any] | None:
+def result_dict(result: Result | None, segments: bool = True) -> dict[str, Any] | None:
     if result is None:
         return None
-    return {
+    out: dict[str, Any] = {
         "emotion": result.emotion,
         "confidence": result.confidence,
         "uncertain": result.uncertain,
@@ -33,6 +33,9 @@ def result_dict(result: Result | None) -> dict[str, Any] | None:
         "timings_ms": result.timings_ms,
         "transcript": result.transcript,
     }
+    if segments:
+        out["segments"] = result.segments or []
+    return out
 
 
 def job_summary(job: Job) -> dict[str, Any]:
@@ -50,14 +53,14 @@ def delivery_dict(d: WebhookDelivery) -> dict[str, Any]:
             "next_attempt_at": iso(d.next_attempt_at), "attempts": d.attempts}
 
 
-def job_dict(job: Job, deliveries: list[WebhookDelivery] | None = None) -> dict[str, Any]:
+def job_dict(job: Job, deliveries: list[WebhookDelivery] | None = None, segments: bool = True) -> dict[str, Any]:
     return {
         "id": str(job.id),
         "batch_id": str(job.batch_id),
         "filename": job.filename,
         "status": job.status,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
-        "result": result_dict(job.result),
+        "result": result_dict(job.result, segments),
         "size_bytes": job.size_bytes,
         "content_hash": job.content_hash,
         "format": job.format,

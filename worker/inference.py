@@ -103,19 +103,26 @@ class Ensemble:
 
     def predict(self, feats: Sequence[Features], threshold: float | None = None) -> list[Prediction]:
         probs = self.predict_proba(feats)
+        return [self.combine(probs, [i], np.ones(1), threshold) for i in range(len(feats))]
+
+    def combine(self, probs: dict[str, np.ndarray], rows: Sequence[int], weights: np.ndarray,
+                threshold: float | None = None) -> Prediction:
+        """One prediction from several rows of ``predict_proba`` (a recording's segments), each
+        model's probabilities averaged with ``weights`` (the segments' durations)."""
+        w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        idx = list(rows)
+        mean = {m: probs[m][idx][0] if len(idx) == 1 else (probs[m][idx] * w[:, None]).sum(axis=0)
+                for m in ("rf", "lstm", "ensemble")}
+        p = mean["ensemble"]
+        best = int(np.argmax(p))
         cut = self.threshold if threshold is None else threshold
-        out = []
-        for i in range(len(feats)):
-            p = probs["ensemble"][i]
-            best = int(np.argmax(p))
-            out.append(Prediction(
-                emotion=self.classes[best],
-                confidence=round(float(p[best]), 6),
-                uncertain=bool(p[best] < cut),
-                probabilities=_as_dict(self.classes, p),
-                model_probabilities={m: _as_dict(self.classes, probs[m][i]) for m in ("rf", "lstm")},
-            ))
-        return out
+        return Prediction(
+            emotion=self.classes[best],
+            confidence=round(float(p[best]), 6),
+            uncertain=bool(p[best] < cut),
+            probabilities=_as_dict(self.classes, p),
+            model_probabilities={m: _as_dict(self.classes, mean[m]) for m in ("rf", "lstm")},
+        )
 
 
 def _warmup_features() -> Features:

@@ -115,6 +115,7 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
                 "uncertain": p.uncertain, "probabilities": p.probabilities,
                 "model_probabilities": p.model_probabilities, "model_versions": versions,
                 "timings_ms": outcome.timings_ms, "created_at": now, "transcript": outcome.transcript,
+                "segments": outcome.segments,
             })
             job.status, job.finished_at, job.error_code, job.error_message = (
                 JobStatus.SUCCEEDED.value, now, None, None)
