@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,3 +178,80 @@ def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
     import soxr  # worker-only dependency
 
     return soxr.resample(audio, rate, target, quality="HQ").astype(np.float32)
+
+
+def stream(path: Path, fmt: str, sample_rate: int, max_s: float, block_s: float = 30.0) -> Iterator[np.ndarray]:
+    """``decode`` in blocks of about ``block_s`` seconds: mono float32 at ``sample_rate``.
+
+    Memory stays at a block or two whatever the recording's length; the concatenated blocks equal
+    ``decode``'s output (soxr's streaming resampler is exact). Raises like ``decode``.
+    """
+    if fmt in SOUNDFILE_FORMATS:
+        try:
+            handle = sf.SoundFile(str(path))
+        except (RuntimeError, sf.LibsndfileError) as exc:
+            if fmt == "wav" or shutil.which("ffmpeg") is None:
+                raise DecodeFailed(f"cannot decode the {fmt} data: {exc}") from exc
+        else:
+            with handle:
+                yield from _stream_soundfile(handle, sample_rate, max_s, block_s)
+            return
+    yield from _stream_ffmpeg(path, sample_rate, max_s, block_s)
+
+
+def _clean(block: np.ndarray) -> np.ndarray:
+    return np.clip(np.nan_to_num(block, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0).astype(np.float32)
+
+
+def _stream_soundfile(handle: sf.SoundFile, sample_rate: int, max_s: float, block_s: float) -> Iterator[np.ndarray]:
+    import soxr
+
+    rate = int(handle.samplerate)
+    if rate <= 0 or handle.channels <= 0:
+        raise DecodeFailed("the header declares no channels or no sample rate")
+    resampler = None
+    if rate != sample_rate:
+        resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
+    limit, total = (max_s + 0.5) * rate, 0
+    try:
+        for block in handle.blocks(blocksize=max(1, int(block_s * rate)), dtype="float32", always_2d=True):
+            total += len(block)
+            if total > limit:
+                raise AudioTooLong(f"recording is longer than the {max_s:.0f} s limit")
+            mono = _clean(block.mean(axis=1))
+            out = resampler.resample_chunk(mono, last=False) if resampler else mono
+            if out.size:
+                yield out
+    except (RuntimeError, sf.LibsndfileError) as exc:
+        raise DecodeFailed(f"cannot decode the audio: {exc}") from exc
+    if total == 0:
+        raise DecodeFailed("the file decodes to no audio samples")
+    if resampler is not None:
+        tail = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        if tail.size:
+            yield tail
+
+
+def _stream_ffmpeg(path: Path, sample_rate: int, max_s: float, block_s: float) -> Iterator[np.ndarray]:
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        raise DecodeFailed("this format needs ffmpeg, which is not installed on this server")
+    cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-t", f"{max_s + 1.0:.3f}", "-vn",
+           "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    total = 0
+    try:
+        while chunk := proc.stdout.read(int(block_s * sample_rate) * 4):
+            block = np.frombuffer(chunk[: len(chunk) // 4 * 4], dtype="<f4")
+            total += block.size
+            if total > (max_s + 0.5) * sample_rate:
+                raise AudioTooLong(f"recording is longer than the {max_s:.0f} s limit")
+            yield _clean(block)
+        if proc.wait(timeout=60) != 0 or total == 0:
+            message = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:] or ["no audio"]
+            raise DecodeFailed(f"cannot decode the audio: {message[0][:200]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -5,7 +5,7 @@ utterances and classify such clips whole). Longer ones are cut where the speech 
 
 1. frame energy (25 ms frames every 10 ms, as the features use) against a threshold set from the
    recording itself: 10 dB over its noise floor (10th percentile), but never more than 40 dB
-   under its loud speech (99th percentile) nor below digital near-silence;
+   under its loud speech (99th percentile) nor below -70 dBFS;
 2. pauses shorter than ``MIN_GAP_S`` are bridged (a breath or a comma is not a boundary), bursts
    shorter than ``MIN_SPEECH_S`` dropped (a click is not speech);
 3. runs of speech longer than ``MAX_SEGMENT_S`` are split at their quietest point between
@@ -41,8 +41,36 @@ def frame_energy_db(audio: np.ndarray) -> np.ndarray:
     n = 1 + x.size // HOP
     padded = np.zeros((n - 1) * HOP + WIN, dtype=np.float32)
     padded[WIN // 2 : WIN // 2 + x.size] = x[: padded.size - WIN // 2]
-    frames = np.lib.stride_tricks.sliding_window_view(padded, WIN)[::HOP][:n]
+    return _energy(np.lib.stride_tricks.sliding_window_view(padded, WIN)[::HOP][:n])
+
+
+def _energy(frames: np.ndarray) -> np.ndarray:
     return (10.0 * np.log10(np.einsum("ij,ij->i", frames, frames) / WIN + 1e-10)).astype(np.float32)
+
+
+class EnergyMeter:
+    """``frame_energy_db`` of a recording fed block by block, without holding the recording."""
+
+    def __init__(self) -> None:
+        self._carry = np.zeros(WIN // 2, dtype=np.float32)  # the leading zero padding of frame 0
+        self._parts: list[np.ndarray] = []
+        self.samples = 0
+
+    def feed(self, block: np.ndarray) -> None:
+        self.samples += block.size
+        buf = np.concatenate([self._carry, np.asarray(block, dtype=np.float32)])
+        n = 1 + (buf.size - WIN) // HOP if buf.size >= WIN else 0
+        if n:
+            self._parts.append(_energy(np.lib.stride_tricks.sliding_window_view(buf, WIN)[::HOP][:n]))
+        self._carry = buf[n * HOP :]
+
+    def finish(self) -> np.ndarray:
+        need = 1 + self.samples // HOP - sum(p.size for p in self._parts)
+        if need > 0:
+            buf = np.zeros((need - 1) * HOP + WIN, dtype=np.float32)
+            buf[: self._carry.size] = self._carry[: buf.size]
+            self._parts.append(_energy(np.lib.stride_tricks.sliding_window_view(buf, WIN)[::HOP][:need]))
+        return np.concatenate(self._parts)
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -71,11 +99,15 @@ class Segment:
 
 
 def find_segments(audio: np.ndarray) -> list[Segment]:
-    """The recording's segments, in order, tiling it; one segment for short recordings."""
+    """The recording's segments, in order; one segment for short recordings."""
     duration = audio.size / SAMPLE_RATE
     if duration <= WHOLE_UP_TO_S:
         return [Segment(0.0, round(duration, 3), round(duration, 3))]
-    energy = frame_energy_db(audio)
+    return segments_from_energy(frame_energy_db(audio), duration)
+
+
+def segments_from_energy(energy: np.ndarray, duration: float) -> list[Segment]:
+    """``find_segments`` from the frame energies (what a streamed recording has)."""
     floor, loud = np.percentile(energy, [10, 99])
     threshold = max(min(floor + 10.0, loud - 6.0), loud - 40.0, -70.0)
     speech = energy > threshold

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     max_request_mb: float = Field(default=2048, gt=0)
     max_file_mb: float = Field(default=100, gt=0)
     max_files_per_request: int = Field(default=5000, ge=1)
-    max_duration_s: float = Field(default=600, gt=0)
+    # Recordings over a minute are decoded as a stream (bounded memory), so an hour is affordable.
+    max_duration_s: float = Field(default=3600, gt=0)
     min_duration_s: float = Field(default=0.1, ge=0)
 
     # Worker behaviour.

@@ -14,14 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from ser_shared.audio import check_duration, decode
+from ser_shared.audio import check_duration, decode, probe, stream
 from ser_shared.errors import AudioError, SilentAudio
 from ser_shared.features import SAMPLE_RATE, Features, extract
-from ser_shared.segments import Segment, find_segments
+from ser_shared.segments import EnergyMeter, Segment, find_segments, segments_from_energy
 from ser_shared.settings import Settings
 from worker.inference import Ensemble, Prediction
 
 log = logging.getLogger(__name__)
+
+# Longer recordings are decoded as a stream, in two passes, so memory does not grow with length.
+STREAM_OVER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class JobInput:
     format: str
     transcribe: str | None = None  # "google" | "sphinx" when a transcript was asked for
     language: str = "en-US"
+    duration_s: float | None = None  # from the upload's header probe, when it told
 
 
 @dataclass
@@ -67,6 +71,9 @@ def prepare(job: JobInput, settings: Settings) -> Prepared:
     prepared = Prepared(Outcome(job.id))
     outcome = prepared.outcome
     try:
+        if _long(job):
+            _prepare_streamed(job, settings, prepared)
+            return prepared
         started = time.perf_counter()
         audio = decode(job.path, job.format, SAMPLE_RATE, settings.max_duration_s)
         outcome.timings_ms["decode"] = _ms(started)
@@ -98,6 +105,70 @@ def prepare(job: JobInput, settings: Settings) -> Prepared:
     if outcome.error_code:
         prepared.feats, prepared.spans = [], []
     return prepared
+
+
+def _long(job: JobInput) -> bool:
+    """Stream recordings longer than STREAM_OVER_S (or of unknown length) instead of decoding whole."""
+    duration = job.duration_s
+    if duration is None:
+        try:
+            duration = probe(job.path, job.format).duration_s
+        except AudioError:
+            return False  # the one-shot decode reports the error
+    return duration is None or duration > STREAM_OVER_S
+
+
+def _prepare_streamed(job: JobInput, settings: Settings, prepared: Prepared) -> None:
+    """Two passes over the decoded stream, holding about one block and one segment at a time.
+
+    Pass 1 measures frame energies and finds the segments; pass 2 cuts each segment out of the
+    stream as it goes by and computes its features. Memory stays bounded whatever the length
+    (unless a transcript is asked for: the transcription stage needs the whole recording).
+    """
+    outcome = prepared.outcome
+    started = time.perf_counter()
+    meter = EnergyMeter()
+    for block in stream(job.path, job.format, SAMPLE_RATE, settings.max_duration_s):
+        meter.feed(block)
+    energy = meter.finish()
+    outcome.duration_s = round(meter.samples / SAMPLE_RATE, 3)
+    check_duration(outcome.duration_s, settings.min_duration_s, settings.max_duration_s)
+    spans = segments_from_energy(energy, outcome.duration_s)
+    outcome.timings_ms["decode"] = _ms(started)
+    started = time.perf_counter()
+    kept: list[np.ndarray] = []
+    buf, offset, i = np.zeros(0, dtype=np.float32), 0, 0  # buf holds samples [offset, offset + buf.size)
+    for block in stream(job.path, job.format, SAMPLE_RATE, settings.max_duration_s):
+        if job.transcribe:
+            kept.append(block)
+        buf = np.concatenate([buf, block])
+        i = _cut_ready(spans, i, buf, offset, prepared, final=False)
+        drop = (int(spans[i].start * SAMPLE_RATE) if i < len(spans) else offset + buf.size) - offset
+        drop = max(0, min(drop, buf.size))
+        buf, offset = buf[drop:], offset + drop
+    _cut_ready(spans, i, buf, offset, prepared, final=True)
+    if not prepared.feats:
+        raise SilentAudio("no segment of the recording holds audible speech")
+    outcome.timings_ms["features"] = _ms(started)
+    if job.transcribe:
+        outcome.audio = np.concatenate(kept)
+        outcome.transcript = {"status": "pending", "engine": job.transcribe, "language": job.language}
+
+
+def _cut_ready(spans: list[Segment], i: int, buf: np.ndarray, offset: int, prepared: Prepared,
+               final: bool) -> int:
+    """Featurise every segment from ``i`` on that ``buf`` now covers; returns the next one's index."""
+    while i < len(spans):
+        start, end = int(spans[i].start * SAMPLE_RATE) - offset, int(spans[i].end * SAMPLE_RATE) - offset
+        if end > buf.size and not final:
+            break
+        try:
+            prepared.feats.append(extract(buf[max(start, 0) : end]))
+            prepared.spans.append(spans[i])
+        except SilentAudio:
+            pass  # a segment of near-silence says nothing: leave it out
+        i += 1
+    return i
 
 
 def run(ensemble: Ensemble, jobs: list[JobInput], settings: Settings) -> list[Outcome]:

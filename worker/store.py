@@ -51,7 +51,7 @@ def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Sett
                 continue
             options = job.options or {}
             inputs.append(JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format,
-                                   options.get("transcribe"), options.get("language", "en-US")))
+                                   options.get("transcribe"), options.get("language", "en-US"), job.duration_s))
         events = record_events(session, failed)
         session.commit()
     _notify(notify, events)
