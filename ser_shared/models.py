@@ -105,6 +105,8 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Share of a long recording analysed so far (0..1), written now and then while it runs.
+    progress: Mapped[float | None] = mapped_column(Float)
     # NULL while the job waits for the broker (it was down at upload): a sweep enqueues it later.
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enqueue_error: Mapped[str | None] = mapped_column(Text)

@@ -90,3 +90,19 @@ def test_thirty_minutes_in_bounded_memory(tmp_path: Path, pg_settings) -> None: 
     assert b["duration_s"] == pytest.approx(1800, abs=0.01) and b["emotion"]
     assert b["segments"] >= 0.9 * clips  # about one segment per clip: the whole recording was analysed
     assert b["peak_mb"] - a["peak_mb"] < 100, (a, b)
+
+
+def test_progress_is_reported_while_a_long_recording_runs(tmp_path: Path) -> None:
+    import uuid
+
+    from ser_shared.settings import Settings
+    from worker.inference import Ensemble
+    from worker.pipeline import JobInput, run
+
+    path = tmp_path / "three.flac"
+    _speech(path, 180)
+    seen: list[float] = []
+    (outcome,) = run(Ensemble.load(REPO_ROOT / "models"), [JobInput(uuid.uuid4(), path, "flac")],
+                     Settings(env="test"), on_progress=lambda _, done: seen.append(done))
+    assert outcome.prediction is not None
+    assert len(seen) >= 3 and seen == sorted(seen) and 0 < seen[0] < 1 and seen[-1] == 1.0

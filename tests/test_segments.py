@@ -85,6 +85,7 @@ def test_segments_through_the_api(client, pg_worker: WorkerProcess, tmp_path: Pa
     url = resp.get_json()["jobs"][0]["url"]
     job = wait_for(lambda: (j := client.get(url).get_json())["status"] == "succeeded" and j, timeout=120)
     assert [s["emotion"] for s in job["result"]["segments"]] == [label for _, _, label in CLIPS]
+    assert job["progress"] == 100
     listed = client.get("/api/v1/jobs", query_string={"client_reference": "seg"}).get_json()["jobs"]
     assert "segments" not in listed[0]["result"]
     listed = client.get("/api/v1/jobs", query_string={"client_reference": "seg", "segments": "true"}).get_json()

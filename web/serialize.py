@@ -53,6 +53,13 @@ def delivery_dict(d: WebhookDelivery) -> dict[str, Any]:
             "next_attempt_at": iso(d.next_attempt_at), "attempts": d.attempts}
 
 
+def _percent(job: Job) -> int:
+    """0-100: finished jobs 100, long recordings by segments done, anything else 0."""
+    if job.status in ("succeeded", "failed"):
+        return 100
+    return int(round(100 * (job.progress or 0.0)))
+
+
 def job_dict(job: Job, deliveries: list[WebhookDelivery] | None = None, segments: bool = True) -> dict[str, Any]:
     return {
         "id": str(job.id),
@@ -71,6 +78,7 @@ def job_dict(job: Job, deliveries: list[WebhookDelivery] | None = None, segments
         "client_reference": job.client_reference,
         "metadata": job.meta,
         "attempts": job.attempts,
+        "progress": _percent(job),
         "queue": {"enqueued": job.enqueued_at is not None, "enqueued_at": iso(job.enqueued_at),
                   "error": job.enqueue_error},
         "created_at": iso(job.created_at),

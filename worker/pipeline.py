@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,16 @@ def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 2)
 
 
-def prepare(job: JobInput, settings: Settings) -> Prepared:
+Progress = Callable[[uuid.UUID, float], None]  # (job id, share done 0..1) while a long recording runs
+
+
+def prepare(job: JobInput, settings: Settings, on_progress: Progress | None = None) -> Prepared:
     """Decode, segment and featurise one recording; an AudioError becomes a failed outcome."""
     prepared = Prepared(Outcome(job.id))
     outcome = prepared.outcome
     try:
         if _long(job):
-            _prepare_streamed(job, settings, prepared)
+            _prepare_streamed(job, settings, prepared, on_progress)
             return prepared
         started = time.perf_counter()
         audio = decode(job.path, job.format, SAMPLE_RATE, settings.max_duration_s)
@@ -118,7 +122,8 @@ def _long(job: JobInput) -> bool:
     return duration is None or duration > STREAM_OVER_S
 
 
-def _prepare_streamed(job: JobInput, settings: Settings, prepared: Prepared) -> None:
+def _prepare_streamed(job: JobInput, settings: Settings, prepared: Prepared,
+                      on_progress: Progress | None = None) -> None:
     """Two passes over the decoded stream, holding about one block and one segment at a time.
 
     Pass 1 measures frame energies and finds the segments; pass 2 cuts each segment out of the
@@ -143,6 +148,8 @@ def _prepare_streamed(job: JobInput, settings: Settings, prepared: Prepared) -> 
             kept.append(block)
         buf = np.concatenate([buf, block])
         i = _cut_ready(spans, i, buf, offset, prepared, final=False)
+        if on_progress is not None and spans:
+            on_progress(job.id, i / len(spans))
         drop = (int(spans[i].start * SAMPLE_RATE) if i < len(spans) else offset + buf.size) - offset
         drop = max(0, min(drop, buf.size))
         buf, offset = buf[drop:], offset + drop
@@ -171,13 +178,14 @@ def _cut_ready(spans: list[Segment], i: int, buf: np.ndarray, offset: int, prepa
     return i
 
 
-def run(ensemble: Ensemble, jobs: list[JobInput], settings: Settings) -> list[Outcome]:
+def run(ensemble: Ensemble, jobs: list[JobInput], settings: Settings,
+        on_progress: Progress | None = None) -> list[Outcome]:
     """Analyse a chunk; every input gets exactly one outcome, in order.
 
     All segments of all recordings go through the models together (one RF call, batched LSTM);
     a recording's result is its segments' probabilities averaged by duration.
     """
-    prepared = [prepare(job, settings) for job in jobs]
+    prepared = [prepare(job, settings, on_progress) for job in jobs]
     feats = [f for p in prepared for f in p.feats]
     if feats:
         started = time.perf_counter()

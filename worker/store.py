@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -119,6 +120,7 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
             })
             job.status, job.finished_at, job.error_code, job.error_message = (
                 JobStatus.SUCCEEDED.value, now, None, None)
+            job.progress = 1.0
             job.emotion, job.confidence = p.emotion, p.confidence
         _upsert_results(session, results)
         events = record_events(session, list(by_id))
@@ -134,3 +136,21 @@ def save_transcripts(factory: sessionmaker[Session], transcripts: dict[uuid.UUID
         for job_id, transcript in transcripts.items():
             session.execute(update(Result).where(Result.job_id == job_id).values(transcript=transcript))
         session.commit()
+
+
+class ProgressWriter:
+    """Writes a job's progress at most every ``interval_s`` (a long recording reports per block)."""
+
+    def __init__(self, factory: sessionmaker[Session], interval_s: float = 2.0) -> None:
+        self.factory, self.interval_s = factory, interval_s
+        self._last: dict[uuid.UUID, float] = {}
+
+    def __call__(self, job_id: uuid.UUID, done: float) -> None:
+        now = time.monotonic()
+        if now - self._last.get(job_id, 0.0) < self.interval_s:
+            return
+        self._last[job_id] = now
+        with self.factory() as session:
+            session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
+                            .values(progress=round(min(max(done, 0.0), 1.0), 3)))
+            session.commit()

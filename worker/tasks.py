@@ -52,7 +52,7 @@ def analyze(job_ids: list[str]) -> int:
         return 0
     models = runtime.ensemble()
     try:
-        outcomes = pipeline.run(models, inputs, settings)
+        outcomes = pipeline.run(models, inputs, settings, store.ProgressWriter(factory))
     except SoftTimeLimitExceeded:
         log.error("time limit exceeded jobs=%s", job_ids)
         store.fail_all(factory, [i.id for i in inputs], "time_limit_exceeded",
