@@ -92,3 +92,5 @@ def test_segments_through_the_api(client, pg_worker: WorkerProcess, tmp_path: Pa
     assert len(listed["jobs"][0]["result"]["segments"]) == len(CLIPS)
     page = client.get(f"/jobs/{job['id']}").get_data(as_text=True)
     assert page.count('class="segment ') == len(CLIPS)
+    history = client.get("/history", query_string={"q": "call.wav"}).get_data(as_text=True)
+    assert 'class="dominant"' in history and "angry" in history and "surprised" in history

@@ -58,3 +58,36 @@ def test_bad_transcript_options_are_400(client, fields: dict) -> None:  # type: 
     resp = client.post("/api/v1/jobs", data=multipart([read(ravdess_file(8, "03"))], **fields),
                        content_type="multipart/form-data")
     assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "invalid_option"
+
+
+def test_each_segment_of_a_long_recording_gets_its_own_transcript(tmp_path: Path) -> None:
+    import uuid
+
+    import numpy as np
+    import soundfile as sf
+
+    from ser_shared.audio import decode
+    from ser_shared.features import SAMPLE_RATE
+    from ser_shared.settings import REPO_ROOT, Settings
+    from worker.inference import Ensemble
+    from worker.pipeline import JobInput, run, transcribe_all
+
+    sentences = ["we are going to the market this afternoon", "the weather is cold and windy today",
+                 "please open the window in the kitchen"]
+    pause = np.zeros(int(1.5 * SAMPLE_RATE), dtype=np.float32)
+    parts = [pause]
+    for k, text in enumerate(sentences):
+        (tmp_path / f"s{k}").mkdir()
+        name, _ = _speech(tmp_path / f"s{k}", text)
+        parts += [decode(tmp_path / f"s{k}" / name, "wav", SAMPLE_RATE, 600.0), pause]
+    path = tmp_path / "three.wav"
+    sf.write(path, np.concatenate(parts), SAMPLE_RATE, subtype="PCM_16")
+    settings = Settings(env="test", transcribe_timeout_s=60.0)
+    job = JobInput(uuid.uuid4(), path, "wav", transcribe="sphinx", language="en-US")
+    (outcome,) = run(Ensemble.load(REPO_ROOT / "models"), [job], settings)
+    assert outcome.segments is not None and len(outcome.segments) == 3
+    transcript = transcribe_all([outcome], settings)[job.id]
+    assert transcript["status"] == "succeeded" and transcript["segments"] is True
+    for segment, text in zip(outcome.segments, sentences, strict=True):
+        heard = set((segment["transcript"] or "").lower().split())
+        assert len(heard & set(text.split()) - {"the", "is", "in", "to", "are", "and"}) >= 2, (segment, text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
@@ -19,7 +21,20 @@ COLOURS = {"neutral": "#8a8f98", "happy": "#f2b705", "sad": "#3b6fd8", "angry": 
 
 @bp.app_context_processor
 def _helpers() -> dict[str, object]:
-    return {"emotions": EMOTIONS, "colours": COLOURS, "iso": iso, "statuses": queries.STATUSES}
+    return {"emotions": EMOTIONS, "colours": COLOURS, "iso": iso, "statuses": queries.STATUSES,
+            "dominant": dominant}
+
+
+def dominant(segments: list[dict[str, Any]] | None, top: int = 3, at_least: float = 0.15) -> list[tuple[str, float]]:
+    """A long recording's main emotions: share of its speech per segment label, largest first."""
+    if not segments or len(segments) < 2:
+        return []
+    shares: dict[str, float] = {}
+    for seg in segments:
+        shares[seg["emotion"]] = shares.get(seg["emotion"], 0.0) + float(seg.get("speech_s") or 0.0)
+    total = sum(shares.values()) or 1.0
+    ranked = sorted(((e, v / total) for e, v in shares.items()), key=lambda item: -item[1])
+    return [(e, share) for e, share in ranked[:top] if share >= at_least]
 
 
 @bp.get("/")

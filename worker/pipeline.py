@@ -219,16 +219,42 @@ def _segment(prediction: Prediction, span: Segment) -> dict[str, Any]:
 
 def transcribe_all(outcomes: list[Outcome], settings: Settings) -> dict[uuid.UUID, dict[str, Any]]:
     """Transcripts for the analysed recordings that asked for one (never raises, never blocks
-    longer than ``transcribe_timeout_s`` per recording). Runs after the emotions are stored."""
+    longer than ``transcribe_timeout_s`` per recording). Runs after the emotions are stored.
+
+    A recording with several segments is transcribed segment by segment (the budget shared
+    between them): each segment gets its own text, and the recording's is their concatenation.
+    """
     from worker.transcribe import transcribe
 
     done: dict[uuid.UUID, dict[str, Any]] = {}
     for outcome in outcomes:
         if outcome.audio is None or outcome.transcript is None or outcome.prediction is None:
             continue
-        t = transcribe(outcome.audio, SAMPLE_RATE, outcome.transcript["engine"], outcome.transcript["language"],
-                       timeout_s=settings.transcribe_timeout_s, google_key=settings.google_speech_key)
+        engine, language = outcome.transcript["engine"], outcome.transcript["language"]
+        segments = outcome.segments or []
+        started = time.monotonic()
+        if len(segments) > 1:
+            texts, last = [], None
+            for seg in segments:
+                left = settings.transcribe_timeout_s - (time.monotonic() - started)
+                piece = outcome.audio[int(seg["start"] * SAMPLE_RATE) : int(seg["end"] * SAMPLE_RATE)]
+                last = transcribe(piece, SAMPLE_RATE, engine, language, timeout_s=max(left, 0.0),
+                                  google_key=settings.google_speech_key)
+                seg["transcript"] = last.text if last.status == "succeeded" else None
+                if last.text:
+                    texts.append(last.text)
+                if last.reason in ("timeout", "network_error", "rate_limited", "engine_missing"):
+                    break  # the engine is gone or the budget spent: later segments would fail alike
+            ok = bool(texts)
+            done[outcome.job_id] = {
+                "status": "succeeded" if ok else "unavailable", "engine": engine, "language": language,
+                "text": " ".join(texts) if ok else None, "reason": None if ok else (last.reason if last else None),
+                "message": None if ok else (last.message if last else None),
+                "seconds": round(time.monotonic() - started, 3), "segments": True}
+        else:
+            t = transcribe(outcome.audio, SAMPLE_RATE, engine, language, timeout_s=settings.transcribe_timeout_s,
+                           google_key=settings.google_speech_key)
+            done[outcome.job_id] = {"status": t.status, "engine": t.engine, "language": t.language, "text": t.text,
+                                    "reason": t.reason, "message": t.message, "seconds": round(t.seconds, 3)}
         outcome.audio = None
-        done[outcome.job_id] = {"status": t.status, "engine": t.engine, "language": t.language, "text": t.text,
-                                "reason": t.reason, "message": t.message, "seconds": round(t.seconds, 3)}
     return done

@@ -128,13 +128,18 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
     _notify(notify, events)
 
 
-def save_transcripts(factory: sessionmaker[Session], transcripts: dict[uuid.UUID, dict[str, Any]]) -> None:
-    """Fill in the transcript stage of results already stored (one transaction)."""
+def save_transcripts(factory: sessionmaker[Session], transcripts: dict[uuid.UUID, dict[str, Any]],
+                     segments: dict[uuid.UUID, list[dict[str, Any]]] | None = None) -> None:
+    """Fill in the transcript stage of results already stored (one transaction); ``segments``
+    replaces a result's segments, now carrying their own transcripts."""
     if not transcripts:
         return
     with factory() as session:
         for job_id, transcript in transcripts.items():
-            session.execute(update(Result).where(Result.job_id == job_id).values(transcript=transcript))
+            values: dict[str, Any] = {"transcript": transcript}
+            if segments and job_id in segments:
+                values["segments"] = segments[job_id]
+            session.execute(update(Result).where(Result.job_id == job_id).values(**values))
         session.commit()
 
 

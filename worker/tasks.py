@@ -71,7 +71,10 @@ def _transcripts(factory: sessionmaker[Session], outcomes: list[pipeline.Outcome
     if not any(o.audio is not None for o in outcomes):
         return
     try:
-        store.save_transcripts(factory, pipeline.transcribe_all(outcomes, settings))
+        transcripts = pipeline.transcribe_all(outcomes, settings)
+        with_segments = {o.job_id: o.segments for o in outcomes
+                         if o.job_id in transcripts and o.segments and len(o.segments) > 1}
+        store.save_transcripts(factory, transcripts, with_segments)
     except SoftTimeLimitExceeded:
         left = {o.job_id: {**(o.transcript or {}), "status": "unavailable", "reason": "time_limit",
                            "message": "the task ran out of time before this transcript"}
