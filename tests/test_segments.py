@@ -94,3 +94,28 @@ def test_segments_through_the_api(client, pg_worker: WorkerProcess, tmp_path: Pa
     assert page.count('class="segment ') == len(CLIPS)
     history = client.get("/history", query_string={"q": "call.wav"}).get_data(as_text=True)
     assert 'class="dominant"' in history and "angry" in history and "surprised" in history
+
+
+def test_export_streams_jobs_and_optionally_their_segments(client, pg_worker: WorkerProcess,  # type: ignore[no-untyped-def]
+                                                           tmp_path: Path) -> None:
+    import csv
+    import io
+    import json
+
+    path = tmp_path / "export.wav"
+    _stitched(path)
+    ref = f"export-{uuid.uuid4()}"
+    resp = client.post("/api/v1/jobs", data=multipart([(path.name, path.read_bytes()), ("bad.wav", b"junk")],
+                                                      client_reference=ref), content_type="multipart/form-data")
+    good = resp.get_json()["jobs"][0]["url"]
+    wait_for(lambda: client.get(good).get_json()["status"] == "succeeded", timeout=120)
+    flat = client.get("/api/v1/export", query_string={"client_reference": ref})
+    assert flat.status_code == 200 and flat.mimetype == "text/csv"
+    rows = list(csv.DictReader(io.StringIO(flat.get_data(as_text=True))))
+    assert sorted(r["status"] for r in rows) == ["failed", "succeeded"]
+    per_segment = client.get("/api/v1/export", query_string={"client_reference": ref, "segments": "true",
+                                                             "format": "json"}).get_json()
+    segs = [r for r in per_segment if r["status"] == "succeeded"]
+    assert [r["emotion"] for r in segs] == [label for _, _, label in CLIPS]
+    assert all(r["start_s"] < r["end_s"] for r in segs) and len(per_segment) == len(CLIPS) + 1
+    assert client.get("/api/v1/export", query_string={"format": "xml"}).status_code == 400

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, send_file, url_for
+from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context, url_for
 from sqlalchemy import text
 
 from ser_shared import storage
 from ser_shared.audio import MIME_TYPES
-from ser_shared.errors import NotFound
+from ser_shared.errors import BadRequest, NotFound
+from web import export as export_rows
 from web import idempotency, queries
 from web.context import db, services
 from web.serialize import batch_dict, job_dict, job_summary
@@ -63,6 +64,22 @@ def list_jobs() -> Response:
     # Segments make long recordings' rows large: listed only on request.
     segments = request.args.get("segments", "").lower() in ("1", "true", "yes")
     return jsonify({"jobs": [job_dict(j, segments=segments) for j in jobs], "next_cursor": next_cursor})
+
+
+@bp.get(f"{API}/export")
+def export() -> Response:
+    """The jobs matching the list filters as CSV (default) or JSON, streamed; ``segments=true``
+    gives one row per speech segment."""
+    f = queries.parse_filter(request.args.to_dict())
+    fmt = (request.args.get("format") or "csv").lower()
+    if fmt not in ("csv", "json"):
+        raise BadRequest("format must be csv or json", code="invalid_parameter")
+    segments = request.args.get("segments", "").lower() in ("1", "true", "yes")
+    factory = services().sessions
+    body = (export_rows.csv_stream if fmt == "csv" else export_rows.json_stream)(factory, f, segments)
+    name = f"ser-jobs{'-segments' if segments else ''}.{fmt}"
+    return Response(stream_with_context(body), mimetype="text/csv" if fmt == "csv" else "application/json",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 @bp.get(f"{API}/jobs/<job_id>")

@@ -1,0 +1,75 @@
+"""Export of jobs as CSV or JSON, streamed page by page so 100,000 rows never sit in memory.
+
+Rows follow the list endpoint's filters and order (newest first). With ``segments``, a long
+recording gives one row per speech segment (a short one, its single segment).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from ser_shared.emotions import EMOTIONS
+from ser_shared.models import Job
+from web import queries
+from web.serialize import iso
+
+PAGE = 500
+COLUMNS = ["job_id", "batch_id", "filename", "client_reference", "status", "created_at", "duration_s",
+           "segment", "start_s", "end_s", "emotion", "confidence", "uncertain",
+           *[f"p_{e}" for e in EMOTIONS], "error_code", "transcript"]
+
+
+def _rows(job: Job, segments: bool) -> Iterator[dict[str, Any]]:
+    result = job.result
+    base = {"job_id": str(job.id), "batch_id": str(job.batch_id), "filename": job.filename,
+            "client_reference": job.client_reference, "status": job.status, "created_at": iso(job.created_at),
+            "duration_s": job.duration_s, "error_code": job.error_code,
+            "transcript": (result.transcript or {}).get("text") if result else None}
+    if segments and result and result.segments:
+        for k, seg in enumerate(result.segments):
+            yield {**base, "segment": k, "start_s": seg["start"], "end_s": seg["end"], "emotion": seg["emotion"],
+                   "confidence": seg["confidence"], "uncertain": seg["uncertain"],
+                   **{f"p_{e}": seg["probabilities"].get(e) for e in EMOTIONS},
+                   "transcript": seg.get("transcript", base["transcript"])}
+        return
+    probs = result.probabilities if result else {}
+    yield {**base, "segment": None, "start_s": None, "end_s": None,
+           "emotion": result.emotion if result else None, "confidence": result.confidence if result else None,
+           "uncertain": result.uncertain if result else None, **{f"p_{e}": probs.get(e) for e in EMOTIONS}}
+
+
+def _all(factory: sessionmaker[Session], f: queries.JobFilter, segments: bool) -> Iterator[dict[str, Any]]:
+    cursor: str | None = None
+    while True:
+        with factory() as session:  # a short session per page: no transaction held across the download
+            jobs, cursor = queries.list_jobs(session, f, PAGE, cursor)
+            rows = [row for job in jobs for row in _rows(job, segments)]
+        yield from rows
+        if cursor is None:
+            return
+
+
+def csv_stream(factory: sessionmaker[Session], f: queries.JobFilter, segments: bool) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for n, row in enumerate(_all(factory, f, segments), start=1):
+        writer.writerow(row)
+        if n % 200 == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def json_stream(factory: sessionmaker[Session], f: queries.JobFilter, segments: bool) -> Iterator[str]:
+    yield "["
+    for n, row in enumerate(_all(factory, f, segments)):
+        yield ("," if n else "") + json.dumps(row)
+    yield "]\n"
