@@ -100,7 +100,6 @@ def test_export_streams_jobs_and_optionally_their_segments(client, pg_worker: Wo
                                                            tmp_path: Path) -> None:
     import csv
     import io
-    import json
 
     path = tmp_path / "export.wav"
     _stitched(path)
