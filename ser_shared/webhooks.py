@@ -26,6 +26,7 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ser_shared.db import upsert_insert
 from ser_shared.errors import BadRequest
 from ser_shared.models import FINISHED, Batch, Job, WebhookDelivery
 from ser_shared.settings import Settings
@@ -153,10 +154,7 @@ def record_events(session: Session, job_ids: Sequence[uuid.UUID]) -> list[str]:
                                   {"batch_id": str(batch.id), "file_count": batch.file_count, "counts": counts}, now))
     if not rows:
         return []
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    insert: Any = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    inserted = session.execute(insert(WebhookDelivery).on_conflict_do_nothing(index_elements=["id"])
+    inserted = session.execute(upsert_insert(session, WebhookDelivery).on_conflict_do_nothing(index_elements=["id"])
                                .returning(WebhookDelivery.id), rows)
     return [row[0] for row in inserted]
 

@@ -62,7 +62,7 @@ def list_jobs() -> Response:
     limit = queries.parse_limit(request.args.get("limit"))
     jobs, next_cursor = queries.list_jobs(db(), f, limit, request.args.get("cursor"))
     # Segments make long recordings' rows large: listed only on request.
-    segments = request.args.get("segments", "").lower() in ("1", "true", "yes")
+    segments = queries.parse_flag(request.args.get("segments"))
     return jsonify({"jobs": [job_dict(j, segments=segments) for j in jobs], "next_cursor": next_cursor})
 
 
@@ -74,7 +74,7 @@ def export() -> Response:
     fmt = (request.args.get("format") or "csv").lower()
     if fmt not in ("csv", "json"):
         raise BadRequest("format must be csv or json", code="invalid_parameter")
-    segments = request.args.get("segments", "").lower() in ("1", "true", "yes")
+    segments = queries.parse_flag(request.args.get("segments"))
     factory = services().sessions
     body = (export_rows.csv_stream if fmt == "csv" else export_rows.json_stream)(factory, f, segments)
     name = f"ser-jobs{'-segments' if segments else ''}.{fmt}"

@@ -104,6 +104,11 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise BadRequest("cursor is not valid", code="invalid_parameter") from exc
 
 
+def parse_flag(value: str | None) -> bool:
+    """A boolean query parameter: 1, true or yes (any case) is on; anything else off."""
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
 def parse_limit(value: str | None, default: int = 50) -> int:
     try:
         limit = int(value) if value else default

@@ -254,7 +254,7 @@ def transcribe_all(outcomes: list[Outcome], settings: Settings) -> dict[uuid.UUI
         else:
             t = transcribe(outcome.audio, SAMPLE_RATE, engine, language, timeout_s=settings.transcribe_timeout_s,
                            google_key=settings.google_speech_key)
-            done[outcome.job_id] = {"status": t.status, "engine": t.engine, "language": t.language, "text": t.text,
+            done[outcome.job_id] = {"status": t.status, "engine": engine, "language": language, "text": t.text,
                                     "reason": t.reason, "message": t.message, "seconds": round(t.seconds, 3)}
         outcome.audio = None
     return done

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from ser_shared.db import upsert_insert
 from ser_shared.models import FINISHED, Job, JobStatus, Result
 from ser_shared.settings import Settings
 from ser_shared.storage import path_for
@@ -86,11 +87,7 @@ def _upsert_results(session: Session, rows: list[dict[str, Any]]) -> None:
     """
     if not rows:
         return
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    dialect = session.get_bind().dialect.name
-    insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(Result)
+    stmt = upsert_insert(session, Result)
     stmt = stmt.on_conflict_do_update(
         index_elements=[Result.job_id], set_={k: stmt.excluded[k] for k in rows[0] if k != "job_id"})
     session.execute(stmt, rows)
