@@ -8,9 +8,10 @@ ser_log() { printf '[ser] %s\n' "$*" >&2; }
 
 ser_system_packages() {
     # ffmpeg decodes M4A/AAC and WebM (and probes them at upload); flac encodes audio for Google's
-    # speech API (SpeechRecognition bundles no encoder for ARM); espeak-ng and sox make test audio.
+    # speech API (SpeechRecognition bundles no encoder for ARM); espeak-ng and sox make test audio;
+    # chromium runs the browser tests headless (with an emoji font for the emotion badges).
     local wanted=(ffmpeg libsndfile1 flac)
-    [ "$ser_extras" = test ] && wanted+=(espeak-ng sox)
+    [ "$ser_extras" = test ] && wanted+=(espeak-ng sox chromium fonts-noto-color-emoji)
     local missing=()
     for pkg in "${wanted[@]}"; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from ser_shared.errors import AudioTooLong, AudioTooShort, DecodeFailed, UnsupportedFormat
+from ser_shared.errors import (
+    AudioTooLong,
+    AudioTooShort,
+    DecodeFailed,
+    InvalidSamples,
+    TooManyChannels,
+    UnsupportedFormat,
+    UnsupportedSampleRate,
+)
 
 SOUNDFILE_FORMATS = {"wav", "flac", "ogg", "mp3", "aiff"}
 FFMPEG_FORMATS = {"m4a", "aac", "webm"}
@@ -31,6 +39,13 @@ MIME_TYPES = {
     "aac": "audio/aac",
     "webm": "audio/webm",
 }
+# Real recordings run from 8 kHz telephony to 768 kHz studio rates and up to 64-channel arrays. A
+# header outside that is hostile or broken; resampling 50 Hz "audio" to 16 kHz would only make noise.
+MIN_RATE, MAX_RATE = 4000, 768_000
+MAX_CHANNELS = 64
+# A float file with a few NaN/inf samples (a glitch in an editing chain) is still a recording: those
+# samples become silence. One with more is a broken export, and analysing it would be guessing.
+MAX_NONFINITE_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -77,10 +92,11 @@ def probe(path: Path, fmt: str) -> AudioInfo:
             info = sf.info(str(path))
         except (RuntimeError, sf.LibsndfileError) as exc:
             if fmt != "mp3":
-                raise DecodeFailed(f"cannot read the {fmt} header: {exc}") from exc
+                raise DecodeFailed(f"cannot read the {fmt} header: {_reason(exc, path)}") from exc
         else:
             if info.samplerate <= 0 or info.channels <= 0:
                 raise DecodeFailed("the header declares no channels or no sample rate")
+            check_params(int(info.samplerate), int(info.channels))
             duration = info.frames / info.samplerate if info.frames > 0 else None
             return AudioInfo(fmt, int(info.samplerate), int(info.channels), duration)
     return _ffprobe(path, fmt)
@@ -104,7 +120,25 @@ def _ffprobe(path: Path, fmt: str) -> AudioInfo:
     duration = _float(stream.get("duration")) or _float((data.get("format") or {}).get("duration"))
     rate = int(_float(stream.get("sample_rate")) or 0) or None
     channels = int(stream.get("channels") or 0) or None
+    check_params(rate, channels)
     return AudioInfo(fmt, rate, channels, duration)
+
+
+def check_params(rate: int | None, channels: int | None) -> None:
+    """Raise UnsupportedSampleRate / TooManyChannels for header values no real recording has
+    (None: the container did not say)."""
+    if rate is not None and not MIN_RATE <= rate <= MAX_RATE:
+        raise UnsupportedSampleRate(f"the sample rate {rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz")
+    if channels is not None and channels > MAX_CHANNELS:
+        raise TooManyChannels(f"{channels} channels; at most {MAX_CHANNELS} are accepted")
+
+
+def _reason(error: BaseException | bytes, path: Path) -> str:
+    """A decoder's complaint for the job's error message, without the server's storage path
+    (libsndfile and ffmpeg both name the file they opened)."""
+    text = error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error)
+    lines = text.replace(str(path), "the file").strip().splitlines()
+    return (lines[-1] if lines else "no audio")[:200]
 
 
 def _float(value: object) -> float | None:
@@ -128,14 +162,16 @@ def check_duration(duration_s: float | None, min_s: float, max_s: float) -> None
 def decode(path: Path, fmt: str, sample_rate: int, max_s: float) -> np.ndarray:
     """Decode to mono float32 at ``sample_rate``, reading at most ``max_s`` (plus a little) seconds.
 
-    Raises DecodeFailed for unreadable data and AudioTooLong when the stream runs past ``max_s``.
+    Raises DecodeFailed for unreadable data, AudioTooLong when the stream runs past ``max_s``,
+    UnsupportedSampleRate / TooManyChannels for absurd headers and InvalidSamples for float data
+    that is mostly NaN or infinity.
     """
     if fmt in SOUNDFILE_FORMATS:
         try:
             audio, rate = _read_soundfile(path, max_s)
         except (RuntimeError, sf.LibsndfileError, ValueError) as exc:
             if fmt == "wav" or shutil.which("ffmpeg") is None:
-                raise DecodeFailed(f"cannot decode the {fmt} data: {exc}") from exc
+                raise DecodeFailed(f"cannot decode the {fmt} data: {_reason(exc, path)}") from exc
             audio, rate = _read_ffmpeg(path, sample_rate, max_s), sample_rate
     else:
         audio, rate = _read_ffmpeg(path, sample_rate, max_s), sample_rate
@@ -143,8 +179,7 @@ def decode(path: Path, fmt: str, sample_rate: int, max_s: float) -> np.ndarray:
         raise DecodeFailed("the file decodes to no audio samples")
     if audio.size > (max_s + 0.5) * rate:
         raise AudioTooLong(f"recording is longer than the {max_s:.0f} s limit")
-    audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
-    return resample(np.clip(audio, -1.0, 1.0), rate, sample_rate)
+    return resample(audio, rate, sample_rate)
 
 
 def _read_soundfile(path: Path, max_s: float) -> tuple[np.ndarray, int]:
@@ -152,10 +187,11 @@ def _read_soundfile(path: Path, max_s: float) -> tuple[np.ndarray, int]:
         rate = int(f.samplerate)
         if rate <= 0 or f.channels <= 0:
             raise ValueError("no channels or no sample rate")
+        check_params(rate, int(f.channels))
         # Bounded read: a lying header or a huge file never decodes more than the limit allows.
         frames = int((max_s + 1.0) * rate)
         data = f.read(frames=frames, dtype="float32", always_2d=True)
-    return data.mean(axis=1, dtype=np.float32), rate
+    return _mix(data), rate
 
 
 def _read_ffmpeg(path: Path, sample_rate: int, max_s: float) -> np.ndarray:
@@ -166,9 +202,8 @@ def _read_ffmpeg(path: Path, sample_rate: int, max_s: float) -> np.ndarray:
            "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
     proc = subprocess.run(cmd, capture_output=True, timeout=max(60.0, max_s), check=False)
     if proc.returncode != 0 or not proc.stdout:
-        message = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no audio"]
-        raise DecodeFailed(f"cannot decode the audio: {message[0][:200]}")
-    return np.frombuffer(proc.stdout, dtype="<f4").astype(np.float32)
+        raise DecodeFailed(f"cannot decode the audio: {_reason(proc.stderr, path)}")
+    return _mix(np.frombuffer(proc.stdout[: len(proc.stdout) // 4 * 4], dtype="<f4").reshape(-1, 1))
 
 
 def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -191,7 +226,7 @@ def stream(path: Path, fmt: str, sample_rate: int, max_s: float, block_s: float 
             handle = sf.SoundFile(str(path))
         except (RuntimeError, sf.LibsndfileError) as exc:
             if fmt == "wav" or shutil.which("ffmpeg") is None:
-                raise DecodeFailed(f"cannot decode the {fmt} data: {exc}") from exc
+                raise DecodeFailed(f"cannot decode the {fmt} data: {_reason(exc, path)}") from exc
         else:
             with handle:
                 yield from _stream_soundfile(handle, sample_rate, max_s, block_s)
@@ -199,8 +234,21 @@ def stream(path: Path, fmt: str, sample_rate: int, max_s: float, block_s: float 
     yield from _stream_ffmpeg(path, sample_rate, max_s, block_s)
 
 
-def _clean(block: np.ndarray) -> np.ndarray:
-    return np.clip(np.nan_to_num(block, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0).astype(np.float32)
+def _mix(block: np.ndarray) -> np.ndarray:
+    """Mono float32 in [-1, 1] from a (frames, channels) block.
+
+    Non-finite samples become 0 rather than full scale (an infinity is a glitch, not a loud sound),
+    unless there are so many that the block is broken: InvalidSamples then. The mean accumulates in
+    float64, so channels near the float32 maximum do not overflow to infinity when summed.
+    """
+    finite = np.isfinite(block)
+    if not finite.all():
+        bad = block.size - int(np.count_nonzero(finite))
+        if bad > MAX_NONFINITE_SHARE * block.size:
+            raise InvalidSamples(f"{bad} of {block.size} samples are NaN or infinite; the file is broken")
+        block = np.where(finite, block, np.float32(0.0))
+    mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float64)
+    return np.clip(mono, -1.0, 1.0).astype(np.float32)
 
 
 def _stream_soundfile(handle: sf.SoundFile, sample_rate: int, max_s: float, block_s: float) -> Iterator[np.ndarray]:
@@ -209,6 +257,7 @@ def _stream_soundfile(handle: sf.SoundFile, sample_rate: int, max_s: float, bloc
     rate = int(handle.samplerate)
     if rate <= 0 or handle.channels <= 0:
         raise DecodeFailed("the header declares no channels or no sample rate")
+    check_params(rate, int(handle.channels))
     resampler = None
     if rate != sample_rate:
         resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
@@ -218,12 +267,12 @@ def _stream_soundfile(handle: sf.SoundFile, sample_rate: int, max_s: float, bloc
             total += len(block)
             if total > limit:
                 raise AudioTooLong(f"recording is longer than the {max_s:.0f} s limit")
-            mono = _clean(block.mean(axis=1))
+            mono = _mix(block)
             out = resampler.resample_chunk(mono, last=False) if resampler else mono
             if out.size:
                 yield out
     except (RuntimeError, sf.LibsndfileError) as exc:
-        raise DecodeFailed(f"cannot decode the audio: {exc}") from exc
+        raise DecodeFailed(f"cannot decode the audio: {_reason(exc, Path(str(handle.name)))}") from exc
     if total == 0:
         raise DecodeFailed("the file decodes to no audio samples")
     if resampler is not None:
@@ -247,10 +296,9 @@ def _stream_ffmpeg(path: Path, sample_rate: int, max_s: float, block_s: float) -
             total += block.size
             if total > (max_s + 0.5) * sample_rate:
                 raise AudioTooLong(f"recording is longer than the {max_s:.0f} s limit")
-            yield _clean(block)
+            yield _mix(block.reshape(-1, 1))
         if proc.wait(timeout=60) != 0 or total == 0:
-            message = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:] or ["no audio"]
-            raise DecodeFailed(f"cannot decode the audio: {message[0][:200]}")
+            raise DecodeFailed(f"cannot decode the audio: {_reason(proc.stderr.read(), path)}")
     finally:
         if proc.poll() is None:
             proc.kill()

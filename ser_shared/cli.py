@@ -7,6 +7,7 @@ Web and worker run as separate processes (exec'd), so neither imports the other;
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -15,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from ser_shared import logs
-from ser_shared.settings import get_settings
+from ser_shared import client_cli, keys_cli, logs
+from ser_shared.keys_cli import get_settings  # lazy: client commands never build server settings
 
 log = logging.getLogger("ser")
 
@@ -43,6 +44,8 @@ def _worker_argv(queues: str, concurrency: int, pool: str, loglevel: str) -> lis
 
 
 def _web(args: argparse.Namespace) -> int:
+    if _public_without_auth(args.host):
+        return 2
     os.execv(sys.executable, _web_argv(args.host, args.port, args.workers))
     return 1  # not reached
 
@@ -54,10 +57,31 @@ def _worker(args: argparse.Namespace) -> int:
     return 1  # not reached
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _public_without_auth(host: str) -> bool:
+    """True (after saying why) when asked to listen beyond this machine with authentication off."""
+    if get_settings().auth_enabled or _loopback(host):
+        return False
+    print(f"refusing to listen on {host} without authentication: anyone who can reach it would see every "
+          "recording. Set SER_AUTH=true and create a key (ser keys create --name NAME), or keep the default "
+          "--host 127.0.0.1.", file=sys.stderr)
+    return True
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Migrate, then run web and worker together until interrupted."""
     settings = get_settings()
+    if _public_without_auth(args.host):
+        return 2
     _migrate(args)
+    if not settings.auth_enabled:
+        log.warning("single-user mode: authentication is off (SER_AUTH=false); listening on %s only", args.host)
     if settings.is_embedded:
         log.info("embedded mode: database=%s broker=%s (set SER_DATABASE_URL / SER_BROKER_URL "
                  "for Postgres and Redis)", settings.db_url, settings.queue_url)
@@ -66,7 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
                                       "prefork", settings.log_level)),
         subprocess.Popen(_web_argv(args.host, args.port, args.web_workers)),
     ]
-    print(f"SER service running at http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
+    mode = "" if settings.auth_enabled else " in single-user mode (no authentication, local only)"
+    print(f"SER service running at http://{args.host}:{args.port}/{mode}  (Ctrl-C to stop)", flush=True)
     stopping = False
 
     def stop(*_: object) -> None:
@@ -144,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     p.set_defaults(func=_migrate)
 
+    keys_cli.register(sub)
+    client_cli.register(sub)
+
     p = sub.add_parser("train", help="train and cross-validate the models, write models/")
     p.add_argument("--data", default=str(Path("..") / "shared" / "datasets" / "ravdess"))
     p.add_argument("--out", default="models")
@@ -167,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.configure(get_settings().log_level)
+    # Client commands run on machines with no server configuration: they never build Settings.
+    logs.configure("WARNING" if getattr(args, "client", False) else get_settings().log_level)
     return int(args.func(args) or 0)
 
 

@@ -26,9 +26,35 @@ class NotFound(SERError):
     http_status = 404
 
 
+class Gone(SERError):
+    code = "gone"
+    http_status = 410
+
+
 class Conflict(SERError):
     code = "conflict"
     http_status = 409
+
+
+class Unauthorized(SERError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(SERError):
+    code = "forbidden"
+    http_status = 403
+
+
+class TooManyRequests(SERError):
+    """Over a rate limit or a cap; ``retry_after`` (seconds) becomes the Retry-After header."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = max(1, int(retry_after))
 
 
 class ServiceUnavailable(SERError):
@@ -70,3 +96,19 @@ class DecodeFailed(AudioError):
 
 class SilentAudio(AudioError):
     code = "silent_audio"
+
+
+class UnsupportedSampleRate(AudioError):
+    """A header rate no microphone produces (a hostile or broken file): decoding it would be noise."""
+
+    code = "unsupported_sample_rate"
+
+
+class TooManyChannels(AudioError):
+    code = "too_many_channels"
+
+
+class InvalidSamples(AudioError):
+    """Floating-point audio made largely of NaN or infinity: a broken export, not a recording."""
+
+    code = "invalid_samples"

@@ -54,13 +54,38 @@ class JobStatus(StrEnum):
 
 FINISHED = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)
 
+# Everything belongs to one tenant. With authentication off (the embedded single-user default) that
+# is this one; with it on, it is the tenant of the API key that uploaded it.
+LOCAL_TENANT = "local"
+TENANT_LENGTH = 64
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 is stored; the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(100))
+    tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), index=True)
+    # The first characters of the key, so a person can tell keys apart in listings and logs.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
 
 class Batch(Base):
     """One upload request: one or many recordings."""
 
     __tablename__ = "batches"
+    # Upload rate limits count a tenant's recent batches.
+    __table_args__ = (Index("ix_batches_tenant_created_at", "tenant", "created_at"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), default=LOCAL_TENANT,
+                                        server_default=LOCAL_TENANT)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     options: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     file_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -76,22 +101,38 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         CheckConstraint("status IN ('queued', 'processing', 'succeeded', 'failed')", name="status"),
-        # History: newest first, optionally narrowed by status or emotion.
-        Index("ix_jobs_created_at_id", "created_at", "id"),
-        Index("ix_jobs_status_created_at", "status", "created_at"),
-        Index("ix_jobs_emotion_created_at", "emotion", "created_at"),
+        # History: one tenant's jobs newest first, optionally narrowed by status or emotion. Every
+        # query names the tenant, so it leads each index.
+        Index("ix_jobs_tenant_created_at_id", "tenant", "created_at", "id"),
+        Index("ix_jobs_tenant_status_created_at", "tenant", "status", "created_at"),
+        Index("ix_jobs_tenant_emotion_created_at", "tenant", "emotion", "created_at"),
         Index("ix_jobs_batch_id_position", "batch_id", "position"),
-        Index("ix_jobs_client_reference_created_at", "client_reference", "created_at"),
+        Index("ix_jobs_tenant_client_reference_created_at", "tenant", "client_reference", "created_at"),
+        # History sorted by confidence, duration or name: keyset pages on (value, id).
+        Index("ix_jobs_tenant_confidence_id", "tenant", "confidence", "id"),
+        Index("ix_jobs_tenant_duration_s_id", "tenant", "duration_s", "id"),
+        Index("ix_jobs_tenant_filename_id", "tenant", "filename", "id"),
+        # File-name search (ILIKE '%text%'): trigrams on Postgres; a plain index elsewhere.
+        Index("ix_jobs_filename_trgm", "filename", postgresql_using="gin",
+              postgresql_ops={"filename": "gin_trgm_ops"}),
+        # The worker's sweeps (unqueued jobs, stuck jobs, audio past retention) span all tenants.
+        Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index("ix_jobs_finished_at", "finished_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     batch_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    # Copied from the batch so history queries filter one table.
+    tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), default=LOCAL_TENANT,
+                                        server_default=LOCAL_TENANT)
     position: Mapped[int] = mapped_column(Integer, default=0)
     # The client's name for the file: data only, never used to build a path.
     filename: Mapped[str] = mapped_column(String(512))
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     content_hash: Mapped[str | None] = mapped_column(String(64))
     storage_key: Mapped[str | None] = mapped_column(String(128))
+    # Set when retention removed the audio (the result stays); storage_key is then NULL.
+    audio_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     format: Mapped[str | None] = mapped_column(String(16))
     duration_s: Mapped[float | None] = mapped_column(Float)
     sample_rate: Mapped[int | None] = mapped_column(Integer)
@@ -156,7 +197,8 @@ class IdempotencyKey(Base):
 
     __tablename__ = "idempotency_keys"
 
-    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # "<tenant>:<client's key>": two tenants may use the same key without seeing each other's response.
+    key: Mapped[str] = mapped_column(String(330), primary_key=True)
     # SHA-256 over the request (fields and each file's bytes): the same key with another request is a 409.
     fingerprint: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
+from typing import Any
 
 from celery import Celery
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ser_shared.models import Job, JobStatus
@@ -139,3 +142,139 @@ def sweep_unqueued(celery: Celery, factory: sessionmaker[Session], settings: Set
     if rows:
         log.info("sweep found=%d enqueued=%d", len(rows), sent)
     return sent
+
+
+# kombu's Redis transport: a list per queue (a suffixed list per non-zero priority) and one hash of
+# delivered, unacknowledged messages.
+REDIS_PRIORITY_SEP = "\x06\x16"
+REDIS_PRIORITIES = (3, 6, 9)
+REDIS_UNACKED = "unacked"
+
+
+def _analyze_job_ids(message: dict[str, object]) -> list[str]:
+    """The job ids an analyze message carries (none for other tasks or unreadable messages)."""
+    headers = message.get("headers")
+    if not isinstance(headers, dict) or headers.get("task") != ANALYZE:
+        return []
+    body = message.get("body")
+    properties = message.get("properties")
+    try:
+        if isinstance(properties, dict) and properties.get("body_encoding") == "base64":
+            body = base64.b64decode(str(body))
+        args = json.loads(body)[0]  # type: ignore[arg-type]  # task protocol 2: [args, kwargs, embed]
+        return [str(i) for i in args[0]]
+    except (ValueError, TypeError, IndexError, KeyError):
+        return []
+
+
+def broker_job_ids(celery: Celery, queues: set[str]) -> set[str] | None:
+    """Ids of jobs the broker holds: waiting in ``queues`` or delivered and not yet acknowledged.
+
+    None when the transport cannot be inspected (only Redis can): callers then re-send nothing.
+    """
+    if not celery.conf.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    raw: list[bytes] = []
+    with celery.connection_for_write() as conn:
+        client = conn.default_channel.client
+        for queue in queues:
+            for key in (queue, *(f"{queue}{REDIS_PRIORITY_SEP}{p}" for p in REDIS_PRIORITIES)):
+                raw.extend(client.lrange(key, 0, -1))
+        # Unacked entries are [message, exchange, routing key]; they cover messages a worker holds
+        # (running, prefetched or waiting for a retry countdown).
+        unacked = [json.loads(v)[0] for v in client.hvals(REDIS_UNACKED)]
+    ids: set[str] = set()
+    for message in [json.loads(r) for r in raw] + unacked:
+        ids.update(_analyze_job_ids(message))
+    return ids
+
+
+def _send_again(celery: Celery, factory: sessionmaker[Session], settings: Settings,
+                rows: Sequence[Row[Any]]) -> int:
+    by_queue: dict[str, list[uuid.UUID]] = {}
+    for row in rows:
+        by_queue.setdefault(queue_for(row.options, settings.default_queue), []).append(row.id)
+    return sum(len(ids) for queue, ids in by_queue.items()
+               if enqueue(celery, factory, ids, queue, settings.chunk_size))
+
+
+def requeue_stuck(celery: Celery, factory: sessionmaker[Session], settings: Settings,
+                  limit: int = 5000) -> int:
+    """Requeue jobs still processing well past the hard time limit: their worker died with them.
+
+    A pool child that dies is noticed by its parent, which requeues the message; this covers the
+    whole worker (or its machine) dying, whose unacknowledged message Redis would only restore
+    after the visibility timeout. The attempt that was running stays counted, so a job that keeps
+    killing its worker ends ``too_many_attempts`` at its next claim.
+    """
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(seconds=settings.task_time_limit_s + settings.stuck_margin_s)
+    with factory() as session:
+        stuck = session.scalars(select(Job.id).where(Job.status == JobStatus.PROCESSING.value,
+                                                     Job.started_at < cutoff)
+                                .order_by(Job.started_at).limit(limit)).all()
+        # The status condition again in the UPDATE: of two sweepers, or a worker finishing the job
+        # just now, only one changes the row.
+        rows = session.execute(
+            update(Job).where(Job.id.in_(stuck), Job.status == JobStatus.PROCESSING.value, Job.started_at < cutoff)
+            .values(status=JobStatus.QUEUED.value, enqueued_at=now, enqueue_error=None)
+            .returning(Job.id, Job.options)).all() if stuck else []
+        session.commit()
+    if rows:
+        log.warning("requeued stuck jobs=%d (processing for over %d s)", len(rows),
+                    settings.task_time_limit_s + settings.stuck_margin_s)
+    return _send_again(celery, factory, settings, rows)
+
+
+def requeue_lost(celery: Celery, factory: sessionmaker[Session], settings: Settings, suspects: set[uuid.UUID],
+                 limit: int = 5000) -> int:
+    """Re-send queued jobs that the broker no longer holds (it restarted without persistence).
+
+    A job counts as lost when it was sent at least ``requeue_after_s`` ago, is still queued, and
+    its id is in no message waiting in its queue or delivered and unacknowledged, on this pass and
+    on the previous one: ``suspects`` holds the ids missing last time (the caller keeps it between
+    passes). One look is not enough: a message being delivered is briefly in neither place (popped
+    from the list, not yet in the unacknowledged hash), and a busy worker was seen to hit that.
+    A needless re-send would still be harmless (claims skip finished jobs; one result row a job).
+    """
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(seconds=settings.requeue_after_s)
+    with factory() as session:
+        waiting = session.execute(select(Job.id, Job.options).where(Job.status == JobStatus.QUEUED.value,
+                                                                    Job.enqueued_at <= cutoff)
+                                  .order_by(Job.enqueued_at).limit(limit)).all()
+    if not waiting:
+        suspects.clear()
+        return 0
+    held = broker_job_ids(celery, {queue_for(options, settings.default_queue) for _, options in waiting})
+    if held is None:
+        return 0
+    missing = {job_id for job_id, _ in waiting if str(job_id) not in held}
+    lost = list(missing & suspects)
+    suspects.clear()
+    suspects.update(missing - set(lost))
+    if not lost:
+        return 0
+    with factory() as session:
+        rows = session.execute(
+            update(Job).where(Job.id.in_(lost), Job.status == JobStatus.QUEUED.value, Job.enqueued_at <= cutoff)
+            .values(enqueued_at=now).returning(Job.id, Job.options)).all()
+        session.commit()
+    if rows:
+        log.warning("re-sending jobs missing from the broker jobs=%d", len(rows))
+    return _send_again(celery, factory, settings, rows)
+
+
+class Reconciler:
+    """The worker's sweeper pass over everything the broker never got, lost, or left stuck.
+
+    Keeps, between passes, the jobs seen missing from the broker once (see ``requeue_lost``).
+    """
+
+    def __init__(self) -> None:
+        self.suspects: set[uuid.UUID] = set()
+
+    def __call__(self, celery: Celery, factory: sessionmaker[Session], settings: Settings) -> dict[str, int]:
+        return {"unqueued": sweep_unqueued(celery, factory, settings),
+                "stuck": requeue_stuck(celery, factory, settings),
+                "lost": requeue_lost(celery, factory, settings, self.suspects)}

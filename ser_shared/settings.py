@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     task_time_limit_s: int = Field(default=360, ge=1)
     max_attempts: int = Field(default=3, ge=1)
     default_queue: str = "cpu"
+    # The worker's reconciler runs every sweep_interval_s. It re-sends queued jobs that are in
+    # neither the broker's queue nor its unacknowledged set requeue_after_s after they were sent
+    # (a broker restart lost them), and requeues jobs still processing stuck_margin_s past the hard
+    # time limit (their worker was killed outright), which counts as an attempt.
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    requeue_after_s: float = Field(default=60.0, gt=0)
+    stuck_margin_s: float = Field(default=60.0, ge=0)
     uncertain_threshold: float | None = Field(default=None, ge=0, le=1)
 
     # Transcripts (SpeechRecognition): a per-recording budget, after which the transcript is
@@ -66,6 +73,20 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(default=30.0, gt=0)
     webhook_retry_max_s: float = Field(default=1800.0, gt=0)  # below the broker visibility timeout
     webhook_max_age_s: float = Field(default=86400.0, gt=0)
+
+    # Access. Authentication is on in production and off by default elsewhere: the embedded
+    # single-user service then binds to 127.0.0.1 only (see ``ser serve``).
+    auth: bool | None = None
+    # Secure session cookies (HTTPS only; browsers also accept them on http://localhost).
+    cookie_secure: bool | None = None
+    session_hours: float = Field(default=12.0, gt=0)
+    # Per tenant, over a sliding minute: upload requests, and files in them; and a cap on jobs
+    # waiting or running. Over a limit the upload gets 429 with Retry-After.
+    rate_limit_uploads_per_minute: int = Field(default=120, ge=1)
+    rate_limit_files_per_minute: int = Field(default=20000, ge=1)
+    max_queued_jobs: int = Field(default=20000, ge=1)
+    # Audio is deleted this many days after its job finished (results stay); 0 keeps it forever.
+    audio_retention_days: float = Field(default=30.0, ge=0)
 
     @field_validator("database_url", "broker_url", mode="before")
     @classmethod
@@ -89,6 +110,14 @@ class Settings(BaseSettings):
         if self.task_time_limit_s <= self.task_soft_time_limit_s:
             raise ValueError("SER_TASK_TIME_LIMIT_S must exceed SER_TASK_SOFT_TIME_LIMIT_S")
         return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth if self.auth is not None else self.env == "production"
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.cookie_secure if self.cookie_secure is not None else self.env == "production"
 
     @property
     def resolved_data_dir(self) -> Path:

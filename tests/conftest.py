@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,30 @@ def pg_url() -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@contextmanager
+def private_database(base: Settings, **changes: object) -> Iterator[Settings]:
+    """``base`` on a migrated database of its own, dropped afterwards.
+
+    For rows no other test may see or touch: the session's shared worker reconciles every job in
+    the shared database (re-sends queued ones it cannot find in its broker, fails what it cannot
+    decode), which would rewrite rows a test wrote by hand.
+    """
+    from ser_shared.migrate import upgrade
+
+    name = f"ser_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        settings = base.model_copy(update={"database_url": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}", **changes})
+        upgrade(settings)
+        yield settings
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -119,13 +144,9 @@ class WorkerProcess:
         raise RuntimeError(f"worker did not become ready:\n{self.log_path.read_text(errors='replace')[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from tests.helpers import stop_process
+
+        stop_process(self.proc)
         self.log.close()
 
 

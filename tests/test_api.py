@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from ser_shared import storage
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.models import Batch, Job
 from ser_shared.settings import Settings
 from tests.conftest import REPO_ROOT, ravdess_file, settings_env
-from tests.helpers import multipart, read
+from tests.helpers import csrf_token, multipart, read
 from web import create_app
 
 
@@ -73,12 +74,17 @@ def test_audio_download_and_delete(client, pg_settings: Settings) -> None:  # ty
     assert audio.status_code == 200 and audio.data == content and audio.mimetype == "audio/flac"
     partial = client.get(f"/api/v1/jobs/{job['id']}/audio", headers={"Range": "bytes=0-99"})
     assert partial.status_code == 206 and partial.data == content[:100]
-    stored = list(pg_settings.upload_dir.rglob("*"))
-    assert any(p.is_file() and p.read_bytes() == content for p in stored)
+    engine = make_engine(pg_settings)
+    with make_session_factory(engine)() as session:
+        found = session.get(Job, uuid.UUID(job["id"]))
+        assert found is not None and found.storage_key
+        path = storage.path_for(pg_settings.upload_dir, found.storage_key)
+    engine.dispose()
+    assert path.read_bytes() == content
 
     assert client.delete(f"/api/v1/jobs/{job['id']}").status_code == 204
     _assert_error(client.get(f"/api/v1/jobs/{job['id']}"), 404, "not_found")
-    assert not any(p.is_file() and p.read_bytes() == content for p in pg_settings.upload_dir.rglob("*"))
+    assert not path.exists()
 
 
 @pytest.fixture
@@ -181,4 +187,5 @@ def test_upload_page_creates_a_batch_and_redirects(client) -> None:  # type: ign
 
 
 def _post_page(client, files):  # type: ignore[no-untyped-def]
-    return client.post("/upload", data=multipart(files), content_type="multipart/form-data")
+    data = multipart(files, csrf_token=csrf_token(client))
+    return client.post("/upload", data=data, content_type="multipart/form-data")

@@ -349,6 +349,8 @@ def test_app_settings(services, name):
         "SER_SECRET_KEY must be a required ${...:?} reference"
     )
     assert env.get("SER_MODELS_DIR") == "/app/models"
+    # Production runs with authentication on, whatever SER_ENV would imply.
+    assert str(env.get("SER_AUTH")).lower() == "true"
 
 
 def test_worker_concurrency_matches_command(services):

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from ser_shared.db import make_engine
-from ser_shared.models import Batch, IdempotencyKey
+from ser_shared.models import LOCAL_TENANT, Batch, IdempotencyKey
 from ser_shared.settings import Settings
 from tests.conftest import ravdess_file
 from tests.helpers import multipart, read
@@ -72,10 +72,15 @@ def test_in_progress_stale_and_expired_keys(client, engine) -> None:  # type: ig
         assert _post(client, files, key).status_code == 202
     with engine.begin() as conn:  # as if the first request were still running, had died, or were old
         table = IdempotencyKey.__table__
-        conn.execute(sa.update(table).where(table.c.key == busy).values(status_code=None, response=None))
-        conn.execute(sa.update(table).where(table.c.key == stale)
+
+        def stored(key: str) -> str:  # keys are stored per tenant
+            return f"{LOCAL_TENANT}:{key}"
+
+        conn.execute(sa.update(table).where(table.c.key == stored(busy)).values(status_code=None, response=None))
+        conn.execute(sa.update(table).where(table.c.key == stored(stale))
                      .values(status_code=None, response=None, created_at=now - timedelta(minutes=11)))
-        conn.execute(sa.update(table).where(table.c.key == expired).values(created_at=now - timedelta(hours=25)))
+        conn.execute(sa.update(table).where(table.c.key == stored(expired))
+                     .values(created_at=now - timedelta(hours=25)))
     running = _post(client, files, busy)
     assert running.status_code == 409 and running.get_json()["error"]["code"] == "idempotency_key_in_progress"
     retaken = _post(client, files, stale)  # its request died: the key is free again
@@ -83,7 +88,7 @@ def test_in_progress_stale_and_expired_keys(client, engine) -> None:  # type: ig
     fresh = _post(client, files, expired)  # 24 hours on, the key is new again
     assert fresh.status_code == 202 and "Idempotent-Replayed" not in fresh.headers
     with engine.connect() as conn:
-        row = conn.execute(sa.select(IdempotencyKey).where(IdempotencyKey.key == expired)).one()
+        row = conn.execute(sa.select(IdempotencyKey).where(IdempotencyKey.key == stored(expired))).one()
     assert row.response["batch_id"] == fresh.get_json()["batch_id"]
 
 

@@ -61,8 +61,9 @@ def test_downgrade_to_base_and_back(tmp_path: Path) -> None:
     assert _diff(settings) == []
 
 
-@pytest.mark.parametrize("index", ["ix_jobs_created_at_id", "ix_jobs_status_created_at",
-                                   "ix_jobs_emotion_created_at", "ix_jobs_batch_id_position"])
+@pytest.mark.parametrize("index", ["ix_jobs_tenant_created_at_id", "ix_jobs_tenant_status_created_at",
+                                   "ix_jobs_tenant_emotion_created_at", "ix_jobs_batch_id_position",
+                                   "ix_jobs_status_created_at", "ix_jobs_finished_at"])
 def test_history_indexes_exist(pg_settings: Settings, index: str) -> None:
     engine = make_engine(pg_settings)
     with engine.connect() as conn:

@@ -9,11 +9,12 @@ from sqlalchemy import text
 
 from ser_shared import storage
 from ser_shared.audio import MIME_TYPES
-from ser_shared.errors import BadRequest, NotFound
+from ser_shared.errors import BadRequest, Gone, NotFound
 from web import export as export_rows
-from web import idempotency, queries
+from web import idempotency, limits, openapi, queries
+from web.auth import tenant
 from web.context import db, services
-from web.serialize import batch_dict, job_dict, job_summary
+from web.serialize import batch_dict, iso, job_dict, job_summary
 from web.uploads import create_batch, parse_labels, parse_options, parse_webhook
 
 bp = Blueprint("api", __name__)
@@ -28,9 +29,12 @@ def create_jobs() -> tuple[Response, int]:
     instead of creating the jobs again (see ``web.idempotency``).
     """
     svc = services()
+    # Before the body is parsed: a client over its limits is turned away without reading its files.
+    limits.check(svc, tenant())
     files = [f for f in request.files.getlist("file") if f is not None]
     header = request.headers.get(idempotency.HEADER)
-    key = idempotency.validate_key(header) if header is not None else None
+    # Keys are per tenant: two tenants choosing the same key never see each other's response.
+    key = f"{tenant()}:{idempotency.validate_key(header)}" if header is not None else None
     if key is not None:
         stored = idempotency.claim(svc, key, idempotency.fingerprint(request.form, files))
         if stored is not None:
@@ -38,8 +42,10 @@ def create_jobs() -> tuple[Response, int]:
             replay.headers[idempotency.REPLAYED] = "true"
             return replay, stored.status
     try:
+        limits.check(svc, tenant(), len(files))
         result = create_batch(svc, files, parse_options(request.form.to_dict()),
-                              parse_labels(request.form, len(files)), parse_webhook(request.form, svc.settings))
+                              parse_labels(request.form, len(files)), parse_webhook(request.form, svc.settings),
+                              tenant=tenant())
     except Exception:
         if key is not None:
             idempotency.release(svc, key)  # nothing was created: the client may retry with this key
@@ -58,7 +64,7 @@ def create_jobs() -> tuple[Response, int]:
 
 @bp.get(f"{API}/jobs")
 def list_jobs() -> Response:
-    f = queries.parse_filter(request.args.to_dict())
+    f = queries.parse_filter(request.args.to_dict(), tenant())
     limit = queries.parse_limit(request.args.get("limit"))
     jobs, next_cursor = queries.list_jobs(db(), f, limit, request.args.get("cursor"))
     # Segments make long recordings' rows large: listed only on request.
@@ -70,7 +76,7 @@ def list_jobs() -> Response:
 def export() -> Response:
     """The jobs matching the list filters as CSV (default) or JSON, streamed; ``segments=true``
     gives one row per speech segment."""
-    f = queries.parse_filter(request.args.to_dict())
+    f = queries.parse_filter(request.args.to_dict(), tenant())
     fmt = (request.args.get("format") or "csv").lower()
     if fmt not in ("csv", "json"):
         raise BadRequest("format must be csv or json", code="invalid_parameter")
@@ -85,13 +91,16 @@ def export() -> Response:
 @bp.get(f"{API}/jobs/<job_id>")
 def job(job_id: str) -> Response:
     session = db()
-    found = queries.get_job(session, job_id)
+    found = queries.get_job(session, job_id, tenant())
     return jsonify(job_dict(found, queries.deliveries_for_job(session, found.id)))
 
 
 @bp.get(f"{API}/jobs/<job_id>/audio")
 def job_audio(job_id: str) -> Response:
-    found = queries.get_job(db(), job_id)
+    found = queries.get_job(db(), job_id, tenant())
+    if found.audio_deleted_at is not None:
+        raise Gone(f"this job's audio was deleted on {iso(found.audio_deleted_at)} (retention); its results remain",
+                   code="audio_deleted")
     if not found.storage_key:
         raise NotFound("this job has no stored audio")
     path = storage.path_for(services().settings.upload_dir, found.storage_key)
@@ -105,7 +114,7 @@ def job_audio(job_id: str) -> Response:
 def delete_job(job_id: str) -> tuple[str, int]:
     """Remove the job, its result and its audio."""
     session = db()
-    found = queries.get_job(session, job_id)
+    found = queries.get_job(session, job_id, tenant())
     key = found.storage_key
     session.delete(found)
     session.commit()
@@ -116,9 +125,15 @@ def delete_job(job_id: str) -> tuple[str, int]:
 @bp.get(f"{API}/batches/<batch_id>")
 def batch(batch_id: str) -> Response:
     session = db()
-    found = queries.get_batch(session, batch_id)
+    found = queries.get_batch(session, batch_id, tenant())
     return jsonify(batch_dict(found, queries.status_counts(session, found.id),
                               queries.deliveries_for_batch(session, found.id)))
+
+
+@bp.get(f"{API}/openapi.json")
+def openapi_document() -> Response:
+    """The OpenAPI 3.1 description of this API (public: see ``web.auth.PUBLIC_PATHS``)."""
+    return jsonify(openapi.document())
 
 
 @bp.get("/healthz")

@@ -45,8 +45,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         if session is not None:
             session.close()
 
-    from web import api, errors, pages
+    from web import api, auth, errors, pages
 
+    auth.register(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
     errors.register(app)

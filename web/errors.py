@@ -9,7 +9,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from ser_shared.errors import SERError
+from ser_shared.errors import SERError, TooManyRequests
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,13 @@ def register(app: Flask) -> None:
     @app.errorhandler(SERError)
     def _domain(exc: SERError) -> ResponseReturnValue:
         if _wants_json():
-            return error_response(exc.http_status, exc.code, exc.message)
-        return render_template("error.html", code=exc.code, message=exc.message), exc.http_status
+            response, status = error_response(exc.http_status, exc.code, exc.message)
+        else:
+            response = app.make_response(render_template("error.html", code=exc.code, message=exc.message))
+            status = exc.http_status
+        if isinstance(exc, TooManyRequests):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response, status
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> ResponseReturnValue:

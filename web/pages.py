@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, redirect, render_template, request, url_for
+from flask import Blueprint, flash, make_response, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
+from ser_shared import storage
 from ser_shared.emotions import EMOTIONS
-from web import queries
+from ser_shared.errors import Gone
+from ser_shared.models import Job
+from web import images, limits, openapi, queries
+from web.auth import tenant
 from web.context import db, services
 from web.serialize import iso
 from web.uploads import create_batch, parse_options
@@ -19,10 +24,26 @@ COLOURS = {"neutral": "#8a8f98", "happy": "#f2b705", "sad": "#3b6fd8", "angry": 
            "fearful": "#8e44ad", "disgust": "#4f9a3a", "surprised": "#f07c1e"}
 
 
+EMOJI = {"neutral": "\U0001F610", "happy": "\U0001F604", "sad": "\U0001F622", "angry": "\U0001F620",
+         "fearful": "\U0001F628", "disgust": "\U0001F616", "surprised": "\U0001F632"}
+# Job error codes in plain words for the job page; the code and the worker's message are shown too.
+ERROR_WORDS = {
+    "empty_file": "The file was empty.",
+    "unsupported_format": "This is not an audio format the service can read.",
+    "file_too_large": "The file is larger than the upload limit.",
+    "audio_too_long": "The recording is longer than the service accepts.",
+    "audio_too_short": "The recording is too short to analyse.",
+    "decode_failed": "The file could not be decoded as audio; it may be damaged or not really audio.",
+    "silent_audio": "The recording is silent: there was no speech to analyse.",
+    "audio_missing": "The stored recording was gone before it could be analysed.",
+    "internal_error": "Something went wrong on the server while analysing this recording.",
+}
+
+
 @bp.app_context_processor
 def _helpers() -> dict[str, object]:
     return {"emotions": EMOTIONS, "colours": COLOURS, "iso": iso, "statuses": queries.STATUSES,
-            "dominant": dominant}
+            "dominant": dominant, "emoji": EMOJI, "sorts": queries.SORT_CHOICES}
 
 
 def dominant(segments: list[dict[str, Any]] | None, top: int = 3, at_least: float = 0.15) -> list[tuple[str, float]]:
@@ -37,40 +58,102 @@ def dominant(segments: list[dict[str, Any]] | None, top: int = 3, at_least: floa
     return [(e, share) for e, share in ranked[:top] if share >= at_least]
 
 
+# What the upload page's script accepts before sending; the server still sniffs the content, this
+# only spares the user an upload that would fail (names as browsers and recorders give them).
+UPLOAD_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
+                     ".aif", ".aiff")
+
+
 @bp.get("/")
 def upload_form() -> str:
-    return render_template("upload.html", settings=services().settings)
+    return render_template("upload.html", settings=services().settings, extensions=UPLOAD_EXTENSIONS)
 
 
 @bp.post("/upload")
 def upload() -> Response:
-    result = create_batch(services(), request.files.getlist("file"), parse_options(request.form.to_dict()))
+    svc = services()
+    files = request.files.getlist("file")
+    limits.check(svc, tenant(), len(files))
+    result = create_batch(svc, files, parse_options(request.form.to_dict()), tenant=tenant())
     return redirect(url_for("pages.batch", batch_id=result.batch.id), code=303)
+
+
+@bp.get("/docs/api")
+def api_docs() -> str:
+    """The API reference, rendered from the same OpenAPI document the API serves."""
+    doc = openapi.document()
+    return render_template("api.html", doc=doc, operations=openapi.operations(doc), type_label=openapi.type_label,
+                           response_content=openapi.response_content, curl_example=openapi.curl_example,
+                           base=request.url_root.rstrip("/"))
 
 
 @bp.get("/history")
 def history() -> str:
     args = request.args.to_dict()
-    f = queries.parse_filter(args)
+    f = queries.parse_filter(args, tenant())
     limit = queries.parse_limit(args.get("limit"), default=25)
     jobs, next_cursor = queries.list_jobs(db(), f, limit, args.get("cursor"))
     base = {k: v for k, v in args.items() if k != "cursor" and v}
     return render_template("history.html", jobs=jobs, f=f, args=base, next_cursor=next_cursor,
-                           paged=bool(args.get("cursor")))
+                           paged=bool(args.get("cursor")), summary=queries.summarize(db(), f),
+                           export_args={k: v for k, v in base.items() if k != "limit"})
 
 
 @bp.get("/jobs/<job_id>")
 def job(job_id: str) -> str:
     session = db()
-    found = queries.get_job(session, job_id)
+    found = queries.get_job(session, job_id, tenant())
     return render_template("job.html", job=found, result=found.result,
-                           deliveries=queries.deliveries_for_job(session, found.id))
+                           deliveries=queries.deliveries_for_job(session, found.id),
+                           audio_available=_audio_path(found) is not None, error_words=ERROR_WORDS)
+
+
+def _audio_path(found: Job) -> Path | None:
+    """The job's stored recording, or None when there is none (deleted by retention or by hand)."""
+    if not found.storage_key or found.audio_deleted_at is not None:
+        return None
+    path = storage.path_for(services().settings.upload_dir, found.storage_key)
+    return path if path.exists() else None
+
+
+@bp.get("/jobs/<job_id>/<any(waveform, spectrogram):kind>.png")
+def job_image(job_id: str, kind: str) -> Response:
+    """The waveform or mel spectrogram of the job's recording, drawn on request (bounded cost).
+
+    Loaded through ``queries.get_job`` like the page, so the same access rules apply.
+    """
+    found = queries.get_job(db(), job_id, tenant())
+    path = _audio_path(found)
+    if path is None:
+        raise Gone("this job's recording is no longer stored, so it cannot be drawn", code="audio_deleted")
+    response = make_response(images.render(path, found.format, kind))
+    response.mimetype = "image/png"
+    # The audio of a job never changes, so neither does its picture: the browser may keep it.
+    response.headers["Cache-Control"] = "private, max-age=86400"
+    response.set_etag(f"{found.id}-{kind}-{images.WIDTH}")
+    return response.make_conditional(request)
+
+
+@bp.post("/jobs/<job_id>/delete")
+def delete_job(job_id: str) -> str | Response:
+    """Delete the job, its result and its audio; without ``confirm=yes`` first ask (no-JS fallback)."""
+    session = db()
+    found = queries.get_job(session, job_id, tenant())
+    if request.form.get("confirm") != "yes":
+        return render_template("confirm_delete.html", job=found)
+    batch_id, key = found.batch_id, found.storage_key
+    session.delete(found)
+    session.commit()
+    storage.delete(services().settings.upload_dir, key)
+    flash(f"Deleted {found.filename}.")
+    return redirect(url_for("pages.batch", batch_id=batch_id), code=303)
 
 
 @bp.get("/batches/<batch_id>")
 def batch(batch_id: str) -> str:
     session = db()
-    found = queries.get_batch(session, batch_id)
+    found = queries.get_batch(session, batch_id, tenant())
     counts = queries.status_counts(session, found.id)
     done = counts["succeeded"] + counts["failed"]
-    return render_template("batch.html", batch=found, counts=counts, done=done)
+    return render_template("batch.html", batch=found, counts=counts, done=done,
+                           summary=queries.summarize(session, queries.JobFilter(tenant(), batch_id=found.id)))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.orm import Session, selectinload
 
 from ser_shared.emotions import EMOTIONS
@@ -17,10 +19,20 @@ from ser_shared.models import Batch, Job, JobStatus, WebhookDelivery
 
 STATUSES = tuple(s.value for s in JobStatus)
 MAX_LIMIT = 200
+MAX_IDS = 200
+# Sort keys of the history (a leading "-" is descending) and their columns. Each is paged by keyset on
+# (column, id); NULLs come last in both directions. Every column has a (tenant, column, id) index.
+SORTS = {"created_at": Job.created_at, "confidence": Job.confidence, "duration": Job.duration_s,
+         "filename": Job.filename}
+SORT_CHOICES = tuple(name for key in SORTS for name in (key, f"-{key}"))
+DEFAULT_SORT = "-created_at"
+NULLABLE_SORTS = ("confidence", "duration")
 
 
 @dataclass
 class JobFilter:
+    # Whose jobs: every query is confined to one tenant (see web.auth).
+    tenant: str
     status: str | None = None
     emotion: str | None = None
     batch_id: uuid.UUID | None = None
@@ -28,6 +40,11 @@ class JobFilter:
     until: datetime | None = None
     q: str | None = None
     client_reference: str | None = None
+    min_confidence: float | None = None
+    max_confidence: float | None = None
+    # Live status polling of the rows on a page: a bounded list of job ids.
+    ids: tuple[uuid.UUID, ...] | None = None
+    sort: str = DEFAULT_SORT
 
 
 def parse_uuid(value: str, what: str = "id") -> uuid.UUID:
@@ -47,8 +64,16 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
-def parse_filter(args: dict[str, str]) -> JobFilter:
-    """Validate query-string filters; bad values are a 400 with a clear code."""
+def _text_filter(value: str | None, name: str) -> str | None:
+    text = (value or "").strip()[:200]
+    # PostgreSQL text cannot hold NUL: the query would fail with a 500 (found by the API fuzzing).
+    if "\x00" in text:
+        raise BadRequest(f"{name} must not contain NUL characters", code="invalid_parameter")
+    return text or None
+
+
+def parse_filter(args: dict[str, str], tenant: str) -> JobFilter:
+    """Validate query-string filters for ``tenant``'s jobs; bad values are a 400 with a clear code."""
     status = args.get("status") or None
     if status and status not in STATUSES:
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}", code="invalid_parameter")
@@ -60,10 +85,49 @@ def parse_filter(args: dict[str, str]) -> JobFilter:
         batch_id = uuid.UUID(batch) if batch else None
     except ValueError as exc:
         raise BadRequest("batch_id must be a UUID", code="invalid_parameter") from exc
-    q = (args.get("q") or "").strip()[:200] or None
-    reference = (args.get("client_reference") or "").strip()[:200] or None
-    return JobFilter(status, emotion, batch_id, _parse_time(args.get("since"), "since"),
-                     _parse_time(args.get("until"), "until"), q, reference)
+    q = _text_filter(args.get("q"), "q")
+    reference = _text_filter(args.get("client_reference"), "client_reference")
+    sort = args.get("sort") or DEFAULT_SORT
+    if sort not in SORT_CHOICES:
+        raise BadRequest(f"sort must be one of {', '.join(SORT_CHOICES)}", code="invalid_parameter")
+    return JobFilter(tenant, status, emotion, batch_id, _parse_time(args.get("since"), "since"),
+                     _parse_until(args.get("until")), q, reference,
+                     min_confidence=_parse_confidence(args.get("min_confidence"), "min_confidence"),
+                     max_confidence=_parse_confidence(args.get("max_confidence"), "max_confidence"),
+                     ids=_parse_ids(args.get("ids")), sort=sort)
+
+
+def _parse_until(value: str | None) -> datetime | None:
+    """The end of a date range, exclusive; a bare date (YYYY-MM-DD) includes that whole day."""
+    until = _parse_time(value, "until")
+    if until is not None and value is not None and len(value.strip()) == 10:
+        until = until + timedelta(days=1) if until < datetime.max.replace(tzinfo=UTC) - timedelta(days=1) else None
+    return until
+
+
+def _parse_confidence(value: str | None, name: str) -> float | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        number = float(value)
+    except ValueError as exc:
+        raise BadRequest(f"{name} must be a number between 0 and 1", code="invalid_parameter") from exc
+    if not 0.0 <= number <= 1.0:
+        raise BadRequest(f"{name} must be a number between 0 and 1", code="invalid_parameter")
+    return number
+
+
+def _parse_ids(value: str | None) -> tuple[uuid.UUID, ...] | None:
+    """Comma-separated job ids, at most MAX_IDS of them."""
+    if value is None or not value.strip():
+        return None
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if len(parts) > MAX_IDS:
+        raise BadRequest(f"ids takes at most {MAX_IDS} job ids", code="invalid_parameter")
+    try:
+        return tuple(uuid.UUID(p) for p in parts)
+    except ValueError as exc:
+        raise BadRequest("ids must be comma-separated job UUIDs", code="invalid_parameter") from exc
 
 
 def _db_time(session: Session, value: datetime) -> datetime:
@@ -72,6 +136,7 @@ def _db_time(session: Session, value: datetime) -> datetime:
 
 
 def _apply(session: Session, stmt: Select, f: JobFilter) -> Select:
+    stmt = stmt.where(Job.tenant == f.tenant)
     if f.status:
         stmt = stmt.where(Job.status == f.status)
     if f.emotion:
@@ -87,21 +152,37 @@ def _apply(session: Session, stmt: Select, f: JobFilter) -> Select:
     if f.q:
         escaped = f.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         stmt = stmt.where(Job.filename.ilike(f"%{escaped}%", escape="\\"))
+    if f.min_confidence is not None:
+        stmt = stmt.where(Job.confidence >= f.min_confidence)
+    if f.max_confidence is not None:
+        stmt = stmt.where(Job.confidence <= f.max_confidence)
+    if f.ids is not None:
+        stmt = stmt.where(Job.id.in_(f.ids))
     return stmt
 
 
-def encode_cursor(job: Job) -> str:
-    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def encode_cursor(job: Job, sort: str = DEFAULT_SORT) -> str:
+    """The position of ``job`` in ``sort`` order: the sort, the job's sort value and its id."""
+    value = getattr(job, SORTS[sort.lstrip("-")].key)
+    raw = json.dumps([sort, value.isoformat() if isinstance(value, datetime) else value, str(job.id)])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+def _decode_cursor(cursor: str, sort: str) -> tuple[Any, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        stamp, job_id = raw.split("|")
-        return datetime.fromisoformat(stamp), uuid.UUID(job_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise BadRequest("cursor is not valid", code="invalid_parameter") from exc
+        cursor_sort, value, job_id = json.loads(raw)
+        if cursor_sort != sort:
+            raise ValueError("cursor of another sort")
+        key = sort.lstrip("-")
+        if key == "created_at":
+            value = datetime.fromisoformat(value)
+        elif value is not None and not (isinstance(value, str) if key == "filename" else
+                                        isinstance(value, int | float) and not isinstance(value, bool)):
+            raise ValueError("cursor value of the wrong type")
+        return value, uuid.UUID(job_id)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+        raise BadRequest("cursor is not valid (or belongs to another sort order)", code="invalid_parameter") from exc
 
 
 def parse_flag(value: str | None) -> bool:
@@ -120,27 +201,69 @@ def parse_limit(value: str | None, default: int = 50) -> int:
 
 
 def list_jobs(session: Session, f: JobFilter, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
-    """Newest first; returns a page and the cursor of the next page (None at the end)."""
-    stmt = _apply(session, select(Job).options(selectinload(Job.result)), f)
-    if cursor:
-        created, job_id = _decode_cursor(cursor)
-        stmt = stmt.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    rows = list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    """A page in ``f.sort`` order (newest first by default) and the next page's cursor (None at the end).
+
+    Keyset pagination on (sort column, id), so a deep page costs what the first one does. Jobs whose
+    sort value is NULL (no confidence yet, no duration) follow all others, by id, in a second query.
+    """
+    key = f.sort.lstrip("-")
+    desc, column = f.sort.startswith("-"), SORTS[key]
+    after = _decode_cursor(cursor, f.sort) if cursor else None
+    base = _apply(session, select(Job).options(selectinload(Job.result)), f)
+    rows: list[Job] = []
+    if after is None or after[0] is not None:
+        stmt = base.where(column.is_not(None)) if key in NULLABLE_SORTS else base
+        if after is not None:
+            position = (after[0], after[1])
+            stmt = stmt.where(tuple_(column, Job.id) < position if desc else tuple_(column, Job.id) > position)
+        order = (column.desc(), Job.id.desc()) if desc else (column.asc(), Job.id.asc())
+        rows = list(session.scalars(stmt.order_by(*order).limit(limit + 1)))
+    if len(rows) <= limit and key in NULLABLE_SORTS:
+        stmt = base.where(column.is_(None))
+        if after is not None and after[0] is None:
+            stmt = stmt.where(Job.id < after[1] if desc else Job.id > after[1])
+        stmt = stmt.order_by(Job.id.desc() if desc else Job.id.asc()).limit(limit + 1 - len(rows))
+        rows += list(session.scalars(stmt))
+    next_cursor = encode_cursor(rows[limit - 1], f.sort) if len(rows) > limit else None
     return rows[:limit], next_cursor
 
 
-def get_job(session: Session, job_id: str) -> Job:
+@dataclass
+class Summary:
+    """Aggregates of every job matching a filter (not just one page)."""
+
+    total: int
+    by_status: dict[str, int]
+    by_emotion: dict[str, int]
+    mean_confidence: float | None
+
+
+def summarize(session: Session, f: JobFilter) -> Summary:
+    """Counts per status and per emotion and the mean confidence, in one GROUP BY query."""
+    stmt = _apply(session, select(Job.status, Job.emotion, func.count(), func.count(Job.confidence),
+                                  func.sum(Job.confidence)), f).group_by(Job.status, Job.emotion)
+    by_status, by_emotion = dict.fromkeys(STATUSES, 0), dict.fromkeys(EMOTIONS, 0)
+    rated, confidence_sum = 0, 0.0
+    for status, emotion, n, n_conf, conf_sum in session.execute(stmt):
+        by_status[status] = by_status.get(status, 0) + n
+        if emotion:
+            by_emotion[emotion] = by_emotion.get(emotion, 0) + n
+        rated, confidence_sum = rated + n_conf, confidence_sum + float(conf_sum or 0.0)
+    return Summary(sum(by_status.values()), by_status, by_emotion, confidence_sum / rated if rated else None)
+
+
+def get_job(session: Session, job_id: str, tenant: str) -> Job:
+    """One of ``tenant``'s jobs; another tenant's job is a 404, exactly like a missing one."""
     job = session.get(Job, parse_uuid(job_id, "job"), options=[selectinload(Job.result)])
-    if job is None:
+    if job is None or job.tenant != tenant:
         raise NotFound("no such job")
     return job
 
 
-def get_batch(session: Session, batch_id: str) -> Batch:
+def get_batch(session: Session, batch_id: str, tenant: str) -> Batch:
     batch = session.get(Batch, parse_uuid(batch_id, "batch"),
                         options=[selectinload(Batch.jobs).selectinload(Job.result)])
-    if batch is None:
+    if batch is None or batch.tenant != tenant:
         raise NotFound("no such batch")
     return batch
 

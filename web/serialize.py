@@ -86,6 +86,7 @@ def job_dict(job: Job, deliveries: list[WebhookDelivery] | None = None, segments
         "finished_at": iso(job.finished_at),
         "url": url_for("api.job", job_id=job.id, _external=True),
         "audio_url": url_for("api.job_audio", job_id=job.id, _external=True) if job.storage_key else None,
+        "audio_deleted_at": iso(job.audio_deleted_at),
         "webhooks": [delivery_dict(d) for d in deliveries or []],
     }
 

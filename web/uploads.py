@@ -76,12 +76,28 @@ class Labels:
 def parse_webhook(form: MultiDict[str, str], settings: Settings) -> str | None:
     """``webhook_url`` if given and allowed (SSRF guard); BadRequest otherwise."""
     url = (form.get("webhook_url") or "").strip()
+    if "\x00" in url:  # see _has_nul
+        raise BadRequest("webhook_url must not contain NUL characters", code="webhook_url_refused")
     return webhooks.check_url(url, settings) if url else None
+
+
+def _has_nul(value: Any) -> bool:
+    """True if a string anywhere in ``value`` (keys included) holds NUL, which PostgreSQL text and
+    JSONB cannot store: the insert failed as a 500 (found by the API fuzzing)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def parse_labels(form: MultiDict[str, str], n_files: int) -> Labels:
     """``client_reference`` once (every job) or once per file (in file order); ``metadata`` a JSON object."""
     given = [r.strip() for r in form.getlist("client_reference")]
+    if _has_nul(given):
+        raise BadRequest("client_reference must not contain NUL characters", code="invalid_parameter")
     if any(len(r) > MAX_REFERENCE for r in given):
         raise BadRequest(f"client_reference is limited to {MAX_REFERENCE} characters", code="invalid_parameter")
     if len(given) > 1 and len(given) != n_files:
@@ -99,6 +115,8 @@ def parse_labels(form: MultiDict[str, str], n_files: int) -> Labels:
             metadata = None
         if not isinstance(metadata, dict):
             raise BadRequest("metadata must be a JSON object", code="invalid_parameter")
+        if _has_nul(metadata):
+            raise BadRequest("metadata must not contain NUL characters", code="invalid_parameter")
     return Labels([r or None for r in references], metadata)
 
 
@@ -121,7 +139,7 @@ def _reject(svc: Services, job: Job, exc: AudioError) -> None:
 
 
 def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any],
-                 labels: Labels | None = None, webhook_url: str | None = None) -> UploadResult:
+                 labels: Labels | None = None, webhook_url: str | None = None, *, tenant: str) -> UploadResult:
     """Create a batch of jobs; a bad file fails alone, the others are queued.
 
     Raises BadRequest for request-level problems (no files, too many).
@@ -133,11 +151,11 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
         raise BadRequest(f"at most {svc.settings.max_files_per_request} files per request",
                          code="too_many_files")
     labels = labels or Labels([None] * len(files), None)
-    batch = Batch(id=uuid.uuid4(), options=options, file_count=len(files), webhook_url=webhook_url)
+    batch = Batch(id=uuid.uuid4(), tenant=tenant, options=options, file_count=len(files), webhook_url=webhook_url)
     jobs: list[Job] = []
     root = svc.settings.upload_dir  # resolved once per request, not twice per file (it is a realpath walk)
     for position, upload in enumerate(files):
-        job = Job(id=uuid.uuid4(), batch_id=batch.id, position=position, options=options,
+        job = Job(id=uuid.uuid4(), batch_id=batch.id, tenant=tenant, position=position, options=options,
                   created_at=datetime.now(UTC),
                   filename=clean_filename(upload.filename), status=JobStatus.QUEUED.value, attempts=0,
                   size_bytes=0, client_reference=labels.references[position], meta=labels.metadata)

@@ -11,9 +11,11 @@ import threading
 from typing import Any
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from sqlalchemy.exc import OperationalError
 
 from ser_shared import logs, webhooks
-from ser_shared.queue import make_celery, sweep_unqueued
+from ser_shared.queue import Reconciler, make_celery
+from ser_shared.retention import purge_expired_audio
 from ser_shared.settings import get_settings
 from worker import runtime
 from worker import webhooks as worker_webhooks
@@ -22,7 +24,6 @@ log = logging.getLogger(__name__)
 
 app = make_celery(get_settings())
 app.conf.include = ["worker.tasks"]
-SWEEP_INTERVAL_S = 30.0
 _stop = threading.Event()
 
 
@@ -35,17 +36,23 @@ def _load_models(**_: Any) -> None:
 
 @worker_ready.connect
 def _start_sweeper(**_: Any) -> None:
-    """Periodically enqueue jobs committed while the broker was down (main process only)."""
+    """Periodically re-send what the broker never got or lost, and stuck jobs (main process only)."""
+
+    reconcile = Reconciler()
 
     def loop() -> None:
         while not _stop.is_set():
             try:
-                sweep_unqueued(app, runtime.session_factory(), get_settings())
+                reconcile(app, runtime.session_factory(), get_settings())
                 # Webhook attempts whose broker message was lost (a Redis restart) are overdue.
                 webhooks.send(app, worker_webhooks.due(runtime.session_factory()))
+                purge_expired_audio(runtime.session_factory(), get_settings())
+            except OperationalError as exc:
+                # An outage is retried next sweep; a traceback every sweep would bury the log.
+                log.warning("sweep skipped, database unavailable: %s", exc.orig)
             except Exception:
                 log.exception("sweep failed")
-            _stop.wait(SWEEP_INTERVAL_S)
+            _stop.wait(get_settings().sweep_interval_s)
 
     threading.Thread(target=loop, name="ser-sweeper", daemon=True).start()
 

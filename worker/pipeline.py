@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
 
 from ser_shared.audio import check_duration, decode, probe, stream
 from ser_shared.errors import AudioError, SilentAudio
-from ser_shared.features import SAMPLE_RATE, Features, extract
+from ser_shared.features import SAMPLE_RATE, SILENCE_DBFS, Features, extract
 from ser_shared.segments import EnergyMeter, Segment, find_segments, segments_from_energy
 from ser_shared.settings import Settings
 from worker.inference import Ensemble, Prediction
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 # Longer recordings are decoded as a stream, in two passes, so memory does not grow with length.
 STREAM_OVER_S = 60.0
+# ``extract`` calls a recording silent from its peak, which a DC offset lifts (a cheap converter's
+# silence, a constant float export): one whose signal never varies by more than the silence floor
+# is silent too, and would otherwise get a confident-looking emotion for a flat line.
+SILENT_SPAN = 2 * 10 ** (SILENCE_DBFS / 20)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ def prepare(job: JobInput, settings: Settings, on_progress: Progress | None = No
         outcome.timings_ms["decode"] = _ms(started)
         outcome.duration_s = round(audio.size / SAMPLE_RATE, 3)
         check_duration(outcome.duration_s, settings.min_duration_s, settings.max_duration_s)
+        _check_varies(float(audio.min()), float(audio.max()))
         started = time.perf_counter()
         spans = find_segments(audio)
         for span in spans:
@@ -102,6 +108,8 @@ def prepare(job: JobInput, settings: Settings, on_progress: Progress | None = No
         outcome.error_code, outcome.error_message = exc.code, exc.message
     except FileNotFoundError:
         outcome.error_code, outcome.error_message = "audio_missing", "the stored recording is gone"
+    except SoftTimeLimitExceeded:
+        raise  # the task ran out of time, not this recording: analyze fails the chunk time_limit_exceeded
     except Exception:
         # A bug or an input we did not foresee: fail this recording alone, keep the traceback.
         log.exception("analysis failed job_id=%s", job.id)
@@ -109,6 +117,12 @@ def prepare(job: JobInput, settings: Settings, on_progress: Progress | None = No
     if outcome.error_code:
         prepared.feats, prepared.spans = [], []
     return prepared
+
+
+def _check_varies(low: float, high: float) -> None:
+    """Raise SilentAudio when the signal's range is within the silence floor (a flat line)."""
+    if high - low < SILENT_SPAN:
+        raise SilentAudio("the recording is silent: its signal does not vary")
 
 
 def _long(job: JobInput) -> bool:
@@ -133,11 +147,15 @@ def _prepare_streamed(job: JobInput, settings: Settings, prepared: Prepared,
     outcome = prepared.outcome
     started = time.perf_counter()
     meter = EnergyMeter()
+    low, high = np.inf, -np.inf
     for block in stream(job.path, job.format, SAMPLE_RATE, settings.max_duration_s):
         meter.feed(block)
+        if block.size:
+            low, high = min(low, float(block.min())), max(high, float(block.max()))
     energy = meter.finish()
     outcome.duration_s = round(meter.samples / SAMPLE_RATE, 3)
     check_duration(outcome.duration_s, settings.min_duration_s, settings.max_duration_s)
+    _check_varies(low, high)
     spans = segments_from_energy(energy, outcome.duration_s)
     outcome.timings_ms["decode"] = _ms(started)
     started = time.perf_counter()

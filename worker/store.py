@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -9,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ser_shared.db import upsert_insert
@@ -17,6 +19,8 @@ from ser_shared.settings import Settings
 from ser_shared.storage import path_for
 from ser_shared.webhooks import record_events
 from worker.pipeline import JobInput, Outcome
+
+log = logging.getLogger(__name__)
 
 Notify = Callable[[list[str]], None]  # receives the webhook deliveries a commit created
 
@@ -70,11 +74,14 @@ def fail_all(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], code:
              notify: Notify | None = None) -> None:
     """Fail jobs still running (used when the task as a whole cannot finish, e.g. a time limit)."""
     now = datetime.now(UTC)
+    failed: list[uuid.UUID] = []
     with factory() as session:
         for job in session.scalars(select(Job).where(Job.id.in_(job_ids)).with_for_update()):
             if job.status not in FINISHED:
                 _fail(job, code, message, now)
-        events = record_events(session, job_ids)
+                failed.append(job.id)
+        # Only the jobs this call finished: a job finished earlier already had its event.
+        events = record_events(session, failed)
         session.commit()
     _notify(notify, events)
 
@@ -95,12 +102,19 @@ def _upsert_results(session: Session, rows: list[dict[str, Any]]) -> None:
 
 def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], versions: dict[str, str],
             notify: Notify | None = None) -> None:
-    """Write all outcomes of a chunk, and the webhook events they imply, in one transaction."""
+    """Write all outcomes of a chunk, and the webhook events they imply, in one transaction.
+
+    A job delivered twice (a message re-sent while the first delivery was still running) keeps one
+    result row, the later one, and gets its webhook event once: only jobs this call finishes get one.
+    """
     now = datetime.now(UTC)
     by_id = {o.job_id: o for o in outcomes}
     results: list[dict[str, Any]] = []
+    finished: list[uuid.UUID] = []
     with factory() as session:
         for job in session.scalars(select(Job).where(Job.id.in_(list(by_id))).with_for_update()):
+            if job.status not in FINISHED:
+                finished.append(job.id)
             outcome = by_id[job.id]
             if outcome.duration_s is not None:
                 job.duration_s = outcome.duration_s
@@ -120,7 +134,7 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
             job.progress = 1.0
             job.emotion, job.confidence = p.emotion, p.confidence
         _upsert_results(session, results)
-        events = record_events(session, list(by_id))
+        events = record_events(session, finished)
         session.commit()
     _notify(notify, events)
 
@@ -152,7 +166,12 @@ class ProgressWriter:
         if now - self._last.get(job_id, 0.0) < self.interval_s:
             return
         self._last[job_id] = now
-        with self.factory() as session:
-            session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
-                            .values(progress=round(min(max(done, 0.0), 1.0), 3)))
-            session.commit()
+        try:
+            with self.factory() as session:
+                session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
+                                .values(progress=round(min(max(done, 0.0), 1.0), 3)))
+                session.commit()
+        except (OperationalError, InterfaceError) as exc:
+            # Progress is advisory: a database outage must not throw away the analysis under way
+            # (its result write is retried when the analysis is done).
+            log.warning("progress not recorded job=%s: %s", job_id, exc.orig)

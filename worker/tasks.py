@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from celery.exceptions import SoftTimeLimitExceeded
+from billiard.einfo import ExceptionInfo
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from threadpoolctl import threadpool_limits
@@ -39,8 +45,45 @@ limit_blas_threads()
 tune_malloc()  # before the pool forks: children inherit the allocator settings
 
 
+T = TypeVar("T")
+# Seconds between in-place retries of a result write whose database connection was lost.
+WRITE_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+
+
+def write_with_retry(write: Callable[[], T], delays: tuple[float, ...] = WRITE_RETRY_DELAYS_S) -> T:
+    """Run a database write, retrying a lost connection in place (about 30 s in all).
+
+    Retrying here keeps the analysis already done; only after that does the task fail over to
+    Celery's retry, which analyses the chunk again and counts another attempt.
+    """
+    for delay in delays:
+        try:
+            return write()
+        except (OperationalError, InterfaceError) as exc:
+            log.warning("database write failed, retrying in %.0f s: %s", delay, exc.orig)
+            time.sleep(delay)
+    return write()
+
+
+class AnalyzeTask(Task):  # type: ignore[misc]
+    """Fails a chunk's jobs when its pool child was killed for the hard time limit.
+
+    Celery calls ``on_failure`` in the worker's main process for a hard time limit: the child that
+    ignored the soft limit (stuck in native code) is gone and its message acknowledged, so without
+    this its jobs would stay ``processing`` until the reconciler requeued them, only to hang again.
+    """
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo) -> None:
+        if not isinstance(exc, TimeLimitExceeded | SoftTimeLimitExceeded):
+            return
+        job_ids = [uuid.UUID(i) for i in (args[0] if args else kwargs.get("job_ids", []))]
+        log.error("%s jobs=%s", type(exc).__name__, [str(i) for i in job_ids])
+        store.fail_all(runtime.session_factory(), job_ids, "time_limit_exceeded",
+                       f"analysis exceeded the {get_settings().task_time_limit_s} s time limit", _send_webhooks)
+
+
 # Lost connections are transient (a database restart, a failover): retry with backoff.
-@app.task(name=ANALYZE, acks_late=True, autoretry_for=(OperationalError, InterfaceError),
+@app.task(name=ANALYZE, base=AnalyzeTask, acks_late=True, autoretry_for=(OperationalError, InterfaceError),
           retry_backoff=2, retry_backoff_max=60, retry_jitter=True, max_retries=8)
 def analyze(job_ids: list[str]) -> int:
     """Analyse a chunk of jobs; returns how many were processed. Database hiccups are retried."""
@@ -55,10 +98,11 @@ def analyze(job_ids: list[str]) -> int:
         outcomes = pipeline.run(models, inputs, settings, store.ProgressWriter(factory))
     except SoftTimeLimitExceeded:
         log.error("time limit exceeded jobs=%s", job_ids)
-        store.fail_all(factory, [i.id for i in inputs], "time_limit_exceeded",
-                       f"analysis took longer than {settings.task_soft_time_limit_s} s", notify)
+        write_with_retry(lambda: store.fail_all(factory, [i.id for i in inputs], "time_limit_exceeded",
+                                                f"analysis took longer than {settings.task_soft_time_limit_s} s",
+                                                notify))
         return 0
-    store.persist(factory, outcomes, models.versions, notify)
+    write_with_retry(lambda: store.persist(factory, outcomes, models.versions, notify))
     _transcripts(factory, outcomes, settings)
     log.info("analysed jobs=%d failed=%d", len(outcomes), sum(o.prediction is None for o in outcomes))
     return len(outcomes)

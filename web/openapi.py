@@ -1,0 +1,452 @@
+"""The OpenAPI 3.1 description of the JSON API, as data.
+
+It is served at ``/api/v1/openapi.json``, rendered as the readable page at ``/docs/api``, and
+tests/test_openapi.py fuzzes the running app from it (schemathesis), so it has to say exactly what
+the code does: the shapes follow ``web.serialize`` field for field, nullable where those can be
+None. Change a response there, change its schema here.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from importlib import metadata
+from typing import Any
+
+from ser_shared.emotions import EMOTIONS
+from ser_shared.models import JobStatus
+from web import idempotency
+from web.export import COLUMNS
+from web.queries import DEFAULT_SORT, MAX_IDS, MAX_LIMIT, SORT_CHOICES
+from web.uploads import DEVICES, LANGUAGE, MAX_METADATA_BYTES, MAX_REFERENCE, TRANSCRIBE
+
+Schema = dict[str, Any]
+
+STATUSES = [s.value for s in JobStatus]
+AUDIO_TYPES = ["audio/wav", "audio/flac", "audio/ogg", "audio/mpeg", "audio/aiff", "audio/mp4", "audio/aac",
+               "audio/webm", "application/octet-stream"]
+
+DESCRIPTION = """\
+Upload recordings, get the emotion expressed in each (and, on request, a transcript).
+
+Uploads are asynchronous: `POST /api/v1/jobs` answers 202 with one job per file, and workers
+analyse them; poll the job or batch, or pass a `webhook_url` to be called when they finish.
+
+**Authentication.** With authentication on (`SER_AUTH=true`, the production default) every
+operation except the health probes and this document needs an API key, sent as
+`Authorization: Bearer <key>` or `X-API-Key: <key>`; keys are made with `ser keys create --name NAME`.
+A missing or revoked key is a 401. The embedded single-user default runs with authentication off:
+then no key is needed and everything belongs to one local tenant.
+
+**Errors** share one shape, `{"error": {"code": "...", "message": "..."}}`: `code` is stable and
+meant for programs, `message` for people.
+"""
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    """``schema`` or JSON null (OpenAPI 3.1 spells nullability the JSON Schema way)."""
+    if "$ref" in schema:
+        return {"anyOf": [schema, {"type": "null"}]}
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def obj(properties: dict[str, Schema], required: list[str] | None = None, **extra: Any) -> Schema:
+    """An object; every property is required unless ``required`` names the ones that are."""
+    return {"type": "object", "properties": properties,
+            "required": list(properties) if required is None else required, **extra}
+
+
+STRING: Schema = {"type": "string"}
+DATETIME: Schema = {"type": "string", "format": "date-time"}
+URI: Schema = {"type": "string", "format": "uri"}
+UUID: Schema = {"type": "string", "format": "uuid"}
+NUMBER: Schema = {"type": "number"}
+INTEGER: Schema = {"type": "integer"}
+BOOLEAN: Schema = {"type": "boolean"}
+PROBABILITIES: Schema = {"type": "object", "description": "Probability per emotion (they sum to 1).",
+                         "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1}}
+
+
+def _schemas() -> dict[str, Schema]:
+    return {
+        "Error": obj({"error": obj({"code": {**STRING, "description": "Stable, machine-readable."},
+                                    "message": {**STRING, "description": "For people."}})}),
+        "JobError": obj({"code": STRING, "message": nullable(STRING)},
+                        description="Why a job failed (a stable code and a human message)."),
+        "JobSummary": obj({"id": UUID, "filename": STRING, "status": {"type": "string", "enum": STATUSES},
+                           "client_reference": nullable(STRING), "url": URI, "error": ref("JobError")},
+                          required=["id", "filename", "status", "client_reference", "url"],
+                          description="A job as an upload answers it; `error` only for a file refused at upload."),
+        "UploadAccepted": obj({"batch_id": UUID, "batch_url": URI,
+                               "jobs": {"type": "array", "items": ref("JobSummary")},
+                               "warning": {**STRING, "description": "Only when the queue was unreachable: the "
+                                           "jobs are stored and will be queued when it returns."}},
+                              required=["batch_id", "batch_url", "jobs"]),
+        "Options": obj({"device": {"type": "string", "enum": list(DEVICES)},
+                        "transcribe": {"type": "string", "enum": [t for t in TRANSCRIBE if t != "none"]},
+                        "language": STRING}, required=[],
+                       description="The batch's options: `device` on every upload since the first release; "
+                                   "`transcribe` and `language` only when a transcript was asked for."),
+        "Transcript": obj({
+            "status": {"type": "string", "enum": ["pending", "succeeded", "unavailable"]},
+            "engine": {"type": "string", "enum": [t for t in TRANSCRIBE if t != "none"]},
+            "language": STRING, "text": nullable(STRING),
+            "reason": nullable({**STRING, "description": "Why it is unavailable: network_error, rate_limited, "
+                                "http_error, no_speech, timeout, engine_missing, engine_error, ..."}),
+            "message": nullable(STRING), "seconds": NUMBER,
+            "segments": {**BOOLEAN, "description": "True when transcribed segment by segment."}},
+            required=["status", "engine", "language"],
+            description="The transcript stage: only status, engine and language while it is pending."),
+        "Segment": obj({"start": NUMBER, "end": NUMBER,
+                        "speech_s": {**NUMBER, "description": "Seconds of speech in the segment."},
+                        "emotion": {"type": "string", "enum": list(EMOTIONS)}, "confidence": NUMBER,
+                        "uncertain": BOOLEAN, "probabilities": PROBABILITIES,
+                        "transcript": nullable({**STRING, "description": "Only with a segment-wise transcript."})},
+                       required=["start", "end", "emotion", "confidence", "uncertain", "probabilities"],
+                       description="One speech segment (times in seconds) with its own prediction."),
+        "Result": obj({
+            "emotion": {"type": "string", "enum": list(EMOTIONS)}, "confidence": NUMBER, "uncertain": BOOLEAN,
+            "probabilities": PROBABILITIES,
+            "models": {"type": "object", "description": "Each model's own probabilities and version.",
+                       "additionalProperties": obj({"probabilities": PROBABILITIES, "version": nullable(STRING)})},
+            "timings_ms": {"type": "object", "additionalProperties": NUMBER},
+            "transcript": nullable(ref("Transcript")),
+            "segments": {"type": "array", "items": ref("Segment"),
+                         "description": "In time order; left out of job lists unless `segments=true`."}},
+            required=["emotion", "confidence", "uncertain", "probabilities", "models", "timings_ms", "transcript"]),
+        "WebhookAttempt": obj({"at": DATETIME, "status_code": nullable(INTEGER), "latency_ms": NUMBER,
+                               "error": nullable(STRING)}),
+        "WebhookDelivery": obj({"id": STRING, "event": STRING, "url": STRING,
+                                "status": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+                                "created_at": nullable(DATETIME), "next_attempt_at": nullable(DATETIME),
+                                "attempts": {"type": "array", "items": ref("WebhookAttempt")}}),
+        "Job": obj({
+            "id": UUID, "batch_id": UUID, "filename": STRING, "status": {"type": "string", "enum": STATUSES},
+            "error": nullable(ref("JobError")), "result": nullable(ref("Result")),
+            "size_bytes": INTEGER, "content_hash": nullable(STRING), "format": nullable(STRING),
+            "duration_s": nullable(NUMBER), "sample_rate": nullable(INTEGER), "channels": nullable(INTEGER),
+            "options": ref("Options"), "client_reference": nullable(STRING),
+            "metadata": nullable({"type": "object"}), "attempts": INTEGER,
+            "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+            "queue": obj({"enqueued": BOOLEAN, "enqueued_at": nullable(DATETIME), "error": nullable(STRING)}),
+            "created_at": nullable(DATETIME), "started_at": nullable(DATETIME), "finished_at": nullable(DATETIME),
+            "url": URI, "audio_url": nullable(URI), "audio_deleted_at": nullable(DATETIME),
+            "webhooks": {"type": "array", "items": ref("WebhookDelivery")}}),
+        "JobPage": obj({"jobs": {"type": "array", "items": ref("Job")}, "next_cursor": nullable(STRING)}),
+        "Batch": obj({
+            "id": UUID, "created_at": nullable(DATETIME), "file_count": INTEGER, "options": ref("Options"),
+            "counts": obj({s: INTEGER for s in STATUSES}, description="Jobs per status."),
+            "done": {**BOOLEAN, "description": "Every job has succeeded or failed."}, "url": URI,
+            "webhook_url": nullable(STRING),
+            "webhooks": {"type": "array", "items": ref("WebhookDelivery")},
+            "jobs": {"type": "array", "items": ref("Job")}}),
+        "ExportRow": obj({c: _export_column(c) for c in COLUMNS}),
+        "Health": obj({"status": {"type": "string", "enum": ["ok"]}}),
+        "Ready": obj({"status": {"type": "string", "enum": ["ready", "unavailable"]},
+                      "checks": obj({"database": STRING, "broker": STRING})}),
+    }
+
+
+def _export_column(name: str) -> Schema:
+    if name in ("job_id", "batch_id", "filename", "status"):
+        return STRING
+    if name in ("created_at",):
+        return nullable(DATETIME)
+    if name == "segment":
+        return nullable(INTEGER)
+    if name == "uncertain":
+        return nullable(BOOLEAN)
+    if name in ("duration_s", "start_s", "end_s", "confidence") or name.startswith("p_"):
+        return nullable(NUMBER)
+    return nullable(STRING)
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> Schema:
+    out: Schema = {"description": description, "content": {"application/json": {"schema": ref("Error")}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _responses() -> dict[str, Schema]:
+    return {
+        "BadRequest": _error("A parameter is invalid (`invalid_parameter`, `invalid_option`, ...)."),
+        "Unauthorized": _error("Authentication is on and no valid API key was sent (`unauthorized`)."),
+        "NotFound": _error("No such resource, or one of another tenant (`not_found`)."),
+        "TooManyRequests": _error(
+            "Over an upload rate limit (`rate_limited`) or the queued-jobs cap (`too_many_queued_jobs`).",
+            {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
+                             "schema": {"type": "integer", "minimum": 1}}}),
+        "Unavailable": _error("The database is unreachable (`database_unavailable`); retry shortly."),
+    }
+
+
+def _json(schema: Schema, description: str) -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _common(*codes: str) -> dict[str, Schema]:
+    names = {"400": "BadRequest", "401": "Unauthorized", "404": "NotFound", "429": "TooManyRequests",
+             "503": "Unavailable"}
+    return {code: {"$ref": f"#/components/responses/{names[code]}"} for code in codes}
+
+
+def _query(name: str, schema: Schema, description: str, **extra: Any) -> Schema:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description, **extra}
+
+
+def _filters() -> list[Schema]:
+    text = {"type": "string", "maxLength": 200}
+    return [
+        _query("status", {"type": "string", "enum": STATUSES}, "Only jobs in this state."),
+        _query("emotion", {"type": "string", "enum": list(EMOTIONS)}, "Only jobs whose result is this emotion."),
+        _query("batch_id", UUID, "Only this batch's jobs."),
+        _query("batch", UUID, "Old name of `batch_id`.", deprecated=True),
+        _query("since", STRING, "Created at or after this ISO 8601 date or time (UTC unless it says)."),
+        _query("until", STRING, "Created before this ISO 8601 date or time."),
+        _query("q", text, "File name contains this (case-insensitive)."),
+        _query("client_reference", text, "Jobs with exactly this reference."),
+        _query("min_confidence", {"type": "number", "minimum": 0, "maximum": 1}, "Result confidence at least this."),
+        _query("max_confidence", {"type": "number", "minimum": 0, "maximum": 1}, "Result confidence at most this."),
+        _query("ids", STRING, f"Only these jobs: comma-separated job ids, at most {MAX_IDS}."),
+        _query("sort", {"type": "string", "enum": list(SORT_CHOICES), "default": DEFAULT_SORT},
+               "Order (a leading `-` is descending); NULLs last either way."),
+        _query("segments", BOOLEAN, "`true`: include each result's segments (export: one row per segment)."),
+    ]
+
+
+def _path_id(name: str, what: str) -> Schema:
+    return {"name": name, "in": "path", "required": True, "schema": UUID,
+            "description": f"The {what}'s id (anything that is not one of yours is a 404)."}
+
+
+def _upload_body() -> Schema:
+    form = obj({
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                 "description": "The recordings, one part each (WAV, FLAC, OGG, MP3, AIFF, M4A, AAC, WebM)."},
+        "device": {"type": "string", "enum": list(DEVICES), "default": "auto"},
+        "transcribe": {"type": "string", "enum": list(TRANSCRIBE), "default": "none",
+                       "description": "Also transcribe the speech, with this engine."},
+        "language": {"type": "string", "pattern": LANGUAGE.pattern, "default": "en-US",
+                     "description": "BCP-47 language of the speech, for the transcript."},
+        "client_reference": {"anyOf": [{"type": "string", "maxLength": MAX_REFERENCE},
+                                       {"type": "array", "items": {"type": "string", "maxLength": MAX_REFERENCE}}],
+                             "description": "Your own reference: once for every job, or once per file in order."},
+        "metadata": {"type": "string", "contentMediaType": "application/json",
+                     "description": f"A JSON object (at most {MAX_METADATA_BYTES} bytes) stored on every job."},
+        "webhook_url": {**URI, "description": "Called (signed, retried) as jobs and the batch finish. Must "
+                        "resolve to a public address unless allowed by `SER_WEBHOOK_ALLOW`."},
+    }, required=["file"])
+    return {"required": True, "content": {"multipart/form-data": {
+        "schema": form, "encoding": {"file": {"contentType": "application/octet-stream"}}}}}
+
+
+def _create_jobs() -> Schema:
+    return {
+        "operationId": "createJobs", "tags": ["jobs"], "summary": "Upload recordings",
+        "description": "Each `file` part becomes a job of one batch. A file that cannot be analysed (empty, "
+                       "unknown format, too long, too large) fails alone, at once, with its error in `jobs[]`; "
+                       "the others are queued. With an `Idempotency-Key`, a retried request replays the first "
+                       "response (marked `Idempotent-Replayed: true`) instead of creating the jobs again.",
+        "parameters": [{"name": idempotency.HEADER, "in": "header", "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH},
+                        "description": "Printable ASCII, unique per intended upload; kept 24 hours."}],
+        "requestBody": _upload_body(),
+        "responses": {
+            "202": {**_json(ref("UploadAccepted"), "Accepted: the jobs are stored and queued."),
+                    "headers": {idempotency.REPLAYED: {"description": "`true` on a replayed response.",
+                                                      "schema": {"type": "string", "enum": ["true"]}}}},
+            **_common("400", "401"),
+            "409": _error("The Idempotency-Key was used for a different request (`idempotency_key_reused`) or "
+                          "its first request is still running (`idempotency_key_in_progress`)."),
+            "413": _error("The request body is over `SER_MAX_REQUEST_MB` (`request_too_large`)."),
+            **_common("429", "503"),
+        },
+    }
+
+
+def _list_jobs() -> Schema:
+    return {
+        "operationId": "listJobs", "tags": ["jobs"], "summary": "List jobs, newest first",
+        "description": "Keyset-paginated: pass `next_cursor` back as `cursor` for the next page (null at the end).",
+        "parameters": [*_filters(),
+                       _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50},
+                              "Page size."),
+                       _query("cursor", STRING, "`next_cursor` of the previous page.")],
+        "responses": {"200": _json(ref("JobPage"), "A page of jobs."), **_common("400", "401", "503")},
+    }
+
+
+def _export() -> Schema:
+    rows = {"type": "array", "items": ref("ExportRow")}
+    return {
+        "operationId": "exportJobs", "tags": ["jobs"], "summary": "Export jobs as CSV or JSON (streamed)",
+        "description": f"The jobs the list filters select, newest first, as a download. CSV columns: "
+                       f"{', '.join(COLUMNS)}.",
+        "parameters": [*_filters(), _query("format", {"type": "string", "enum": ["csv", "json"], "default": "csv"},
+                                           "Output format.")],
+        "responses": {"200": {"description": "The rows (an attachment).",
+                              "headers": {"Content-Disposition": {"schema": STRING,
+                                                                  "description": "attachment; filename=..."}},
+                              "content": {"text/csv": {"schema": STRING}, "application/json": {"schema": rows}}},
+                      **_common("400", "401", "503")},
+    }
+
+
+def _job_ops() -> Schema:
+    return {
+        "parameters": [_path_id("job_id", "job")],
+        "get": {"operationId": "getJob", "tags": ["jobs"], "summary": "A job, with its result and webhooks",
+                "responses": {"200": _json(ref("Job"), "The job."), **_common("401", "404", "503")}},
+        "delete": {"operationId": "deleteJob", "tags": ["jobs"], "summary": "Delete a job, its result and audio",
+                   "responses": {"204": {"description": "Deleted."}, **_common("401", "404", "503")}},
+    }
+
+
+def _audio() -> Schema:
+    audio = {t: {"schema": {"type": "string", "contentMediaType": t}} for t in AUDIO_TYPES}
+    return {
+        "parameters": [_path_id("job_id", "job")],
+        "get": {"operationId": "getJobAudio", "tags": ["jobs"], "summary": "The uploaded recording",
+                "parameters": [{"name": "Range", "in": "header", "required": False, "schema": STRING,
+                                "description": "A byte range (`bytes=0-99`) for a partial download."}],
+                "responses": {
+                    "200": {"description": "The recording as uploaded.", "content": audio},
+                    "206": {"description": "The requested byte range.", "content": audio},
+                    **_common("401", "404"),
+                    "410": _error("The audio was deleted by the retention policy (`audio_deleted`); the results "
+                                  "remain."),
+                    "416": {"description": "The range is outside the file."},
+                    **_common("503")}},
+    }
+
+
+def _batch() -> Schema:
+    return {"get": {"operationId": "getBatch", "tags": ["jobs"], "summary": "A batch with its jobs and counts",
+                    "parameters": [_path_id("batch_id", "batch")],
+                    "responses": {"200": _json(ref("Batch"), "The batch."), **_common("401", "404", "503")}}}
+
+
+def _probes() -> dict[str, Schema]:
+    return {
+        "/healthz": {"get": {"operationId": "healthz", "tags": ["operations"], "security": [],
+                             "summary": "Liveness: the web process answers",
+                             "responses": {"200": _json(ref("Health"), "Alive.")}}},
+        "/readyz": {"get": {"operationId": "readyz", "tags": ["operations"], "security": [],
+                            "summary": "Readiness: the database and the broker answer",
+                            "responses": {"200": _json(ref("Ready"), "Ready."),
+                                          "503": _json(ref("Ready"), "Not ready; `checks` says what is down.")}}},
+        "/api/v1/openapi.json": {"get": {"operationId": "openapi", "tags": ["operations"], "security": [],
+                                         "summary": "This document",
+                                         "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")}}},
+    }
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ser-service")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0+unknown"
+
+
+@cache
+def _document() -> Schema:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "SER: speech emotion recognition", "version": _version(), "description": DESCRIPTION,
+                 "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"}},
+        "tags": [{"name": "jobs", "description": "Uploads, results and exports."},
+                 {"name": "operations", "description": "Probes and this description (no key needed)."}],
+        "security": [{"bearerAuth": []}, {"apiKeyHeader": []}],
+        "paths": {
+            "/api/v1/jobs": {"post": _create_jobs(), "get": _list_jobs()},
+            "/api/v1/jobs/{job_id}": _job_ops(),
+            "/api/v1/jobs/{job_id}/audio": _audio(),
+            "/api/v1/batches/{batch_id}": _batch(),
+            "/api/v1/export": {"get": _export()},
+            **_probes(),
+        },
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer",
+                               "description": "`Authorization: Bearer <key>` (only when `SER_AUTH` is on)."},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                                 "description": "The same key in its own header."},
+            },
+            "schemas": _schemas(),
+            "responses": _responses(),
+        },
+    }
+
+
+def document() -> Schema:
+    """The OpenAPI document (a fresh copy: callers may change theirs)."""
+    return copy.deepcopy(_document())
+
+
+METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def operations(doc: Schema) -> list[dict[str, Any]]:
+    """Each operation flattened for the readable page: method, path, parameters, responses."""
+    out: list[dict[str, Any]] = []
+    for path, item in doc["paths"].items():
+        shared = item.get("parameters", [])
+        for method in METHODS:
+            if method in item:
+                op = item[method]
+                out.append({"method": method.upper(), "path": path, "op": op,
+                            "parameters": [*shared, *op.get("parameters", [])],
+                            "public": op.get("security") == []})
+    return out
+
+
+def type_label(schema: Schema | None) -> str:
+    """A short human label for a schema: ``Job``, ``array of Job``, ``string (uuid)``, ``integer or null``."""
+    if not schema:
+        return ""
+    if "$ref" in schema:
+        return str(schema["$ref"]).rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        return " or ".join(type_label(s) for s in schema["anyOf"])
+    kind = schema.get("type", "any")
+    if isinstance(kind, list):
+        return " or ".join(type_label({**schema, "type": k}) for k in kind)
+    if kind == "array":
+        return f"array of {type_label(schema.get('items'))}"
+    if "enum" in schema:
+        return " | ".join(str(v) for v in schema["enum"])
+    return f"{kind} ({schema['format']})" if "format" in schema else str(kind)
+
+
+def response_content(doc: Schema, response: Schema) -> tuple[str, list[tuple[str, str]]]:
+    """A response's description and its (media type, schema label) pairs, following a shared ``$ref``."""
+    if "$ref" in response:
+        response = doc["components"]["responses"][str(response["$ref"]).rsplit("/", 1)[-1]]
+    media = [(kind, type_label(body.get("schema"))) for kind, body in response.get("content", {}).items()]
+    return str(response.get("description", "")), media
+
+
+def curl_example(entry: dict[str, Any], base: str) -> str:
+    """A curl command line for one operation (placeholders in capitals for what the caller fills in)."""
+    path = str(entry["path"]).replace("{job_id}", "JOB_ID").replace("{batch_id}", "BATCH_ID")
+    parts = ["curl"]
+    if entry["method"] not in ("GET", "POST"):
+        parts.append(f"-X {entry['method']}")
+    if not entry["public"]:
+        parts.append('-H "Authorization: Bearer $SER_API_KEY"')
+    if entry["method"] == "POST":
+        parts += ['-H "Idempotency-Key: $(uuidgen)"', "-F file=@first.wav", "-F file=@second.flac",
+                  "-F transcribe=sphinx", "-F client_reference=call-42"]
+    elif entry["path"].endswith("/export"):
+        parts.append("-o jobs.csv")
+    elif entry["path"].endswith("/audio"):
+        parts.append("-o recording")
+    query = "?status=succeeded&limit=20" if entry["path"] == "/api/v1/jobs" and entry["method"] == "GET" else ""
+    query = "?format=csv&since=2025-01-01" if entry["path"].endswith("/export") else query
+    parts.append(f"'{base}{path}{query}'")
+    return " \\\n  ".join(parts)

@@ -1,0 +1,148 @@
+// Live status of jobs still running, without reloading the page; plus the job page's small behaviours.
+// Polls GET /api/v1/jobs?ids=... for rows (tr.job-row) and status badges ([data-live-job]) whose
+// data-status is queued or processing, and updates them in place. Served by the app; no dependencies.
+(function () {
+  "use strict";
+
+  var ACTIVE = { queued: true, processing: true };
+  var INTERVAL_MS = 1500;
+  var MAX_IDS = 100;
+  var script = document.currentScript;
+  var api = (script && script.dataset.api) || "/api/v1/jobs";
+  var styles = { colours: {}, emoji: {} };
+  try {
+    styles = JSON.parse(document.getElementById("emotion-styles").textContent);
+  } catch (e) { /* no styles block: labels are shown without colour */ }
+
+  function watched() {
+    return Array.prototype.slice.call(document.querySelectorAll("tr.job-row, [data-live-job]"));
+  }
+
+  function text(tag, cls, content) {
+    var el = document.createElement(tag);
+    if (cls) { el.className = cls; }
+    el.textContent = content;
+    return el;
+  }
+
+  function emotionLabel(cell, result) {
+    cell.textContent = "";
+    if (!result) { cell.appendChild(text("span", "none", "–")); return; }
+    var label = text("span", "emo", " " + result.emotion);
+    label.style.setProperty("--emo", styles.colours[result.emotion] || "#888");
+    label.insertBefore(text("span", "emoji", styles.emoji[result.emotion] || ""), label.firstChild);
+    cell.appendChild(label);
+    if (result.uncertain) {
+      var mark = text("span", "uncertain", "uncertain");
+      mark.title = "Confidence is below the model's reliability threshold: treat this label with care.";
+      cell.appendChild(document.createTextNode(" "));
+      cell.appendChild(mark);
+    }
+  }
+
+  function updateRow(row, job) {
+    var result = job.result;
+    row.dataset.status = job.status;
+    row.dataset.emotion = result ? result.emotion : "";
+    var status = row.querySelector(".status");
+    if (status) { status.textContent = job.status; }
+    var emotion = row.querySelector(".emotion");
+    if (emotion) { emotionLabel(emotion, result); }
+    var bar = row.querySelector(".confbar");
+    if (bar && result) {
+      bar.dataset.confidence = String(result.confidence);
+      bar.querySelector(".fill").style.width = (100 * result.confidence).toFixed(1) + "%";
+      var num = row.querySelector(".confnum");
+      if (num) { num.textContent = Math.round(100 * result.confidence) + "%"; }
+    }
+    var duration = row.querySelector(".duration");
+    if (duration && job.duration_s) { duration.textContent = job.duration_s.toFixed(1) + " s"; }
+    var transcript = row.querySelector(".transcript");
+    var t = result && result.transcript;
+    if (transcript && t && t.status === "succeeded" && t.text) {
+      transcript.textContent = t.text.length > 80 ? t.text.slice(0, 79) + "…" : t.text;
+    }
+  }
+
+  function updateBadge(el, job) {
+    var before = el.dataset.status;
+    el.dataset.status = job.status;
+    el.textContent = job.status;
+    // The job page shows much more once a job ends: load it again then (once).
+    if (ACTIVE[before] && !ACTIVE[job.status]) { window.location.reload(); }
+  }
+
+  // Batch page: progress bar, done count and emotion distribution follow the rows.
+  function updateBatch() {
+    var progress = document.getElementById("batch-progress");
+    if (!progress) { return; }
+    var rows = document.querySelectorAll("#batch-table tr.job-row");
+    var done = 0, counts = {}, statuses = {};
+    Array.prototype.forEach.call(rows, function (row) {
+      if (!ACTIVE[row.dataset.status]) { done += 1; }
+      statuses[row.dataset.status] = (statuses[row.dataset.status] || 0) + 1;
+      if (row.dataset.emotion) { counts[row.dataset.emotion] = (counts[row.dataset.emotion] || 0) + 1; }
+    });
+    progress.value = done;
+    var doneText = document.getElementById("batch-done");
+    if (doneText) { doneText.textContent = done + " done"; }
+    document.querySelectorAll(".count[data-status]").forEach(function (el) {
+      el.textContent = el.dataset.status + " " + (statuses[el.dataset.status] || 0);
+    });
+    var bars = document.querySelectorAll("#batch-distribution .bar");
+    var top = 1;
+    Object.keys(counts).forEach(function (k) { top = Math.max(top, counts[k]); });
+    Array.prototype.forEach.call(bars, function (bar) {
+      var n = counts[bar.dataset.emotion] || 0;
+      bar.dataset.count = String(n);
+      bar.querySelector(".fill").style.width = (100 * n / top).toFixed(1) + "%";
+      bar.querySelector(".value").textContent = String(n);
+    });
+  }
+
+  function poll() {
+    var active = watched().filter(function (el) { return ACTIVE[el.dataset.status]; });
+    if (!active.length) { return; }
+    var ids = [];
+    active.forEach(function (el) {
+      if (ids.indexOf(el.dataset.jobId) < 0 && ids.length < MAX_IDS) { ids.push(el.dataset.jobId); }
+    });
+    var url = api + "?limit=" + ids.length + "&ids=" + ids.join(",");
+    fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (body) {
+        if (!body) { return; }
+        var byId = {};
+        body.jobs.forEach(function (job) { byId[job.id] = job; });
+        active.forEach(function (el) {
+          var job = byId[el.dataset.jobId];
+          if (!job || job.status === el.dataset.status && el.tagName !== "TR") { return; }
+          if (el.tagName === "TR") { updateRow(el, job); } else { updateBadge(el, job); }
+        });
+        updateBatch();
+      })
+      .catch(function () { /* offline for a moment: the next tick tries again */ })
+      .then(function () { window.setTimeout(poll, INTERVAL_MS); });
+  }
+
+  // Delete with confirmation: the server asks again on a page of its own when scripts are off.
+  document.querySelectorAll("form[data-confirm]").forEach(function (form) {
+    form.addEventListener("submit", function (event) {
+      if (!window.confirm(form.dataset.confirm)) { event.preventDefault(); return; }
+      var field = form.querySelector("input[name=confirm]");
+      if (field) { field.value = "yes"; }
+    });
+  });
+
+  // Click a band of a long recording's timeline to play from the start of that segment.
+  document.querySelectorAll(".timeline .segment").forEach(function (band) {
+    band.addEventListener("click", function () {
+      var player = document.getElementById("player");
+      if (!player) { return; }
+      player.currentTime = parseFloat(band.dataset.start);
+      player.play();
+    });
+  });
+
+  window.setTimeout(poll, INTERVAL_MS);
+}());
