@@ -6,7 +6,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.orm import Session, sessionmaker
 
 from ser_shared.settings import Settings
@@ -19,8 +21,25 @@ def make_engine(settings: Settings) -> Engine:
         settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    event.listen(engine, "handle_error", _drop_interrupted_connection)
+    return engine
+
+
+def _drop_interrupted_connection(context: ExceptionContext) -> None:
+    """Close a connection whose call was interrupted by Celery's soft time limit.
+
+    The limit is raised by a signal handler wherever the worker's child happens to be. Inside a
+    database call it leaves the driver mid-command: SQLAlchemy's rollback then failed with
+    "another command is already in progress", that OperationalError replaced the time limit (so
+    handlers of database errors swallowed it and the job ran past its deadline), and the
+    connection stayed checked out, idle in a transaction that held the job's row lock. Treated as
+    a disconnect, the connection is closed (the server rolls back) and the time limit itself
+    propagates. SQLAlchemy already does this for KeyboardInterrupt.
+    """
+    if isinstance(context.original_exception, SoftTimeLimitExceeded):
+        context.is_disconnect = True
 
 
 def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:

@@ -54,11 +54,15 @@ def write_with_retry(write: Callable[[], T], delays: tuple[float, ...] = WRITE_R
     """Run a database write, retrying a lost connection in place (about 30 s in all).
 
     Retrying here keeps the analysis already done; only after that does the task fail over to
-    Celery's retry, which analyses the chunk again and counts another attempt.
+    Celery's retry, which analyses the chunk again and counts another attempt. The soft time limit
+    striking during the write is not a reason to throw the finished analysis away either: the
+    write is redone at once (it is idempotent; the hard limit still bounds it).
     """
     for delay in delays:
         try:
             return write()
+        except SoftTimeLimitExceeded:
+            log.warning("soft time limit reached while storing results; storing them anyway")
         except (OperationalError, InterfaceError) as exc:
             log.warning("database write failed, retrying in %.0f s: %s", delay, exc.orig)
             time.sleep(delay)
