@@ -80,12 +80,15 @@ class Batch(Base):
     """One upload request: one or many recordings."""
 
     __tablename__ = "batches"
-    # Upload rate limits count a tenant's recent batches.
-    __table_args__ = (Index("ix_batches_tenant_created_at", "tenant", "created_at"),)
+    # Upload rate limits count the recent batches of a key (of the tenant when auth is off).
+    __table_args__ = (Index("ix_batches_tenant_created_at", "tenant", "created_at"),
+                      Index("ix_batches_api_key_id_created_at", "api_key_id", "created_at"))
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), default=LOCAL_TENANT,
                                         server_default=LOCAL_TENANT)
+    # The key that uploaded it; NULL in single-user mode (no keys) and for rows from before keys.
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     options: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     file_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -118,6 +121,8 @@ class Job(Base):
         # The worker's sweeps (unqueued jobs, stuck jobs, audio past retention) span all tenants.
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_finished_at", "finished_at"),
+        # The cap on a key's queued and running jobs.
+        Index("ix_jobs_api_key_id_status", "api_key_id", "status"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -125,6 +130,7 @@ class Job(Base):
     # Copied from the batch so history queries filter one table.
     tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), default=LOCAL_TENANT,
                                         server_default=LOCAL_TENANT)
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
     position: Mapped[int] = mapped_column(Integer, default=0)
     # The client's name for the file: data only, never used to build a path.
     filename: Mapped[str] = mapped_column(String(512))

@@ -80,8 +80,8 @@ class Settings(BaseSettings):
     # Secure session cookies (HTTPS only; browsers also accept them on http://localhost).
     cookie_secure: bool | None = None
     session_hours: float = Field(default=12.0, gt=0)
-    # Per tenant, over a sliding minute: upload requests, and files in them; and a cap on jobs
-    # waiting or running. Over a limit the upload gets 429 with Retry-After.
+    # Per API key (per tenant when auth is off), over a sliding minute: upload requests, and files
+    # in them; and a cap on jobs waiting or running. Over a limit the upload gets 429 with Retry-After.
     rate_limit_uploads_per_minute: int = Field(default=120, ge=1)
     rate_limit_files_per_minute: int = Field(default=20000, ge=1)
     max_queued_jobs: int = Field(default=20000, ge=1)

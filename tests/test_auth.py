@@ -182,11 +182,20 @@ def _limited_app(pg_settings: Settings, **limits: int):  # type: ignore[no-untyp
 def test_upload_rate_limit_answers_429_with_retry_after(pg_settings, sessions) -> None:  # type: ignore[no-untyped-def]
     client = _limited_app(pg_settings, rate_limit_uploads_per_minute=2).test_client()
     key, other = _new_key(sessions, "burst"), _new_key(sessions, "calm")
+    sibling = _new_key(sessions, "colleague", tenant=key.tenant)
     assert [_upload(client, key).status_code for _ in range(2)] == [202, 202]
     refused = _upload(client, key)
     assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "rate_limited"
+    assert "per API key" in refused.get_json()["error"]["message"]
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
-    assert _upload(client, other).status_code == 202  # per tenant: others are unaffected
+    # Per key: another tenant, and another key of the same tenant, upload as usual.
+    assert _upload(client, other).status_code == 202
+    assert _upload(client, sibling).status_code == 202
+    # The page upload counts against the signed-in key too, and is refused before its body is read.
+    page = _limited_app(pg_settings, rate_limit_uploads_per_minute=2).test_client()
+    _sign_in(page, key.key)
+    form = multipart([read(ravdess_file(3, "05"))], csrf_token=csrf_token(page, "/"))
+    assert page.post("/upload", data=form, content_type="multipart/form-data").status_code == 429
 
 
 def test_files_per_minute_limit(pg_settings, sessions) -> None:  # type: ignore[no-untyped-def]
@@ -203,16 +212,18 @@ def test_files_per_minute_limit(pg_settings, sessions) -> None:  # type: ignore[
 def test_queued_job_cap(pg_settings, sessions) -> None:  # type: ignore[no-untyped-def]
     client = _limited_app(pg_settings, max_queued_jobs=5).test_client()
     key = _new_key(sessions, "backlog")
-    # A backlog of five jobs waiting for this tenant (rows as an earlier upload leaves them).
+    sibling = _new_key(sessions, "colleague", tenant=key.tenant)
+    # A backlog of five jobs waiting for this key (rows as an earlier upload leaves them).
     with sessions() as session:
-        batch = Batch(id=uuid.uuid4(), tenant=key.tenant, file_count=5, options={})
+        batch = Batch(id=uuid.uuid4(), tenant=key.tenant, api_key_id=key.id, file_count=5, options={})
         session.add(batch)
-        session.add_all(Job(id=uuid.uuid4(), batch_id=batch.id, tenant=key.tenant, position=i, filename=f"{i}.wav",
-                            status=JobStatus.QUEUED.value, options={}) for i in range(5))
+        session.add_all(Job(id=uuid.uuid4(), batch_id=batch.id, tenant=key.tenant, api_key_id=key.id, position=i,
+                            filename=f"{i}.wav", status=JobStatus.QUEUED.value, options={}) for i in range(5))
         session.commit()
     refused = _upload(client, key)
     assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "too_many_queued_jobs"
     assert int(refused.headers["Retry-After"]) >= 1
+    assert _upload(client, sibling).status_code == 202  # the cap is the key's, not the tenant's
     with sessions() as session:
         session.execute(sa.update(Job).where(Job.batch_id == batch.id).values(status=JobStatus.FAILED.value))
         session.commit()

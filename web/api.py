@@ -12,7 +12,7 @@ from ser_shared.audio import MIME_TYPES
 from ser_shared.errors import BadRequest, Gone, NotFound
 from web import export as export_rows
 from web import idempotency, limits, openapi, queries
-from web.auth import tenant
+from web.auth import key_id, tenant
 from web.context import db, services
 from web.serialize import batch_dict, iso, job_dict, job_summary
 from web.uploads import create_batch, parse_labels, parse_options, parse_webhook
@@ -30,7 +30,7 @@ def create_jobs() -> tuple[Response, int]:
     """
     svc = services()
     # Before the body is parsed: a client over its limits is turned away without reading its files.
-    limits.check(svc, tenant())
+    limits.check(svc, tenant(), key_id())
     files = [f for f in request.files.getlist("file") if f is not None]
     header = request.headers.get(idempotency.HEADER)
     # Keys are per tenant: two tenants choosing the same key never see each other's response.
@@ -42,10 +42,10 @@ def create_jobs() -> tuple[Response, int]:
             replay.headers[idempotency.REPLAYED] = "true"
             return replay, stored.status
     try:
-        limits.check(svc, tenant(), len(files))
+        limits.check(svc, tenant(), key_id(), len(files))
         result = create_batch(svc, files, parse_options(request.form.to_dict()),
                               parse_labels(request.form, len(files)), parse_webhook(request.form, svc.settings),
-                              tenant=tenant())
+                              tenant=tenant(), api_key_id=key_id())
     except Exception:
         if key is not None:
             idempotency.release(svc, key)  # nothing was created: the client may retry with this key

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import uuid
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, g, redirect, render_template, request, session, url_for
@@ -39,6 +40,12 @@ PUBLIC_PATHS = {"/api/v1/openapi.json"}
 def tenant() -> str:
     """The tenant of the current request (set by ``_authenticate`` before any view runs)."""
     return str(g.tenant)
+
+
+def key_id() -> uuid.UUID | None:
+    """The API key behind the current request; None in single-user mode (there are no keys)."""
+    value = g.get("key_id")
+    return value if isinstance(value, uuid.UUID) else None
 
 
 def csrf_token() -> str:
@@ -71,6 +78,7 @@ def _presented_key() -> str | None:
 def _authenticate() -> Response | None:
     g.tenant = LOCAL_TENANT
     g.key_name = None
+    g.key_id = None
     # No route (a 404 in the making, e.g. /favicon.ico): nothing to protect.
     if request.endpoint is None or request.endpoint in PUBLIC_ENDPOINTS or request.path in PUBLIC_PATHS:
         return None
@@ -84,7 +92,7 @@ def _authenticate() -> Response | None:
         row = apikeys.authenticate(db(), key)
         if row is None:
             raise Unauthorized("the API key is unknown or revoked")
-        g.tenant, g.key_name = row.tenant, row.name
+        g.tenant, g.key_name, g.key_id = row.tenant, row.name, row.id
         return None
     key_id = session.get("key_id")
     row = apikeys.by_id(db(), key_id) if key_id else None
@@ -94,7 +102,7 @@ def _authenticate() -> Response | None:
         if api:
             raise Unauthorized("send an API key: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
-    g.tenant, g.key_name = row.tenant, row.name
+    g.tenant, g.key_name, g.key_id = row.tenant, row.name, row.id
     _check_csrf()
     return None
 

@@ -1,14 +1,17 @@
-"""Per-tenant upload limits, answered with 429 and Retry-After.
+"""Per-key upload limits, answered with 429 and Retry-After.
 
-The windows are counted from the batches and jobs tables themselves (indexed on tenant and
-creation time), so every web process sees the same counts without another store, in the embedded
-SQLite mode too. Two requests racing at the edge of a limit can both pass; the limits are meant
-to stop floods and runaway scripts, not to meter to the exact file.
+Each API key has its own budget: a runaway script on one key does not lock out the tenant's other
+keys or its people signed in to the pages. In single-user mode (authentication off, no keys) the
+one local user has the budget. The windows are counted from the batches and jobs tables themselves
+(indexed on key and creation time), so every web process sees the same counts without another
+store, in the embedded SQLite mode too. Two requests racing at the edge of a limit can both pass;
+the limits are meant to stop floods and runaway scripts, not to meter to the exact file.
 """
 
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
@@ -36,36 +39,36 @@ def _retry_after(oldest: datetime | None, now: datetime) -> int:
     return max(1, math.ceil((oldest + WINDOW - now).total_seconds()))
 
 
-def check(svc: Services, tenant: str, files: int = 0) -> None:
-    """Raise TooManyRequests if ``tenant`` may not upload ``files`` more recordings now.
+def check(svc: Services, tenant: str, key_id: uuid.UUID | None, files: int = 0) -> None:
+    """Raise TooManyRequests if the caller (``key_id``, or ``tenant`` when there is no key) may not
+    upload ``files`` more recordings now.
 
     Called twice per upload: with ``files=0`` before the body is read (requests per minute, and a
     queue already at its cap), then with the request's file count.
     """
     settings = svc.settings
     now = datetime.now(UTC)
+    batches_of = Batch.api_key_id == key_id if key_id is not None else Batch.tenant == tenant
+    jobs_of = Job.api_key_id == key_id if key_id is not None else Job.tenant == tenant
+    per, of = (" per API key", " of this API key") if key_id is not None else ("", "")
     with svc.sessions() as session:
         since = _naive_if_sqlite(session, now - WINDOW)
+        recent = select(func.count(), func.coalesce(func.sum(Batch.file_count), 0), func.min(Batch.created_at)).where(
+            batches_of, Batch.created_at >= since)
+        uploads, uploaded_files, oldest = session.execute(recent).one()
         if files == 0:
-            count, oldest = session.execute(
-                select(func.count(), func.min(Batch.created_at)).where(Batch.tenant == tenant,
-                                                                       Batch.created_at >= since)).one()
-            if count >= settings.rate_limit_uploads_per_minute:
+            if uploads >= settings.rate_limit_uploads_per_minute:
                 raise TooManyRequests(
-                    f"at most {settings.rate_limit_uploads_per_minute} uploads a minute; wait and retry",
+                    f"at most {settings.rate_limit_uploads_per_minute} uploads a minute{per}; wait and retry",
                     retry_after=_retry_after(oldest, now))
-        else:
-            count, oldest = session.execute(
-                select(func.count(), func.min(Job.created_at)).where(Job.tenant == tenant,
-                                                                     Job.created_at >= since)).one()
-            # One request may carry more than the limit when nothing else is in the window.
-            if count and count + files > settings.rate_limit_files_per_minute:
-                raise TooManyRequests(
-                    f"at most {settings.rate_limit_files_per_minute} files a minute ({count} in the last "
-                    "minute); wait and retry", retry_after=_retry_after(oldest, now))
+        # One request may carry more than the limit when nothing else is in the window.
+        elif uploaded_files and uploaded_files + files > settings.rate_limit_files_per_minute:
+            raise TooManyRequests(
+                f"at most {settings.rate_limit_files_per_minute} files a minute{per} ({uploaded_files} in the "
+                "last minute); wait and retry", retry_after=_retry_after(oldest, now))
         waiting = session.scalar(select(func.count()).where(
-            Job.tenant == tenant, Job.status.in_((JobStatus.QUEUED.value, JobStatus.PROCESSING.value)))) or 0
+            jobs_of, Job.status.in_((JobStatus.QUEUED.value, JobStatus.PROCESSING.value)))) or 0
         if waiting and waiting + max(files, 1) > settings.max_queued_jobs:
             raise TooManyRequests(
-                f"{waiting} jobs are waiting or running (cap {settings.max_queued_jobs}); retry when they finish",
-                retry_after=QUEUED_RETRY_S, code="too_many_queued_jobs")
+                f"{waiting} jobs{of} are waiting or running (cap {settings.max_queued_jobs}); "
+                "retry when they finish", retry_after=QUEUED_RETRY_S, code="too_many_queued_jobs")

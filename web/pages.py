@@ -13,7 +13,7 @@ from ser_shared.emotions import EMOTIONS
 from ser_shared.errors import Gone
 from ser_shared.models import Job
 from web import images, limits, openapi, queries
-from web.auth import tenant
+from web.auth import key_id, tenant
 from web.context import db, services
 from web.serialize import iso
 from web.uploads import create_batch, parse_options
@@ -72,9 +72,11 @@ def upload_form() -> str:
 @bp.post("/upload")
 def upload() -> Response:
     svc = services()
+    # Before the body is parsed, as in the API: a caller over its limits is not read at all.
+    limits.check(svc, tenant(), key_id())
     files = request.files.getlist("file")
-    limits.check(svc, tenant(), len(files))
-    result = create_batch(svc, files, parse_options(request.form.to_dict()), tenant=tenant())
+    limits.check(svc, tenant(), key_id(), len(files))
+    result = create_batch(svc, files, parse_options(request.form.to_dict()), tenant=tenant(), api_key_id=key_id())
     return redirect(url_for("pages.batch", batch_id=result.batch.id), code=303)
 
 

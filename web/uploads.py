@@ -139,7 +139,8 @@ def _reject(svc: Services, job: Job, exc: AudioError) -> None:
 
 
 def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any],
-                 labels: Labels | None = None, webhook_url: str | None = None, *, tenant: str) -> UploadResult:
+                 labels: Labels | None = None, webhook_url: str | None = None, *, tenant: str,
+                 api_key_id: uuid.UUID | None = None) -> UploadResult:
     """Create a batch of jobs; a bad file fails alone, the others are queued.
 
     Raises BadRequest for request-level problems (no files, too many).
@@ -151,11 +152,13 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
         raise BadRequest(f"at most {svc.settings.max_files_per_request} files per request",
                          code="too_many_files")
     labels = labels or Labels([None] * len(files), None)
-    batch = Batch(id=uuid.uuid4(), tenant=tenant, options=options, file_count=len(files), webhook_url=webhook_url)
+    batch = Batch(id=uuid.uuid4(), tenant=tenant, api_key_id=api_key_id, options=options, file_count=len(files),
+                  webhook_url=webhook_url)
     jobs: list[Job] = []
     root = svc.settings.upload_dir  # resolved once per request, not twice per file (it is a realpath walk)
     for position, upload in enumerate(files):
-        job = Job(id=uuid.uuid4(), batch_id=batch.id, tenant=tenant, position=position, options=options,
+        job = Job(id=uuid.uuid4(), batch_id=batch.id, tenant=tenant, api_key_id=api_key_id, position=position,
+                  options=options,
                   created_at=datetime.now(UTC),
                   filename=clean_filename(upload.filename), status=JobStatus.QUEUED.value, attempts=0,
                   size_bytes=0, client_reference=labels.references[position], meta=labels.metadata)
