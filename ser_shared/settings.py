@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     # URLs may resolve to despite the SSRF guard, which otherwise refuses private addresses.
     webhook_allow: str = ""
     webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # How long an upload (and a delivery attempt) waits for the webhook host's DNS answer.
+    webhook_dns_timeout_s: float = Field(default=3.0, gt=0)
     webhook_retry_base_s: float = Field(default=30.0, gt=0)
     webhook_retry_max_s: float = Field(default=1800.0, gt=0)  # below the broker visibility timeout
     webhook_max_age_s: float = Field(default=86400.0, gt=0)

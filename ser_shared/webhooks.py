@@ -18,6 +18,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -78,6 +79,30 @@ def _allowed(host: str, addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Ad
     return False
 
 
+class HostUnresolved(BadRequest):
+    """The webhook host did not resolve (in time). At submission that refuses the URL; before a
+    delivery attempt it is a failed attempt to retry later, since DNS outages pass."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="webhook_url_refused")
+
+
+# getaddrinfo cannot be interrupted: it runs on these threads so that a caller waits at most the
+# configured time. A lookup still hanging holds its thread until the system resolver gives up.
+_LOOKUPS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ser-dns")
+
+
+def _resolve(host: str, port: int, timeout_s: float) -> list[Any]:
+    lookup = _LOOKUPS.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return lookup.result(timeout=timeout_s)
+    except TimeoutError as exc:
+        lookup.cancel()  # still queued behind hanging lookups: never start it
+        raise HostUnresolved(f"webhook_url host {host!r} did not resolve within {timeout_s:g} s") from exc
+    except (socket.gaierror, UnicodeError) as exc:
+        raise HostUnresolved(f"webhook_url host {host!r} does not resolve") from exc
+
+
 def check_url(url: str, settings: Settings) -> str:
     """The URL if webhooks may be sent there; BadRequest(``webhook_url_refused``) otherwise.
 
@@ -90,11 +115,7 @@ def check_url(url: str, settings: Settings) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > MAX_URL:
         raise BadRequest("webhook_url must be an http(s) URL with a host", code="webhook_url_refused")
     host = parts.hostname
-    try:
-        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
-                                   type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise BadRequest(f"webhook_url host {host!r} does not resolve", code="webhook_url_refused") from exc
+    infos = _resolve(host, parts.port or (443 if parts.scheme == "https" else 80), settings.webhook_dns_timeout_s)
     addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     if _allowed(host, addresses, settings.webhook_allow):
         return url.strip()

@@ -7,19 +7,25 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from ser_shared import webhooks
+from ser_shared.db import make_engine, make_session_factory
 from ser_shared.errors import BadRequest
+from ser_shared.models import Batch, Job, WebhookDelivery
 from ser_shared.settings import Settings
-from tests.conftest import WorkerProcess, ravdess_file, wait_for
+from tests.conftest import WorkerProcess, private_database, ravdess_file, wait_for
 from tests.helpers import multipart, read
+from worker import webhooks as worker_webhooks
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: int = 300) -> bool:
@@ -93,6 +99,52 @@ def test_allowlist_admits_named_hosts_and_networks() -> None:
     assert webhooks.check_url("http://127.0.0.1:9/x", Settings(env="test", webhook_allow="127.0.0.0/8"))
     assert webhooks.check_url("http://localhost/x", Settings(env="test", webhook_allow="localhost"))
     assert webhooks.check_url("http://93.184.216.34/", Settings(env="test")) == "http://93.184.216.34/"
+
+
+def test_a_hanging_dns_lookup_is_cut_off_at_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload with a webhook waits for DNS at most ``SER_WEBHOOK_DNS_TIMEOUT_S``. The resolver is
+    replaced by one that hangs for one name, since no test can make a real DNS server stall."""
+    real = socket.getaddrinfo
+
+    def hanging(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "stalls.example":
+            time.sleep(5)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    settings = Settings(env="test", webhook_dns_timeout_s=0.3)
+    started = time.monotonic()
+    with pytest.raises(webhooks.HostUnresolved) as err:
+        webhooks.check_url("https://stalls.example/hook", settings)
+    assert time.monotonic() - started < 2
+    assert err.value.code == "webhook_url_refused" and "within 0.3 s" in err.value.message
+    # Other lookups are not stuck behind the hanging one.
+    assert webhooks.check_url("http://93.184.216.34/", settings) == "http://93.184.216.34/"
+
+
+def test_an_unresolvable_host_is_retried_by_the_worker_not_given_up(pg_settings: Settings) -> None:
+    """At delivery time a name that does not resolve is a failed attempt (DNS outages pass),
+    unlike a host that resolves to a private address, which is refused for good."""
+    with private_database(pg_settings) as settings:
+        factory = make_session_factory(make_engine(settings))
+        ids = {}
+        for name, url in (("dns", "http://no-such-host.invalid/hook"), ("private", "http://10.1.2.3/hook")):
+            with factory() as session:
+                batch = Batch(id=uuid.uuid4(), file_count=1, options={}, webhook_url=url)
+                job = Job(id=uuid.uuid4(), batch_id=batch.id, filename="a.wav", status="failed", options={},
+                          error_code="silent_audio", finished_at=datetime.now(UTC))
+                session.add_all([batch, job])
+                ids[name] = webhooks.record_events(session, [job.id])[0]
+                session.commit()
+        assert worker_webhooks.deliver(factory, settings, ids["dns"]) is not None  # a delay: tried again later
+        assert worker_webhooks.deliver(factory, settings, ids["private"]) is None
+        with factory() as session:
+            dns, private = session.get(WebhookDelivery, ids["dns"]), session.get(WebhookDelivery, ids["private"])
+            assert dns is not None and private is not None
+            assert dns.status == "pending" and dns.next_attempt_at is not None
+            assert "does not resolve" in dns.attempts[0]["error"]
+            assert private.status == "failed" and "non-public" in private.attempts[0]["error"]
+        factory.kw["bind"].dispose()
 
 
 def test_refused_url_is_a_400_at_submission(client) -> None:  # type: ignore[no-untyped-def]

@@ -82,6 +82,9 @@ def deliver(factory: sessionmaker[Session], settings: Settings, msg_id: str) -> 
         body = json.dumps(row.payload, separators=(",", ":")).encode()
         try:
             webhooks.check_url(row.url, settings)
+        except webhooks.HostUnresolved as exc:
+            attempt = Attempt(None, 0.0, exc.message)  # a DNS outage passes: retried like a timeout
+            refused = False
         except BadRequest as exc:
             attempt = Attempt(None, 0.0, exc.message)
             refused = True
