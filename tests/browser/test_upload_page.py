@@ -81,6 +81,28 @@ def test_dropped_file_is_uploaded(page: Any, worker: WorkerProcess) -> None:
     assert job["size_bytes"] == src.stat().st_size  # every byte arrived
 
 
+def test_chosen_folder_uploads_its_recordings_and_skips_the_rest(page: Any, worker: WorkerProcess,
+                                                                  tmp_path: Path) -> None:
+    """A folder with a subfolder and a note in it, picked through the folder input (Chromium's
+    webkitdirectory; a synthetic drop cannot carry directory entries)."""
+    folder = tmp_path / "calls"
+    (folder / "monday").mkdir(parents=True)
+    sources = [ravdess_file(8, "03"), ravdess_file(8, "05"), ravdess_file(9, "04")]
+    targets = [folder / sources[0].name, folder / sources[1].name, folder / "monday" / sources[2].name]
+    for src, dst in zip(sources, targets, strict=True):
+        dst.write_bytes(src.read_bytes())
+    (folder / "notes.txt").write_text("call notes, not audio\n")
+    page.goto("/")
+    expect(page.locator(".folder-pick")).to_be_visible()
+    page.set_input_files("#folder-input", str(folder))
+    shown = [expect_succeeded(page, f.name) for f in targets]
+    expect(page.locator("#upload-message")).to_contain_text("1 file(s) in the folder are not recordings")
+    expect(item(page, "notes.txt")).to_have_count(0)
+    jobs = wait_jobs(page.request, [s["job_id"] for s in shown])
+    assert sorted(j["filename"] for j in jobs) == sorted(f.name for f in targets)
+    assert all(j["status"] == "succeeded" for j in jobs)
+
+
 def test_wrong_type_and_oversized_files_are_refused_without_a_request(page: Any, tmp_path: Path) -> None:
     page.goto("/")
     sent = api_posts(page)

@@ -105,7 +105,17 @@
     return null;
   }
 
-  function accept(files) {
+  // A folder holds more than recordings (notes, spreadsheets, .DS_Store): what is not named like
+  // audio is skipped and counted, not listed file by file as refused.
+  function acceptFolder(files) {
+    const audio = files.filter(function (f) { return cfg.extensions.indexOf(extensionOf(f.name)) >= 0; });
+    const skipped = files.length - audio.length;
+    const note = skipped ? skipped + " file(s) in the folder are not recordings and were skipped." : "";
+    if (audio.length) accept(audio, note);
+    else showMessage("No recordings in that folder. " + note);
+  }
+
+  function accept(files, note) {
     const items = [];
     let rejected = 0;
     files.forEach(function (file) {
@@ -120,7 +130,8 @@
         items.push(item);
       }
     });
-    showMessage(rejected ? rejected + " file(s) not sent: see the reasons in the list." : "");
+    const refused = rejected ? rejected + " file(s) not sent: see the reasons in the list." : "";
+    showMessage([note || "", refused].filter(Boolean).join(" "));
     for (let i = 0; i < items.length;) {
       const group = [];
       let bytes = 0;
@@ -298,13 +309,17 @@
     });
   }
 
+  // Resolves to {files, folder}: folder is true when a directory was among what was dropped.
   function droppedFiles(dt) {
     const items = dt.items ? Array.prototype.slice.call(dt.items) : [];
     const entries = items.map(function (it) { return it.webkitGetAsEntry ? it.webkitGetAsEntry() : null; });
     if (entries.length && entries.every(Boolean)) {
-      return Promise.all(entries.map(readEntry)).then(function (lists) { return [].concat.apply([], lists); });
+      const folder = entries.some(function (e) { return e.isDirectory; });
+      return Promise.all(entries.map(readEntry)).then(function (lists) {
+        return {files: [].concat.apply([], lists), folder: folder};
+      });
     }
-    return Promise.resolve(Array.prototype.slice.call(dt.files || []));
+    return Promise.resolve({files: Array.prototype.slice.call(dt.files || []), folder: false});
   }
 
   ["dragenter", "dragover"].forEach(function (type) {
@@ -317,11 +332,22 @@
   zone.addEventListener("drop", function (ev) {
     ev.preventDefault();
     zone.classList.remove("dragging");
-    droppedFiles(ev.dataTransfer).then(function (files) {
-      if (files.length) accept(files);
-      else showMessage("Nothing to upload in what was dropped.");
+    droppedFiles(ev.dataTransfer).then(function (dropped) {
+      if (!dropped.files.length) showMessage("Nothing to upload in what was dropped.");
+      else if (dropped.folder) acceptFolder(dropped.files);
+      else accept(dropped.files);
     });
   });
+
+  const folderInput = document.getElementById("folder-input");
+  if (folderInput && "webkitdirectory" in folderInput) {
+    folderInput.closest(".folder-pick").hidden = false;
+    folderInput.addEventListener("change", function () {
+      const files = Array.prototype.slice.call(folderInput.files || []);
+      if (files.length) acceptFolder(files);
+      folderInput.value = "";
+    });
+  }
 
   input.addEventListener("change", function () {
     const files = Array.prototype.slice.call(input.files || []);
