@@ -98,6 +98,12 @@ class SilentAudio(AudioError):
     code = "silent_audio"
 
 
+class IncompleteAudio(AudioError):
+    """Well under half of the length the header declares decodes: the file is cut short or damaged."""
+
+    code = "incomplete_audio"
+
+
 class UnsupportedSampleRate(AudioError):
     """A header rate no microphone produces (a hostile or broken file): decoding it would be noise."""
 

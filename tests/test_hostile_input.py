@@ -125,6 +125,7 @@ def cases(speech: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> list[
     work = tmp_path_factory.mktemp("make")
     rng = np.random.default_rng(5)
     good = wav_bytes(speech, RATE)
+    flac = ravdess_file(1, "05", intensity="02").read_bytes()
     nan_few, nan_many = speech.copy(), speech.copy()
     nan_few[rng.random(nan_few.size) < 0.001] = np.nan  # a glitch: silenced, analysed
     nan_few[100], nan_few[200] = np.inf, -np.inf
@@ -147,6 +148,10 @@ def cases(speech: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> list[
         # The data chunk claims 2 GiB; libsndfile reads what is there, so this is a real recording.
         Case("lying_data_size.wav", hand_wav(body=pcm16(speech), data_size=0x7FFFFFF0)),
         Case("tiny_0.05s.wav", wav_bytes(speech[: RATE // 20], RATE), upload_code="audio_too_short"),
+        # Incomplete copies: the header promises the whole recording. Cut inside the leading pause,
+        # the little that decodes would read "silent"; cut late, what decodes is still speech.
+        Case("cut_short.flac", flac[:6000], final="incomplete_audio"),  # 0.26 s of its 4.1 s decode
+        Case("cut_at_70_percent.flac", flac[: len(flac) * 7 // 10]),
         # Odd but valid: every sample format, rate and channel count real recorders produce.
         Case("pcm_u8.wav", wav_bytes(speech, RATE, "PCM_U8")),
         Case("pcm_24.wav", wav_bytes(speech, RATE, "PCM_24")),
@@ -160,9 +165,9 @@ def cases(speech: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> list[
         Case("digital_silence.wav", wav_bytes(np.zeros(3 * RATE), RATE), final="silent_audio"),
         Case("dc_offset_silence.wav", wav_bytes(np.full(3 * RATE, 0.25), RATE, "FLOAT"), final="silent_audio"),
         # Compressed streams with frames smashed in the middle: decoders skip bad frames or give up;
-        # either way a code, never a crash or a retry loop.
+        # either way a code, never a crash, a retry loop, or an emotion for a fragment.
         *[Case(f"corrupt{suffix}", corrupt_middle(lossy(speech, work, suffix, *codec), seed), also=frozenset(
-            {"decode_failed"})) for seed, (suffix, codec) in enumerate([
+            {"decode_failed", "incomplete_audio"})) for seed, (suffix, codec) in enumerate([
                 (".mp3", ("-c:a", "libmp3lame", "-b:a", "64k")), (".ogg", ("-c:a", "libvorbis")),
                 (".m4a", ("-c:a", "aac", "-b:a", "64k")), (".webm", ("-c:a", "libopus", "-b:a", "32k"))])],
         Case("garbage_after_ftyp.m4a", b"\x00\x00\x00\x20ftypM4A " + rng.bytes(3000), upload_code="decode_failed"),

@@ -35,7 +35,13 @@ ERROR_WORDS = {
     "audio_too_short": "The recording is too short to analyse.",
     "decode_failed": "The file could not be decoded as audio; it may be damaged or not really audio.",
     "silent_audio": "The recording is silent: there was no speech to analyse.",
+    "incomplete_audio": "Only part of the recording could be decoded: the file is cut short or damaged.",
+    "unsupported_sample_rate": "The file declares a sample rate no recorder produces; it is probably damaged.",
+    "too_many_channels": "The file declares more channels than any recording has; it is probably damaged.",
+    "invalid_samples": "Too many samples in the file are not numbers (NaN or infinity); the export is broken.",
     "audio_missing": "The stored recording was gone before it could be analysed.",
+    "time_limit_exceeded": "The analysis took longer than the server allows for one job.",
+    "too_many_attempts": "The analysis was tried several times and never finished; it was given up.",
     "internal_error": "Something went wrong on the server while analysing this recording.",
 }
 

@@ -17,7 +17,7 @@ import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 
 from ser_shared.audio import check_duration, decode, probe, stream
-from ser_shared.errors import AudioError, SilentAudio
+from ser_shared.errors import AudioError, IncompleteAudio, SilentAudio
 from ser_shared.features import SAMPLE_RATE, SILENCE_DBFS, Features, extract
 from ser_shared.segments import EnergyMeter, Segment, find_segments, segments_from_energy
 from ser_shared.settings import Settings
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Longer recordings are decoded as a stream, in two passes, so memory does not grow with length.
 STREAM_OVER_S = 60.0
+# A recording of which less than this share of the header's length decodes is refused as truncated.
+DECODED_SHARE = 0.5
 # ``extract`` calls a recording silent from its peak, which a DC offset lifts (a cheap converter's
 # silence, a constant float export): one whose signal never varies by more than the silence floor
 # is silent too, and would otherwise get a confident-looking emotion for a flat line.
@@ -87,6 +89,7 @@ def prepare(job: JobInput, settings: Settings, on_progress: Progress | None = No
         audio = decode(job.path, job.format, SAMPLE_RATE, settings.max_duration_s)
         outcome.timings_ms["decode"] = _ms(started)
         outcome.duration_s = round(audio.size / SAMPLE_RATE, 3)
+        _check_complete(job.duration_s, outcome.duration_s)
         check_duration(outcome.duration_s, settings.min_duration_s, settings.max_duration_s)
         _check_varies(float(audio.min()), float(audio.max()))
         started = time.perf_counter()
@@ -117,6 +120,19 @@ def prepare(job: JobInput, settings: Settings, on_progress: Progress | None = No
     if outcome.error_code:
         prepared.feats, prepared.spans = [], []
     return prepared
+
+
+def _check_complete(declared: float | None, decoded: float) -> None:
+    """Raise IncompleteAudio when well under half of what the header declares decodes.
+
+    A download or copy that stopped early keeps its header, and a decoder meeting smashed frames
+    may stop there. Analysing the fragment would present the emotion of a few words (or of the
+    leading pause) as the recording's. A file with most of it decodable is still analysed, like a
+    WAV whose header overstates its size.
+    """
+    if declared and decoded < declared * DECODED_SHARE and declared - decoded > 1.0:
+        raise IncompleteAudio(f"only {decoded:.2f} s of the {declared:.1f} s the header declares could be decoded: "
+                              "the file is cut short (an incomplete copy?) or damaged")
 
 
 def _check_varies(low: float, high: float) -> None:
@@ -154,6 +170,7 @@ def _prepare_streamed(job: JobInput, settings: Settings, prepared: Prepared,
             low, high = min(low, float(block.min())), max(high, float(block.max()))
     energy = meter.finish()
     outcome.duration_s = round(meter.samples / SAMPLE_RATE, 3)
+    _check_complete(job.duration_s, outcome.duration_s)
     check_duration(outcome.duration_s, settings.min_duration_s, settings.max_duration_s)
     _check_varies(low, high)
     spans = segments_from_energy(energy, outcome.duration_s)
