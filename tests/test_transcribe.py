@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -79,15 +80,25 @@ def test_sphinx_recognises_synthetic_speech(sentence: np.ndarray) -> None:
 
 
 def test_sphinx_long_recording_stops_at_the_time_budget(sentence: np.ndarray) -> None:
-    # 66 s of speech needs about 25 s of decoding here: with 5 s it must give up, not run on.
-    long = np.concatenate([np.concatenate([sentence, silence(0.5)])] * 20)
+    """66 s of speech against a 5 s budget: PocketSphinx gives up rather than decoding it all.
+
+    It cannot be interrupted mid-chunk, so the promise is an overrun of at most about one chunk.
+    One chunk's cost is measured here, in the same run: this machine's speed varies several-fold
+    (a fixed "5 + 3 s" bound failed once in CI when a chunk took 9 s).
+    """
+    piece = np.concatenate([sentence, silence(0.5)])
     started = time.monotonic()
-    result = transcribe(long, SAMPLE_RATE, "sphinx", timeout_s=5.0)
+    transcribe(np.concatenate([piece] * 3), SAMPLE_RATE, "sphinx", timeout_s=120.0)  # 9.8 s: one chunk
+    one_chunk = time.monotonic() - started
+    started = time.monotonic()
+    result = transcribe(np.concatenate([piece] * 20), SAMPLE_RATE, "sphinx", timeout_s=5.0)
     elapsed = time.monotonic() - started
     assert_unavailable(result, "timeout")
-    assert "chunks" in (result.message or "")
-    # PocketSphinx cannot be interrupted mid-chunk: the promise is at most one short chunk over the budget.
-    assert elapsed < 5.0 + 3.0 and abs(result.seconds - elapsed) < 0.5
+    progress = re.search(r"after (\d+) of (\d+) chunks", result.message or "")
+    assert progress, result.message
+    assert int(progress[1]) < int(progress[2])  # it stopped: not every chunk was decoded
+    assert elapsed < 5.0 + 1.5 * one_chunk, (elapsed, one_chunk)
+    assert abs(result.seconds - elapsed) < 0.5
 
 
 def test_sphinx_only_speaks_english() -> None:
@@ -219,7 +230,7 @@ def test_google_slow_answer_times_out_within_the_budget(google: StandIn) -> None
     result = transcribe(tone(440, 1.0), SAMPLE_RATE, "google", "en-US", timeout_s=1.0)
     elapsed = time.monotonic() - started
     assert_unavailable(result, "timeout")
-    assert 0.9 < elapsed < 2.0
+    assert 0.9 < elapsed < 3.0  # the 10 s hang is cut off near the budget (slack for a busy machine)
     assert len(google.received) == 1 and google.received[0].body[:4] == b"fLaC"
 
 
