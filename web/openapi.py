@@ -178,7 +178,7 @@ def _responses() -> dict[str, Schema]:
         "Unauthorized": _error("Authentication is on and no valid API key was sent (`unauthorized`)."),
         "NotFound": _error("No such resource, or one of another tenant (`not_found`)."),
         "TooManyRequests": _error(
-            "Over an upload rate limit (`rate_limited`) or the queued-jobs cap (`too_many_queued_jobs`).",
+            "Over the API key's upload rate limit (`rate_limited`) or its queued-jobs cap (`too_many_queued_jobs`).",
             {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
                              "schema": {"type": "integer", "minimum": 1}}}),
         "Unavailable": _error("The database is unreachable (`database_unavailable`); retry shortly."),
