@@ -19,6 +19,7 @@ import socket
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -103,28 +104,56 @@ def _resolve(host: str, port: int, timeout_s: float) -> list[Any]:
         raise HostUnresolved(f"webhook_url host {host!r} does not resolve") from exc
 
 
-def check_url(url: str, settings: Settings) -> str:
-    """The URL if webhooks may be sent there; BadRequest(``webhook_url_refused``) otherwise.
+@dataclass(frozen=True)
+class Target:
+    """A webhook URL with the addresses its host resolved to when it was checked.
+
+    Delivery connects to these addresses and to no other: looking the name up again would let a
+    DNS answer that changed after the check (DNS rebinding) send the POST to an internal address,
+    and would be a second lookup without a time limit.
+    """
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    path: str  # path and query, as sent in the request line
+    addresses: tuple[str, ...]
+
+
+def resolve(url: str, settings: Settings) -> Target:
+    """The checked target if webhooks may be sent to ``url``; BadRequest(``webhook_url_refused``)
+    otherwise.
 
     Refuses other schemes, and hosts that resolve to loopback, private, link-local (cloud metadata
     at 169.254.169.254 among them), multicast, reserved or unspecified addresses, unless the host
     or its network is in ``SER_WEBHOOK_ALLOW``. Checked at submission and again before each
     attempt, since DNS answers can change.
     """
-    parts = urlsplit(url.strip())
+    url = url.strip()
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # a port out of range or not a number
+        raise BadRequest("webhook_url has an invalid port", code="webhook_url_refused") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > MAX_URL:
         raise BadRequest("webhook_url must be an http(s) URL with a host", code="webhook_url_refused")
     host = parts.hostname
-    infos = _resolve(host, parts.port or (443 if parts.scheme == "https" else 80), settings.webhook_dns_timeout_s)
-    addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-    if _allowed(host, addresses, settings.webhook_allow):
-        return url.strip()
-    for addr in addresses:
-        if (addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_multicast
-                or addr.is_reserved or addr.is_unspecified):
-            raise BadRequest(f"webhook_url resolves to a non-public address ({addr}); allow it with "
-                             "SER_WEBHOOK_ALLOW if that is intended", code="webhook_url_refused")
-    return url.strip()
+    infos = _resolve(host, port, settings.webhook_dns_timeout_s)
+    addresses = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
+    if not _allowed(host, addresses, settings.webhook_allow):
+        for addr in addresses:
+            if (addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_multicast
+                    or addr.is_reserved or addr.is_unspecified):
+                raise BadRequest(f"webhook_url resolves to a non-public address ({addr}); allow it with "
+                                 "SER_WEBHOOK_ALLOW if that is intended", code="webhook_url_refused")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Target(url, parts.scheme, host, port, path, tuple(str(a) for a in addresses))
+
+
+def check_url(url: str, settings: Settings) -> str:
+    """The URL, stripped, if webhooks may be sent there (see ``resolve``)."""
+    return resolve(url, settings).url
 
 
 # --- events ----------------------------------------------------------------------------------

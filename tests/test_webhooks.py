@@ -4,16 +4,20 @@ real local receiver (retries with growing delays, de-duplicable ids, attempts vi
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,11 +45,12 @@ def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: int =
 
 
 class Receiver:
-    """An HTTP endpoint on 127.0.0.1 that answers from a script of status codes per event type."""
+    """An HTTP(S) endpoint that answers from a script of status codes per event type."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.script: dict[str, list[int]] = {}
         self.calls: list[dict[str, Any]] = []
+        self.redirect_to = ""
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -54,19 +59,30 @@ class Receiver:
                 planned = receiver.script.get(json.loads(body)["type"], [])
                 status = planned.pop(0) if planned else 200
                 head = {k.lower(): v for k, v in self.headers.items()}
-                receiver.calls.append({"at": time.monotonic(), "headers": head, "body": body, "status": status})
+                receiver.calls.append({"at": time.monotonic(), "method": "POST", "path": self.path,
+                                       "headers": head, "body": body, "status": status})
                 self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", receiver.redirect_to)
+                self.end_headers()
+
+            def do_GET(self) -> None:  # noqa: N802 (a followed redirect would arrive as a GET)
+                receiver.calls.append({"at": time.monotonic(), "method": "GET", "path": self.path})
+                self.send_response(200)
                 self.end_headers()
 
             def log_message(self, *_: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.port}/hook"
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        return [c for c in self.calls if json.loads(c["body"])["type"] == kind]
+        return [c for c in self.calls if c["method"] == "POST" and json.loads(c["body"])["type"] == kind]
 
 
 @pytest.fixture
@@ -127,15 +143,8 @@ def test_an_unresolvable_host_is_retried_by_the_worker_not_given_up(pg_settings:
     unlike a host that resolves to a private address, which is refused for good."""
     with private_database(pg_settings) as settings:
         factory = make_session_factory(make_engine(settings))
-        ids = {}
-        for name, url in (("dns", "http://no-such-host.invalid/hook"), ("private", "http://10.1.2.3/hook")):
-            with factory() as session:
-                batch = Batch(id=uuid.uuid4(), file_count=1, options={}, webhook_url=url)
-                job = Job(id=uuid.uuid4(), batch_id=batch.id, filename="a.wav", status="failed", options={},
-                          error_code="silent_audio", finished_at=datetime.now(UTC))
-                session.add_all([batch, job])
-                ids[name] = webhooks.record_events(session, [job.id])[0]
-                session.commit()
+        ids = {name: _failed_job_event(factory, url)
+               for name, url in (("dns", "http://no-such-host.invalid/hook"), ("private", "http://10.1.2.3/hook"))}
         assert worker_webhooks.deliver(factory, settings, ids["dns"]) is not None  # a delay: tried again later
         assert worker_webhooks.deliver(factory, settings, ids["private"]) is None
         with factory() as session:
@@ -208,3 +217,106 @@ def test_a_4xx_answer_stops_delivery(client, pg_worker: WorkerProcess, receiver:
     assert [a["status_code"] for a in hooks[0]["attempts"]] == [410]
     time.sleep(1.5)  # well past the next retry's time: nothing more arrives
     assert len(receiver.events("job.failed")) == 1
+
+
+def _failed_job_event(factory: Any, url: str) -> str:
+    """A finished job of a batch with this webhook URL; returns its event's delivery id."""
+    with factory() as session:
+        batch = Batch(id=uuid.uuid4(), file_count=1, options={}, webhook_url=url)
+        job = Job(id=uuid.uuid4(), batch_id=batch.id, filename="a.wav", status="failed", options={},
+                  error_code="silent_audio", finished_at=datetime.now(UTC))
+        session.add_all([batch, job])
+        msg_id = webhooks.record_events(session, [job.id])[0]
+        session.commit()
+    return msg_id
+
+
+def test_delivery_goes_to_the_address_that_was_checked_when_dns_changes(
+        pg_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the name answers an allowed address to the check and another one after it.
+    The POST must go to the checked address, and the name is looked up once per attempt. The
+    resolver is replaced for that one name, since no test can run a rebinding DNS server here."""
+    checked = Receiver("127.0.0.2")
+    trap = Receiver("127.0.0.1", port=checked.port)  # where a second lookup would send the POST
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def rebinding(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "rebind.example":
+            return real(host, port, *args, **kwargs)
+        lookups.append(host)
+        return real("127.0.0.2" if len(lookups) == 1 else "127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    try:
+        with private_database(pg_settings) as settings:
+            settings = settings.model_copy(update={"webhook_allow": "127.0.0.2/32"})
+            factory = make_session_factory(make_engine(settings))
+            msg_id = _failed_job_event(factory, f"http://rebind.example:{checked.port}/hook?tenant=a")
+            assert worker_webhooks.deliver(factory, settings, msg_id) is None
+            with factory() as session:
+                row = session.get(WebhookDelivery, msg_id)
+                assert row is not None and row.status == "delivered"
+            factory.kw["bind"].dispose()
+    finally:
+        checked.server.shutdown()
+        trap.server.shutdown()
+    assert lookups == ["rebind.example"] and trap.calls == []
+    assert len(checked.calls) == 1
+    assert checked.calls[0]["headers"]["host"] == f"rebind.example:{checked.port}"
+    assert checked.calls[0]["path"] == "/hook?tenant=a"
+
+
+def test_the_next_checked_address_is_tried_when_one_refuses(receiver: Receiver) -> None:
+    target = webhooks.Target(receiver.url, "http", "hooks.test", receiver.port, "/hook",
+                             ("127.0.0.3", "127.0.0.1"))  # nothing listens on the first
+    attempt = worker_webhooks.post(target, b'{"type": "job.failed"}', {"content-type": "application/json"}, 5)
+    assert attempt.status_code == 200 and attempt.error is None
+    assert len(receiver.calls) == 1 and receiver.calls[0]["headers"]["host"] == f"hooks.test:{receiver.port}"
+
+
+def test_a_redirect_is_recorded_not_followed(receiver: Receiver) -> None:
+    trap = Receiver()
+    try:
+        receiver.script = {"job.failed": [302]}
+        receiver.redirect_to = trap.url
+        target = webhooks.resolve(receiver.url, Settings(env="test", webhook_allow="127.0.0.1"))
+        attempt = worker_webhooks.post(target, b'{"type": "job.failed"}', {}, 5)
+    finally:
+        trap.server.shutdown()
+    assert attempt.status_code == 302 and attempt.error == "HTTP 302"
+    assert trap.calls == []
+
+
+def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_https_to_a_checked_address_verifies_the_certificate_for_the_url_host(tmp_path: Path) -> None:
+    """Connecting to the checked address must not weaken TLS: SNI and the certificate check still
+    use the URL's host name (which does not resolve at all here: ``.test`` is reserved)."""
+    cert, key = _certificate(tmp_path, "hooks.test")
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    receiver = Receiver(tls=server_tls)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    body = b'{"type": "job.succeeded"}'
+    target = webhooks.Target(f"https://hooks.test:{receiver.port}/hook", "https", "hooks.test", receiver.port,
+                             "/hook", ("127.0.0.1",))
+    try:
+        good = worker_webhooks.post(target, body, {"content-type": "application/json"}, 5, tls=client_tls)
+        wrong_name = dataclasses.replace(target, host="other.test", url=f"https://other.test:{receiver.port}/hook")
+        refused = worker_webhooks.post(wrong_name, body, {}, 5, tls=client_tls)
+        untrusted = worker_webhooks.post(target, body, {}, 5, tls=ssl.create_default_context())
+    finally:
+        receiver.server.shutdown()
+    assert good.status_code == 200 and good.error is None
+    assert receiver.calls[0]["headers"]["host"] == f"hooks.test:{receiver.port}"
+    assert refused.status_code is None and refused.error is not None and "Hostname mismatch" in refused.error
+    assert untrusted.status_code is None and untrusted.error is not None
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.error
+    assert len(receiver.calls) == 1

@@ -4,16 +4,19 @@ Retries back off exponentially (``SER_WEBHOOK_RETRY_BASE_S`` doubling, capped at
 ``SER_WEBHOOK_RETRY_MAX_S``) for up to ``SER_WEBHOOK_MAX_AGE_S`` (24 h); a 4xx answer other than
 408 or 429 means the receiver refuses the event, and delivery stops. The schedule lives in the
 database (``next_attempt_at``), so a lost broker message only delays an attempt: the sweeper
-re-sends due deliveries.
+re-sends due deliveries. The POST goes only to the addresses the SSRF guard checked for this
+attempt (``ser_shared.webhooks.Target``), and redirects are recorded, never followed.
 """
 
 from __future__ import annotations
 
+import functools
+import http.client
 import json
 import logging
+import socket
+import ssl
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,6 +32,7 @@ from ser_shared.settings import Settings
 log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=60)  # an attempt in flight: nobody else sends this event meanwhile
+_MAX_ANSWER = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,20 +42,68 @@ class Attempt:
     error: str | None
 
 
-def post(url: str, body: bytes, head: dict[str, str], timeout_s: float) -> Attempt:
+class _PinnedHTTP(http.client.HTTPConnection):
+    """HTTP to a checked address; the Host header still names the URL's host."""
+
+    def __init__(self, target: webhooks.Target, address: str, timeout_s: float) -> None:
+        super().__init__(target.host, target.port, timeout=timeout_s)
+        self.address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to a checked address; SNI and certificate verification still use the URL's host."""
+
+    def __init__(self, target: webhooks.Target, address: str, timeout_s: float, tls: ssl.SSLContext) -> None:
+        super().__init__(target.host, target.port, timeout=timeout_s, context=tls)
+        self.address, self.tls = address, tls
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self.address, self.port), self.timeout)
+        try:
+            self.sock = self.tls.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+
+@functools.cache
+def default_tls() -> ssl.SSLContext:
+    """The system's trust store (``SSL_CERT_FILE`` adds a private CA), with hostname checks."""
+    return ssl.create_default_context()
+
+
+def post(target: webhooks.Target, body: bytes, head: dict[str, str], timeout_s: float,
+         tls: ssl.SSLContext | None = None) -> Attempt:
+    """One signed POST to the target's checked addresses, tried in order until one connects.
+
+    Redirects are recorded as their status, never followed: their destination was not checked.
+    """
     started = time.perf_counter()
-    request = urllib.request.Request(url, data=body, headers=head, method="POST")
-    try:
-        # No redirects are followed into places the SSRF guard did not check: urllib follows 30x
-        # for GET/HEAD only, so a POST answered with a redirect is recorded as that status.
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (checked URL)
-            code: int | None = response.status
-            error = None
-    except urllib.error.HTTPError as exc:
-        code, error = exc.code, f"HTTP {exc.code}"
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        code, error = None, f"{type(reason).__name__}: {reason}"[:300]
+    code: int | None = None
+    error: str | None = "no address to connect to"
+    for address in target.addresses:
+        conn: http.client.HTTPConnection = (
+            _PinnedHTTPS(target, address, timeout_s, tls or default_tls()) if target.scheme == "https"
+            else _PinnedHTTP(target, address, timeout_s))
+        try:
+            conn.connect()
+        except OSError as exc:  # refused, unreachable, timed out, TLS refused: try the next address
+            error = f"{type(exc).__name__}: {exc}"[:300]
+            conn.close()
+            continue
+        try:
+            conn.request("POST", target.path, body=body, headers=head)
+            response = conn.getresponse()
+            response.read(_MAX_ANSWER)  # the receiver's answer is not used; read a little, politely
+            code, error = response.status, None if 200 <= response.status < 300 else f"HTTP {response.status}"
+        except (OSError, http.client.HTTPException) as exc:
+            code, error = None, f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            conn.close()
+        break
     return Attempt(code, round((time.perf_counter() - started) * 1000, 1), error)
 
 
@@ -81,7 +133,7 @@ def deliver(factory: sessionmaker[Session], settings: Settings, msg_id: str) -> 
             return None  # delivered, given up, deleted, or another attempt is in flight
         body = json.dumps(row.payload, separators=(",", ":")).encode()
         try:
-            webhooks.check_url(row.url, settings)
+            target = webhooks.resolve(row.url, settings)
         except webhooks.HostUnresolved as exc:
             attempt = Attempt(None, 0.0, exc.message)  # a DNS outage passes: retried like a timeout
             refused = False
@@ -90,7 +142,7 @@ def deliver(factory: sessionmaker[Session], settings: Settings, msg_id: str) -> 
             refused = True
         else:
             head = webhooks.headers(webhooks.secret_bytes(settings), row.id, int(time.time()), body)
-            attempt = post(row.url, body, head, settings.webhook_timeout_s)
+            attempt = post(target, body, head, settings.webhook_timeout_s)
             refused = False
         record: dict[str, Any] = {"at": now.isoformat().replace("+00:00", "Z"), "status_code": attempt.status_code,
                                   "latency_ms": attempt.latency_ms, "error": attempt.error}
