@@ -103,6 +103,42 @@ def test_chosen_folder_uploads_its_recordings_and_skips_the_rest(page: Any, work
     assert all(j["status"] == "succeeded" for j in jobs)
 
 
+def test_dropped_folder_is_walked_page_by_page_and_its_recordings_uploaded(page: Any, worker: WorkerProcess) -> None:
+    """A dropped folder, with a subfolder and a note. Chromium will not put a directory into a
+    synthetic drop, so the drop carries stand-in entries with the FileSystemEntry interface
+    (``webkitGetAsEntry``, ``createReader``, ``readEntries`` handing the listing out in pages as
+    Chromium does past 100 entries, ``file``) around real File objects; the walk, the filtering
+    and the upload are the page's own."""
+    sources = [ravdess_file(10, "03"), ravdess_file(10, "06"), ravdess_file(11, "04")]
+    payload = [[src.name, base64.b64encode(src.read_bytes()).decode()] for src in sources]
+    page.goto("/")
+    page.evaluate(
+        """(files) => {
+            const real = files.map(([name, b64]) =>
+                new File([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], name, {type: "audio/flac"}));
+            const fileEntry = (f) => ({isFile: true, isDirectory: false, name: f.name, file: (ok) => ok(f)});
+            const dirEntry = (name, pages) => ({isFile: false, isDirectory: true, name, createReader: () => {
+                let i = 0;
+                return {readEntries: (ok) => setTimeout(() => ok(i < pages.length ? pages[i++] : []), 0)};
+            }});
+            const note = new File(["call notes, not audio"], "notes.txt", {type: "text/plain"});
+            const monday = dirEntry("monday", [[fileEntry(real[2])]]);
+            const calls = dirEntry("calls", [[fileEntry(real[0]), fileEntry(note)], [monday, fileEntry(real[1])]]);
+            const ev = new Event("drop", {bubbles: true, cancelable: true});
+            Object.defineProperty(ev, "dataTransfer", {value: {items: [{webkitGetAsEntry: () => calls}], files: []}});
+            document.getElementById("drop-zone").dispatchEvent(ev);
+        }""",
+        payload)
+    shown = [expect_succeeded(page, src.name) for src in sources]
+    expect(page.locator("#upload-message")).to_contain_text("1 file(s) in the folder are not recordings")
+    expect(item(page, "notes.txt")).to_have_count(0)
+    jobs = wait_jobs(page.request, [s["job_id"] for s in shown])
+    assert sorted(j["filename"] for j in jobs) == sorted(src.name for src in sources)
+    assert all(j["status"] == "succeeded" for j in jobs)
+    assert [j["size_bytes"] for j in sorted(jobs, key=lambda j: j["filename"])] == \
+        [src.stat().st_size for src in sorted(sources, key=lambda s: s.name)]
+
+
 def test_wrong_type_and_oversized_files_are_refused_without_a_request(page: Any, tmp_path: Path) -> None:
     page.goto("/")
     sent = api_posts(page)
