@@ -104,7 +104,7 @@ def test_signature_matches_the_specification_example() -> None:
 @pytest.mark.parametrize("url", ["http://127.0.0.1/x", "http://localhost:8000/", "http://10.1.2.3/",
                                  "http://192.168.0.10/", "http://169.254.169.254/latest/meta-data/",
                                  "http://[::1]/", "http://0.0.0.0/", "ftp://example.com/", "not a url",
-                                 "http://no-such-host.invalid/"])
+                                 "http://no-such-host.invalid/", "http://example.com:99999/", "http://example.com:x/"])
 def test_ssrf_guard_refuses_private_and_odd_urls(url: str) -> None:
     with pytest.raises(BadRequest) as err:
         webhooks.check_url(url, Settings(env="test"))
@@ -156,9 +156,9 @@ def test_an_unresolvable_host_is_retried_by_the_worker_not_given_up(pg_settings:
         factory.kw["bind"].dispose()
 
 
-def test_refused_url_is_a_400_at_submission(client) -> None:  # type: ignore[no-untyped-def]
-    resp = client.post("/api/v1/jobs", data=multipart([read(ravdess_file(1, "05"))],
-                                                      webhook_url="http://169.254.169.254/"),
+@pytest.mark.parametrize("url", ["http://169.254.169.254/", "http://example.com:99999/"])  # the port was a 500
+def test_refused_url_is_a_400_at_submission(client, url: str) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post("/api/v1/jobs", data=multipart([read(ravdess_file(1, "05"))], webhook_url=url),
                        content_type="multipart/form-data")
     assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "webhook_url_refused"
 
