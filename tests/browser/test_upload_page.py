@@ -81,6 +81,18 @@ def test_dropped_file_is_uploaded(page: Any, worker: WorkerProcess) -> None:
     assert job["size_bytes"] == src.stat().st_size  # every byte arrived
 
 
+def expect_folder_uploaded(page: Any, recordings: list[Path]) -> None:
+    """Each recording of the folder became a succeeded job with all its bytes; the one note in it
+    was skipped and counted, never listed."""
+    shown = [expect_succeeded(page, f.name) for f in recordings]
+    expect(page.locator("#upload-message")).to_contain_text("1 file(s) in the folder are not recordings")
+    expect(item(page, "notes.txt")).to_have_count(0)
+    jobs = sorted(wait_jobs(page.request, [s["job_id"] for s in shown]), key=lambda j: j["filename"])
+    assert [j["filename"] for j in jobs] == sorted(f.name for f in recordings)
+    assert all(j["status"] == "succeeded" for j in jobs)
+    assert [j["size_bytes"] for j in jobs] == [f.stat().st_size for f in sorted(recordings, key=lambda f: f.name)]
+
+
 def test_chosen_folder_uploads_its_recordings_and_skips_the_rest(page: Any, worker: WorkerProcess,
                                                                   tmp_path: Path) -> None:
     """A folder with a subfolder and a note in it, picked through the folder input (Chromium's
@@ -95,12 +107,7 @@ def test_chosen_folder_uploads_its_recordings_and_skips_the_rest(page: Any, work
     page.goto("/")
     expect(page.locator(".folder-pick")).to_be_visible()
     page.set_input_files("#folder-input", str(folder))
-    shown = [expect_succeeded(page, f.name) for f in targets]
-    expect(page.locator("#upload-message")).to_contain_text("1 file(s) in the folder are not recordings")
-    expect(item(page, "notes.txt")).to_have_count(0)
-    jobs = wait_jobs(page.request, [s["job_id"] for s in shown])
-    assert sorted(j["filename"] for j in jobs) == sorted(f.name for f in targets)
-    assert all(j["status"] == "succeeded" for j in jobs)
+    expect_folder_uploaded(page, targets)
 
 
 def test_dropped_folder_is_walked_page_by_page_and_its_recordings_uploaded(page: Any, worker: WorkerProcess) -> None:
@@ -129,14 +136,7 @@ def test_dropped_folder_is_walked_page_by_page_and_its_recordings_uploaded(page:
             document.getElementById("drop-zone").dispatchEvent(ev);
         }""",
         payload)
-    shown = [expect_succeeded(page, src.name) for src in sources]
-    expect(page.locator("#upload-message")).to_contain_text("1 file(s) in the folder are not recordings")
-    expect(item(page, "notes.txt")).to_have_count(0)
-    jobs = wait_jobs(page.request, [s["job_id"] for s in shown])
-    assert sorted(j["filename"] for j in jobs) == sorted(src.name for src in sources)
-    assert all(j["status"] == "succeeded" for j in jobs)
-    assert [j["size_bytes"] for j in sorted(jobs, key=lambda j: j["filename"])] == \
-        [src.stat().st_size for src in sorted(sources, key=lambda s: s.name)]
+    expect_folder_uploaded(page, sources)
 
 
 def test_wrong_type_and_oversized_files_are_refused_without_a_request(page: Any, tmp_path: Path) -> None:
