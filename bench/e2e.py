@@ -1,11 +1,16 @@
 """End-to-end throughput benchmark of the real service on this machine.
 
-It creates a fresh Postgres database and flushes one Redis database, runs ``ser migrate``, starts the
-gunicorn web tier and the Celery worker(s) as subprocesses, uploads real RAVDESS recordings in
-multipart batches through the HTTP API and times first upload byte → last result stored. Then it
-times single uploads to result on the idle service, checks a sample of stored results against an
-in-process one-by-one run of the same pipeline, and prints ONE JSON line on stdout (progress goes
-to stderr).
+It creates a fresh Postgres database and flushes one Redis database, runs ``ser migrate``, creates an
+API key with ``ser keys create`` (production has authentication on), starts the gunicorn web tier and
+the Celery worker(s) as subprocesses, uploads real RAVDESS recordings in multipart batches through
+the HTTP API and times first upload byte → last result stored. Then it times single uploads to
+result on the idle service, fetches one upload's audio back, checks a sample of stored results
+against an in-process one-by-one run of the same pipeline, and prints ONE JSON line on stdout
+(progress goes to stderr).
+
+Every API request carries the key. An answer other than the expected 2xx (401, 429, 5xx, ...) or a
+failed request stops the bench with an error naming the status and body: exit status 1, and the
+JSON line's ``error`` says it (``http_errors`` counts the failed throughput uploads).
 
     python -m bench.e2e [--recordings 1000] [--batch-size 100] [--concurrency 2] [--chunk-size 16]
 
@@ -207,6 +212,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class ApiError(RuntimeError):
+    """The API answered something other than what the bench expects (or did not answer)."""
+
+    def __init__(self, message: str, count: int = 1) -> None:
+        super().__init__(message)
+        self.count = count
+
+
+def expect(resp: requests.Response, what: str, status: int | None = None) -> requests.Response:
+    """``resp`` when it has ``status`` (any 2xx when None); else an :class:`ApiError` naming status and body."""
+    ok = resp.status_code == status if status is not None else 200 <= resp.status_code < 300
+    if not ok:
+        raise ApiError(f"{what}: HTTP {resp.status_code} (expected {status or '2xx'}): {resp.text[:500]}")
+    return resp
+
+
 def run_migrate(env: dict[str, str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "ser_shared.cli", "migrate"], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
@@ -215,14 +236,35 @@ def run_migrate(env: dict[str, str]) -> None:
     log("migrations applied")
 
 
+def create_api_key(env: dict[str, str]) -> str:
+    """A new API key from ``ser keys create`` on the bench's database (the operator's own path)."""
+    proc = subprocess.run([sys.executable, "-m", "ser_shared.cli", "keys", "create", "--name", "bench-e2e", "--json"],
+                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("{")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"ser keys create failed (exit {proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    key = json.loads(line)["key"]
+    if not isinstance(key, str) or not key.startswith("ser_"):
+        raise RuntimeError(f"ser keys create printed no key: {line[:200]}")
+    log(f"API key created ({key[:12]}…)")
+    return key
+
+
+def auth_headers(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 @dataclass
 class Service:
     base_url: str
     web: Child
     worker: Child
+    headers: dict[str, str] = field(default_factory=dict)  # the API key, sent on every API request
 
 
-def start_service(stack: ExitStack, args: argparse.Namespace, env: dict[str, str], logs: Path) -> Service:
+def start_service(stack: ExitStack, args: argparse.Namespace, env: dict[str, str], logs: Path,
+                  headers: dict[str, str]) -> Service:
     cli = [sys.executable, "-m", "ser_shared.cli"]
     worker = Child("worker", [*cli, "worker", "--concurrency", str(args.concurrency)], env, logs / "worker.log")
     stack.callback(worker.stop)
@@ -230,7 +272,7 @@ def start_service(stack: ExitStack, args: argparse.Namespace, env: dict[str, str
     web = Child("web", [*cli, "web", "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.web_workers)],
                 env, logs / "web.log")
     stack.callback(web.stop)
-    return Service(f"http://127.0.0.1:{port}", web, worker)
+    return Service(f"http://127.0.0.1:{port}", web, worker, headers)
 
 
 def wait_ready(svc: Service, concurrency: int, timeout: float) -> None:
@@ -245,6 +287,14 @@ def wait_ready(svc: Service, concurrency: int, timeout: float) -> None:
             return
         time.sleep(0.5)
     raise RuntimeError(f"service not ready in {timeout:.0f} s; worker log:\n{svc.worker.log_text()[-3000:]}")
+
+
+def check_auth(svc: Service, auth_enabled: bool) -> None:
+    """With authentication on, a request without the key gets 401 and one with it 200 (the shape is real)."""
+    url = f"{svc.base_url}/api/v1/jobs?limit=1"
+    if auth_enabled:
+        expect(requests.get(url, timeout=30), "GET /api/v1/jobs without the API key", 401)
+    expect(requests.get(url, headers=svc.headers, timeout=30), "GET /api/v1/jobs with the API key", 200)
 
 
 def _readyz(base_url: str) -> bool:
@@ -417,16 +467,16 @@ def _session() -> requests.Session:
     return _http.session  # type: ignore[no-any-return]
 
 
-def post(base_url: str, upload: Upload, body: bytes, content_type: str) -> Upload:
+def post(svc: Service, upload: Upload, body: bytes, content_type: str) -> Upload:
     started = time.perf_counter()
     try:
-        resp = _session().post(f"{base_url}/api/v1/jobs", data=body, headers={"Content-Type": content_type},
-                               timeout=600)
+        resp = _session().post(f"{svc.base_url}/api/v1/jobs", data=body,
+                               headers={**svc.headers, "Content-Type": content_type}, timeout=600)
         upload.status = resp.status_code
         if resp.status_code == 202:
             upload.job_ids = [j["id"] if j["status"] == "queued" else "" for j in resp.json()["jobs"]]
         else:
-            upload.error = resp.text[:300]
+            upload.error = resp.text[:300] or "(empty body)"
     except requests.RequestException as exc:
         upload.error = f"{type(exc).__name__}: {exc}"
     upload.seconds = time.perf_counter() - started
@@ -450,9 +500,13 @@ def run_throughput(args: argparse.Namespace, svc: Service, engine: sa.Engine, re
     log(f"throughput: {len(recs)} recordings in {len(uploads)} requests, {args.upload_concurrency} at a time")
     started, started_wall = time.perf_counter(), time.time()
     with ThreadPoolExecutor(args.upload_concurrency, thread_name_prefix="upload") as pool:
-        done = list(pool.map(lambda u, b: post(svc.base_url, u, *b), uploads, bodies))
+        done = list(pool.map(lambda u, b: post(svc, u, *b), uploads, bodies))
     upload_s = time.perf_counter() - started
-    log(f"uploads answered in {upload_s:.2f} s ({sum(1 for u in done if u.error)} failed requests)")
+    failed = [u for u in done if u.error]
+    log(f"uploads answered in {upload_s:.2f} s ({len(failed)} failed requests)")
+    if failed:  # never a silent zero: a 401 or 429 here means the bench measured nothing
+        detail = "; ".join(f"HTTP {u.status or 'none'} (expected 202): {u.error}" for u in failed[:3])
+        raise ApiError(f"{len(failed)} of {len(done)} upload requests failed: {detail}", len(failed))
     by_recording: list[uuid.UUID | None] = [None] * len(recs)
     for u in done:
         for pos, job_id in enumerate(u.job_ids):
@@ -505,21 +559,21 @@ class Latency:
     status: str
 
 
-def measure_latency(base_url: str, clips: Sequence[Clip], samples: int, poll_s: float = 0.01,
+def measure_latency(svc: Service, clips: Sequence[Clip], samples: int, poll_s: float = 0.01,
                     timeout: float = 120) -> list[Latency]:
     """Sequential single uploads on the otherwise idle service: request start → status succeeded."""
     out = []
     session = requests.Session()
+    session.headers.update(svc.headers)
     for i in range(samples):
         body, content_type = encode([clips[i % len(clips)]])
         started = time.perf_counter()
-        resp = session.post(f"{base_url}/api/v1/jobs", data=body, headers={"Content-Type": content_type},
+        resp = session.post(f"{svc.base_url}/api/v1/jobs", data=body, headers={"Content-Type": content_type},
                             timeout=timeout)
         post_ms = (time.perf_counter() - started) * 1000
-        resp.raise_for_status()
-        url = resp.json()["jobs"][0]["url"]
+        url = expect(resp, "latency upload POST /api/v1/jobs", 202).json()["jobs"][0]["url"]
         while True:
-            job = session.get(url, timeout=timeout).json()
+            job = expect(session.get(url, timeout=timeout), f"polling GET {url}", 200).json()
             if job["status"] in FINISHED or time.perf_counter() - started > timeout:
                 break
             time.sleep(poll_s)
@@ -527,6 +581,19 @@ def measure_latency(base_url: str, clips: Sequence[Clip], samples: int, poll_s: 
         out.append(Latency(total_ms, post_ms, _ms_between(job["created_at"], job["started_at"]),
                            _ms_between(job["started_at"], job["finished_at"]), job["status"]))
     return out
+
+
+def check_audio(svc: Service, clip: Clip) -> bool:
+    """Upload ``clip`` once more, then fetch its stored audio through the API: the same bytes come back."""
+    body, content_type = encode([clip])
+    resp = requests.post(f"{svc.base_url}/api/v1/jobs", data=body,
+                         headers={**svc.headers, "Content-Type": content_type}, timeout=120)
+    url = expect(resp, "audio check POST /api/v1/jobs", 202).json()["jobs"][0]["url"]
+    job = expect(requests.get(url, headers=svc.headers, timeout=120), f"GET {url}", 200).json()
+    if not job.get("audio_url"):
+        raise RuntimeError(f"job {job.get('id')} has no audio_url: {json.dumps(job)[:500]}")
+    audio = expect(requests.get(job["audio_url"], headers=svc.headers, timeout=120), f"GET {job['audio_url']}", 200)
+    return audio.content == clip.data
 
 
 def _ms_between(a: str | None, b: str | None) -> float | None:
@@ -724,12 +791,15 @@ def bench(args: argparse.Namespace, report: dict[str, Any], stack: ExitStack) ->
     stack.callback(engine.dispose)
     env = child_env(settings)
     run_migrate(env)
+    report["config"]["auth"] = settings.auth_enabled
+    headers = auth_headers(create_api_key(env))
     report["versions"] = versions(engine, args.redis_url, settings.models_dir)
 
-    svc = start_service(stack, args, env, work)
+    svc = start_service(stack, args, env, work, headers)
     log(f"waiting for the service at {svc.base_url} (models load in each worker process)")
     wait_ready(svc, args.concurrency, args.start_timeout)
-    log("service ready")
+    check_auth(svc, settings.auth_enabled)
+    log(f"service ready (authentication {'on' if settings.auth_enabled else 'off'})")
     sampler = TreeSampler({"worker": svc.worker.proc.pid, "web": svc.web.proc.pid})
     try:
         with sampler:
@@ -775,8 +845,9 @@ def timed_phases(args: argparse.Namespace, report: dict[str, Any], svc: Service,
         raise RuntimeError("the throughput phase did not store every result (use --keep-going to go on)")
     if args.latency_samples:
         log(f"latency: {args.latency_samples} single uploads, one at a time")
-        report.update(_latency_fields(measure_latency(svc.base_url, distinct, args.latency_samples)))
+        report.update(_latency_fields(measure_latency(svc, distinct, args.latency_samples)))
         log(f"latency p50 {report['latency_p50_ms']} ms, p95 {report['latency_p95_ms']} ms")
+    report["audio_roundtrip"] = check_audio(svc, distinct[0])
     return run
 
 
@@ -791,7 +862,9 @@ def _throughput_fields(args: argparse.Namespace, run: Throughput) -> dict[str, A
         "upload_s": round(run.upload_s, 3),
         "all_results_stored": run.wall_s is not None and stored == args.recordings,
         "results_stored": stored,
+        "succeeded": run.counts.get("succeeded", 0),
         "failed": run.counts.get("failed", 0) + not_uploaded,
+        "http_errors": len(failed_requests),
         "failed_requests": [f"{u.status}: {u.error}"[:200] for u in failed_requests],
     }
 
@@ -812,8 +885,9 @@ def _latency_fields(samples: list[Latency]) -> dict[str, Any]:
 
 
 def new_report(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("recordings", "wall_s", "per_s", "all_results_stored", "failed", "latency_p50_ms", "latency_p95_ms",
-            "worker_peak_rss_mb", "identical_to_one_by_one", "max_prob_diff")
+    keys = ("recordings", "wall_s", "per_s", "all_results_stored", "failed", "http_errors", "latency_p50_ms",
+            "latency_p95_ms", "latency_failed", "audio_roundtrip", "worker_peak_rss_mb", "identical_to_one_by_one",
+            "max_prob_diff")
     report: dict[str, Any] = dict.fromkeys(keys)
     report.update(recordings=args.recordings, all_results_stored=False, memory_method=MEMORY_METHOD)
     report["config"] = {"concurrency": args.concurrency, "web_workers": args.web_workers,
@@ -832,12 +906,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with signals_as_interrupt(), ExitStack() as stack:
             bench(args, report, stack)
-        code = 0 if report["all_results_stored"] and report["identical_to_one_by_one"] is not False else 1
+        ok = (report["all_results_stored"] and report["identical_to_one_by_one"] is not False
+              and not report["latency_failed"] and report["audio_roundtrip"] is not False)
+        code = 0 if ok else 1
     except KeyboardInterrupt:
         report["error"], code = "interrupted", 130
     except Exception as exc:  # the JSON line is printed whatever happened
         traceback.print_exc(file=sys.stderr)
         report["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        if isinstance(exc, ApiError):
+            report["http_errors"] = exc.count
+            log(f"FAILED: {exc}")
     print(json.dumps(report), flush=True)
     return code
 
