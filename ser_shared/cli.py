@@ -132,12 +132,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from worker.conditions import parse
     from worker.evaluation import evaluate, summary
 
+    try:
+        parse(args.condition)
+    except ValueError as exc:
+        raise SystemExit(f"ser evaluate: --condition: {exc}") from None
     settings = get_settings()
     models = Path(args.models) if args.models else settings.models_dir
     rep = evaluate(Path(args.dir), models, settings, Path(args.json) if args.json else None,
-                   Path(args.plot) if args.plot else None)
+                   Path(args.plot) if args.plot else None, condition=args.condition)
     print(summary(rep))
     return 0
 
@@ -189,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the full report (metrics, per-file predictions) here")
     p.add_argument("--plot", help="write the confusion-matrix PNG here")
     p.add_argument("--models", help="model directory (default: SER_MODELS_DIR)")
+    p.add_argument("--condition", default="clean",
+                   help="degrade each recording first, reproducibly (seeded by its name): clean (default), "
+                        "telephone, telephone:alaw, telephone:gsm, noise:SNR, noise:TYPE:SNR (white, pink, brown, "
+                        "babble), reverb, reverb:RT60, gain:DB, speed:F, phone-noisy:SNR")
     p.set_defaults(func=_evaluate)
     return parser
 

@@ -4,24 +4,35 @@ It runs the worker's own path (format sniffing, decoding, resampling, features, 
 its calibration and threshold, in chunks like a task), so what it measures is what the service
 does. Labels come from file names: RAVDESS (``03-01-05-01-01-01-12.wav``, calm merged into
 neutral) and the Indian EmoSpeech field recordings (``Env__word-condition-emotion-time-user.flac``).
+
+With a condition other than ``clean`` (``worker.conditions``: telephone, noise:10, reverb, ...)
+each recording is decoded, degraded and written as a float WAV to a temporary folder, and the
+worker's path analyses that copy: a robustness figure measured the same way as the clean one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
+import soundfile as sf
 
-from ser_shared.audio import sniff_format
+from ser_shared.audio import decode, sniff_format
 from ser_shared.emotions import EMOTIONS, parse_ravdess_name
 from ser_shared.errors import AudioError
+from ser_shared.features import SAMPLE_RATE
 from ser_shared.memory import tune_malloc
 from ser_shared.settings import Settings
-from worker import metrics
+from worker import conditions, metrics
 from worker.inference import Ensemble
 from worker.pipeline import JobInput, Outcome, run
 
@@ -29,6 +40,10 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".webm", ".ai
 # The field recordings' self-reported labels; calm is neutral, as in RAVDESS.
 FIELD_LABELS = {"calm": "neutral", "neutral": "neutral", "happy": "happy", "sad": "sad", "angry": "angry",
                 "fearful": "fearful", "disgust": "disgust", "surprised": "surprised"}
+# Babble talkers: at most this many recordings decoded at once, each cut to this many seconds
+# (a folder of hour-long recordings must not be held in memory to make the noise for one).
+BABBLE_CACHE = 32
+BABBLE_MAX_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -76,14 +91,108 @@ def _job(item: Labelled) -> JobInput | Outcome:
     return JobInput(uuid.uuid4(), item.path, fmt)
 
 
-def analyse(ensemble: Ensemble, items: list[Labelled], settings: Settings, chunk: int = 32) -> list[Outcome]:
+def condition_seed(path: Path) -> int:
+    """The generator seed for a file's condition: from its name, so every run and machine agrees."""
+    return int.from_bytes(hashlib.sha256(path.name.encode()).digest()[:8], "little")
+
+
+class _Recordings(Sequence[np.ndarray]):
+    """Recordings as a babble pool, each decoded only if the noise draws it (a few per file)."""
+
+    def __init__(self, paths: list[Path], load: Callable[[Path], np.ndarray]) -> None:
+        self._paths, self._load = paths, load
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    @overload
+    def __getitem__(self, index: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[np.ndarray]: ...
+    def __getitem__(self, index: int | slice) -> np.ndarray | Sequence[np.ndarray]:
+        if isinstance(index, slice):
+            return _Recordings(self._paths[index], self._load)
+        return self._load(self._paths[index])
+
+
+def _babble_pools(items: list[Labelled], settings: Settings) -> Callable[[Labelled], Sequence[np.ndarray]]:
+    """Each item's babble: the folder's other speakers, or its other files where there is one speaker."""
+
+    @lru_cache(maxsize=BABBLE_CACHE)
+    def load(path: Path) -> np.ndarray:
+        try:
+            with path.open("rb") as f:
+                fmt = sniff_format(f.read(64))
+            audio = decode(path, fmt, SAMPLE_RATE, settings.max_duration_s)
+        except AudioError:
+            return np.zeros(0, dtype=np.float32)  # a broken file talks no babble; conditions skip it
+        return audio[: int(BABBLE_MAX_S * SAMPLE_RATE)].copy()
+
+    def pool(item: Labelled) -> Sequence[np.ndarray]:
+        others = [i.path for i in items if i.speaker != item.speaker]
+        return _Recordings(others or [i.path for i in items if i.path != item.path], load)
+
+    return pool
+
+
+def _conditioned_job(item: Labelled, condition: str, babble: Sequence[np.ndarray], settings: Settings,
+                     folder: Path) -> JobInput | Outcome:
+    """The job for ``item`` under ``condition``: its decoded audio, degraded, as a float WAV in ``folder``."""
+    job = _job(item)
+    if isinstance(job, Outcome):
+        return job
+    try:
+        audio = decode(item.path, job.format, SAMPLE_RATE, settings.max_duration_s)
+    except AudioError as exc:
+        return Outcome(job.id, error_code=exc.code, error_message=exc.message)
+    degraded = conditions.apply(condition, audio, np.random.default_rng(condition_seed(item.path)), babble)
+    path = folder / f"{job.id}.wav"
+    # FLOAT keeps the degradation exactly (16-bit would add its own quantisation noise).
+    sf.write(path, degraded, SAMPLE_RATE, subtype="FLOAT")
+    return JobInput(job.id, path, "wav")
+
+
+Prepare = Callable[[Labelled], JobInput | Outcome]
+Release = Callable[[list[JobInput]], None]
+
+
+def _keep(jobs: list[JobInput]) -> None:
+    """Jobs on the user's own files: nothing to remove."""
+
+
+@contextmanager
+def _preparation(items: list[Labelled], condition: str, settings: Settings) -> Iterator[tuple[Prepare, Release]]:
+    """How each item becomes a job, and how a chunk's jobs are let go once analysed.
+
+    ``clean`` jobs point at the files as uploaded; other conditions' at degraded copies, deleted
+    chunk by chunk so that one chunk's copies at most are on disk.
+    """
+    if conditions.parse(condition).kind == "clean":
+        yield _job, _keep
+        return
+    pools = _babble_pools(items, settings)
+    with tempfile.TemporaryDirectory(prefix="ser-evaluate-") as name:
+        folder = Path(name)
+
+        def release(jobs: list[JobInput]) -> None:
+            for job in jobs:
+                if job.path.parent == folder:  # never a file of the folder under evaluation
+                    job.path.unlink(missing_ok=True)
+
+        yield (lambda item: _conditioned_job(item, condition, pools(item), settings, folder)), release
+
+
+def analyse(ensemble: Ensemble, items: list[Labelled], settings: Settings, chunk: int = 32,
+            condition: str = "clean") -> list[Outcome]:
     """One outcome per item, in order, computed in chunks exactly as a worker task does."""
     outcomes: list[Outcome] = []
-    for start in range(0, len(items), chunk):
-        prepared = [_job(item) for item in items[start : start + chunk]]
-        jobs = [p for p in prepared if isinstance(p, JobInput)]
-        done = iter(run(ensemble, jobs, settings))
-        outcomes.extend(p if isinstance(p, Outcome) else next(done) for p in prepared)
+    with _preparation(items, condition, settings) as (prepare, release):
+        for start in range(0, len(items), chunk):
+            prepared = [prepare(item) for item in items[start : start + chunk]]
+            jobs = [p for p in prepared if isinstance(p, JobInput)]
+            done = iter(run(ensemble, jobs, settings))
+            outcomes.extend(p if isinstance(p, Outcome) else next(done) for p in prepared)
+            release(jobs)
     return outcomes
 
 
@@ -96,12 +205,13 @@ def _probs(outcomes: list[Outcome], key: str) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-def report(ensemble: Ensemble, items: list[Labelled], outcomes: list[Outcome], root: Path) -> dict[str, Any]:
+def report(ensemble: Ensemble, items: list[Labelled], outcomes: list[Outcome], root: Path,
+           condition: str = "clean") -> dict[str, Any]:
     """The evaluation report: metrics over the recordings that were analysed, plus the failures."""
     ok = [(item, o) for item, o in zip(items, outcomes, strict=True) if o.prediction is not None]
     failed = [(item, o) for item, o in zip(items, outcomes, strict=True) if o.prediction is None]
     y = np.array([EMOTIONS.index(item.emotion) for item, _ in ok], dtype=int)
-    result: dict[str, Any] = {"root": str(root), "n": len(ok), "n_failed": len(failed)}
+    result: dict[str, Any] = {"root": str(root), "condition": condition, "n": len(ok), "n_failed": len(failed)}
     if not ok:
         return {**result, "accuracy": None, "balanced_accuracy": None, "macro_f1": None, "per_class": {},
                 "confusion": {"labels": list(EMOTIONS), "matrix": []}}
@@ -139,8 +249,8 @@ def report(ensemble: Ensemble, items: list[Labelled], outcomes: list[Outcome], r
 def summary(rep: dict[str, Any]) -> str:
     """A human-readable table of the report."""
     if not rep["n"]:
-        return f"no recording could be analysed ({rep['n_failed']} failed)"
-    lines = [f"{rep['n']} recordings ({rep['n_failed']} failed) under {rep['root']}",
+        return f"no recording could be analysed ({rep['n_failed']} failed), condition {rep['condition']}"
+    lines = [f"{rep['n']} recordings ({rep['n_failed']} failed) under {rep['root']}, condition {rep['condition']}",
              f"accuracy {rep['accuracy']:.3f}   balanced accuracy {rep['balanced_accuracy']:.3f}   "
              f"macro-F1 {rep['macro_f1']:.3f}   ECE {rep['calibration']['ece']:.3f}",
              "  ".join(f"{m} accuracy {v['accuracy']:.3f}" for m, v in rep["models"].items()),
@@ -156,13 +266,14 @@ def summary(rep: dict[str, Any]) -> str:
 
 
 def evaluate(root: Path, models_dir: Path, settings: Settings, json_path: Path | None = None,
-             plot_path: Path | None = None) -> dict[str, Any]:
+             plot_path: Path | None = None, condition: str = "clean") -> dict[str, Any]:
+    conditions.parse(condition)  # a bad name fails before the models load
     tune_malloc()  # as in a worker process
     items = labelled_files(root)
     if not items:
         raise SystemExit(f"no labelled recordings (RAVDESS or Indian EmoSpeech names) under {root}")
     ensemble = Ensemble.load(models_dir)
-    rep = report(ensemble, items, analyse(ensemble, items, settings), root)
+    rep = report(ensemble, items, analyse(ensemble, items, settings, condition=condition), root, condition)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(rep, indent=2) + "\n")
@@ -170,5 +281,6 @@ def evaluate(root: Path, models_dir: Path, settings: Settings, json_path: Path |
         from worker.plots import confusion_png
 
         confusion_png(np.asarray(rep["confusion"]["matrix"]), list(EMOTIONS), plot_path,
-                      title=f"{root.name}: accuracy {rep['accuracy']:.3f}, macro-F1 {rep['macro_f1']:.3f}")
+                      title=f"{root.name} ({condition}): accuracy {rep['accuracy']:.3f}, "
+                            f"macro-F1 {rep['macro_f1']:.3f}")
     return rep
