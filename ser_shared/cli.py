@@ -50,8 +50,24 @@ def _web(args: argparse.Namespace) -> int:
     return 1  # not reached
 
 
+def _models_ready(models_dir: Path) -> bool:
+    """Refuse to start a worker whose model artifacts are missing, corrupt or for other code:
+    one clear message now, not one failed job per recording later."""
+    from worker.encoder import ArtifactError
+    from worker.inference import verify_models
+
+    try:
+        verify_models(models_dir)
+    except ArtifactError as exc:
+        print(f"ser: cannot start the worker: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def _worker(args: argparse.Namespace) -> int:
     settings = get_settings()
+    if not _models_ready(settings.models_dir):
+        return 2
     concurrency = args.concurrency or settings.worker_concurrency
     os.execv(sys.executable, _worker_argv(args.queues, concurrency, args.pool, settings.log_level))
     return 1  # not reached
@@ -77,7 +93,7 @@ def _public_without_auth(host: str) -> bool:
 def _serve(args: argparse.Namespace) -> int:
     """Migrate, then run web and worker together until interrupted."""
     settings = get_settings()
-    if _public_without_auth(args.host):
+    if _public_without_auth(args.host) or not _models_ready(settings.models_dir):
         return 2
     _migrate(args)
     if not settings.auth_enabled:
@@ -117,7 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # Kept here (not imported from worker.augment) so that `ser --help` does not load worker code.
-AUGMENTATIONS = "speed0.9,speed1.1,noise20"
+AUGMENTATIONS = "telephone,noise,reverb,phone-noisy,speed"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -128,6 +144,15 @@ def _train(args: argparse.Namespace) -> int:
                       augment=tuple(a for a in args.augment.split(",") if a and a != "none"))
     manifest = train(Path(args.data), Path(args.out), cfg)
     print(report(manifest))
+    return 0
+
+
+def _build_encoder(args: argparse.Namespace) -> int:
+    from worker.training import build_encoder
+
+    path, digest, meta = build_encoder(Path(args.out))
+    print(f"{path}  sha256 {digest}\n  from {meta['packages']} (model.bin sha256 {meta['model_bin_sha256']}), "
+          f"Whisper {meta['whisper_model']}, first {meta['layers_kept']} of {meta['layers_total']} encoder blocks")
     return 0
 
 
@@ -182,12 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--trees", type=int, default=500)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--trees", type=int, default=300)
     p.add_argument("--augment", default=AUGMENTATIONS,
-                   help="training-copy augmentations, comma-separated, or 'none'")
+                   help="training-copy recipes (one degraded copy of each recording per recipe), "
+                        "comma-separated, or 'none'")
     p.add_argument("--limit-per-actor", type=int, default=None)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("build-encoder", help="write the Whisper encoder artifact (the layers the models use) "
+                                             "from the installed wheel, checking its hashes")
+    p.add_argument("--out", default="models")
+    p.set_defaults(func=_build_encoder)
 
     p = sub.add_parser("evaluate", help="score the served models on a folder of labelled recordings")
     p.add_argument("dir", help="folder with RAVDESS-named or Indian EmoSpeech-named audio (searched recursively)")

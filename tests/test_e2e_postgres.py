@@ -72,14 +72,15 @@ def test_every_good_file_succeeds_and_bad_ones_fail_alone(processed_batch) -> No
 def test_results_equal_direct_computation(processed_batch, pg_settings: Settings) -> None:  # type: ignore[no-untyped-def]
     """What the service stored is what the models compute on the same file in this process."""
     from ser_shared.audio import decode
-    from ser_shared.features import SAMPLE_RATE, extract
+    from ser_shared.features import SAMPLE_RATE
     from worker.inference import Ensemble
+    from worker.speech_features import speech_clip
 
     _, batch = processed_batch
     ensemble = Ensemble.load(pg_settings.models_dir)
     for job, (actor, code) in zip(batch["jobs"][:6], GOOD, strict=True):
         path = ravdess_file(actor, code)
-        (direct,) = ensemble.predict([extract(decode(path, "flac", SAMPLE_RATE, 600))])
+        (direct,) = ensemble.predict(ensemble.features([speech_clip(decode(path, "flac", SAMPLE_RATE, 600))]))
         assert job["result"]["emotion"] == direct.emotion
         stored = np.array([job["result"]["probabilities"][e] for e in EMOTIONS])
         assert np.allclose(stored, [direct.probabilities[e] for e in EMOTIONS], atol=1e-4)

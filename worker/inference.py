@@ -1,4 +1,5 @@
-"""The served ensemble: RandomForest + scaler and LSTM, loaded once per worker process."""
+"""The served ensemble: a Whisper encoder under a RandomForest pipeline and an LSTM, loaded once
+per worker process, after every artifact's hash has been checked against the manifest."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from typing import Any
 import numpy as np
 
 from ser_shared.emotions import EMOTIONS
-from ser_shared.features import FEATURE_VERSION, Features
+from ser_shared.features import Features
 from worker import lstm
+from worker.encoder import ArtifactError, WhisperEncoder, file_sha256
 from worker.metrics import apply_temperature
+from worker.speech_features import FEATURE_VERSION, featurise
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +39,57 @@ def _as_dict(classes: Sequence[str], probs: np.ndarray) -> dict[str, float]:
 
 
 def rf_proba(bundle: dict[str, Any], x: np.ndarray) -> np.ndarray:
-    """RandomForest probabilities over all classes (a class absent in training gets zero)."""
-    rf = bundle["rf"]
+    """RandomForest pipeline probabilities over all classes (a class absent in training gets zero)."""
+    pipe = bundle["pipeline"]
     out = np.zeros((x.shape[0], len(EMOTIONS)), dtype=np.float32)
-    out[:, rf.classes_] = rf.predict_proba(bundle["scaler"].transform(x))
+    out[:, pipe.classes_] = pipe.predict_proba(x)
     return out
+
+
+def artifacts(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every file the manifest names, with the sha256 it records: the encoder and both models."""
+    return {"encoder": manifest["encoder"], **manifest["models"]}
+
+
+def verify_models(models_dir: Path) -> dict[str, Any]:
+    """Check that the manifest is for this code and every artifact is present and unaltered.
+
+    Run before a worker starts (``ser worker``) and again when a process loads the models, so a
+    missing or corrupt file stops the worker with one clear message instead of failing every job.
+    Returns the manifest.
+    """
+    path = models_dir / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: train the models with `ser train`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is unreadable: {exc}") from exc
+    if manifest.get("feature_version") != FEATURE_VERSION or "encoder" not in manifest:
+        raise ArtifactError(
+            f"the models in {models_dir} were trained on features {manifest.get('feature_version')!r}, "
+            f"this code computes {FEATURE_VERSION!r}: retrain with `ser train`")
+    for name, info in artifacts(manifest).items():
+        file = models_dir / info["file"]
+        if not file.is_file():
+            raise ArtifactError(f"model artifact {file} ({name}) is missing")
+        if (got := file_sha256(file)) != info["sha256"]:
+            raise ArtifactError(f"model artifact {file} ({name}) has sha256 {got}, the manifest records "
+                                f"{info['sha256']}: the file is corrupt or from another training run")
+    return manifest  # type: ignore[no-any-return]
 
 
 class Ensemble:
     """Both models plus the combination rule recorded at training time."""
 
-    def __init__(self, manifest: dict[str, Any], rf_bundle: dict[str, Any], lstm_model: Any) -> None:
-        if manifest["feature_version"] != FEATURE_VERSION:
-            raise RuntimeError(
-                f"models were trained on features {manifest['feature_version']}, "
-                f"this code computes {FEATURE_VERSION}: retrain with `ser train`"
-            )
+    def __init__(self, manifest: dict[str, Any], rf_bundle: dict[str, Any], lstm_model: Any,
+                 encoder: WhisperEncoder) -> None:
         self.manifest = manifest
+        self.encoder = encoder
         self.classes: list[str] = list(manifest["classes"])
         self.rf_bundle = rf_bundle
         # One tree-walking thread per worker process: the pool already uses the cores.
-        rf_bundle["rf"].n_jobs = 1
+        rf_bundle["pipeline"][-1].n_jobs = 1
         self.lstm = lstm_model
         info = manifest["models"]["lstm"]
         self.seq_mean = np.asarray(info["seq_mean"], dtype=np.float32)
@@ -75,11 +108,12 @@ class Ensemble:
         import keras
 
         started = time.perf_counter()
-        manifest = json.loads((models_dir / MANIFEST).read_text())
+        manifest = verify_models(models_dir)
         rf_bundle = joblib.load(models_dir / manifest["models"]["rf"]["file"])
         model = keras.models.load_model(models_dir / manifest["models"]["lstm"]["file"], compile=False)
-        ensemble = cls(manifest, rf_bundle, model)
-        ensemble.predict_proba([_warmup_features()])  # build the graph now, not on the first job
+        encoder = WhisperEncoder.load(models_dir / manifest["encoder"]["file"])  # hash checked above
+        ensemble = cls(manifest, rf_bundle, model, encoder)
+        ensemble.predict_clips([_warmup_clip()])  # build the graphs now, not on the first job
         import tensorflow as tf
 
         gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
@@ -92,6 +126,13 @@ class Ensemble:
 
     def lstm_proba(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
         return lstm.predict(self.lstm, seqs, self.seq_mean, self.seq_std, self.max_steps)
+
+    def features(self, clips: Sequence[np.ndarray]) -> list[Features]:
+        """The models' inputs for trimmed speech clips (``speech_features.speech_clip``)."""
+        return featurise(self.encoder, clips)
+
+    def predict_clips(self, clips: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        return self.predict_proba(self.features(clips))
 
     def predict_proba(self, feats: Sequence[Features]) -> dict[str, np.ndarray]:
         """Per-model and ensemble probabilities for a batch: one RF call, batched LSTM calls."""
@@ -125,9 +166,9 @@ class Ensemble:
         )
 
 
-def _warmup_features() -> Features:
-    from ser_shared.features import SAMPLE_RATE, extract
+def _warmup_clip() -> np.ndarray:
+    from worker.encoder import SAMPLE_RATE
 
     t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
-    return extract(0.1 * np.sin(2 * np.pi * 150 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t)))
+    return (0.1 * np.sin(2 * np.pi * 150 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
 

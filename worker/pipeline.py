@@ -1,4 +1,5 @@
-"""The analysis of a chunk of recordings: decode → features → one RF call → batched LSTM.
+"""The analysis of a chunk of recordings: decode → speech check (Silero VAD) → speech clips →
+Whisper encoder (batched across the chunk) → one RF pipeline call → batched LSTM.
 
 Pure of database concerns: it takes job inputs and returns outcomes; ``worker.store`` persists them.
 """
@@ -17,11 +18,13 @@ import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 
 from ser_shared.audio import check_duration, decode, probe, stream
-from ser_shared.errors import AudioError, IncompleteAudio, SilentAudio
-from ser_shared.features import SAMPLE_RATE, SILENCE_DBFS, Features, extract
-from ser_shared.segments import EnergyMeter, Segment, find_segments, segments_from_energy
+from ser_shared.errors import AudioError, IncompleteAudio, NoSpeech, SilentAudio
+from ser_shared.features import SAMPLE_RATE, SILENCE_DBFS
+from ser_shared.segments import WHOLE_UP_TO_S, EnergyMeter, Segment, find_segments
 from ser_shared.settings import Settings
+from worker import vad
 from worker.inference import Ensemble, Prediction
+from worker.speech_features import speech_clip
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,11 @@ DECODED_SHARE = 0.5
 # silence, a constant float export): one whose signal never varies by more than the silence floor
 # is silent too, and would otherwise get a confident-looking emotion for a flat line.
 SILENT_SPAN = 2 * 10 ** (SILENCE_DBFS / 20)
+# Segments of a streamed recording go through the models this many at a time, as they are cut, so
+# only their probabilities are kept: memory does not grow with the recording's length.
+STREAM_BATCH = 16
+NO_SPEECH_MESSAGE = ("no speech was found in the recording (noise, tones, music or other sounds only): "
+                     "there is no emotion to report")
 
 
 @dataclass(frozen=True)
@@ -63,11 +71,17 @@ class Outcome:
 
 @dataclass
 class Prepared:
-    """A decoded recording's model inputs: one Features per speech segment."""
+    """A decoded recording's speech segments: clips still to encode (a short recording, batched
+    with the rest of the chunk) or, for a streamed one, each model's probabilities already."""
 
     outcome: Outcome
-    feats: list[Features] = field(default_factory=list)
+    clips: list[np.ndarray] = field(default_factory=list)
     spans: list[Segment] = field(default_factory=list)
+    probs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def segments(self) -> int:
+        return len(self.spans)
 
 
 def _ms(since: float) -> float:
@@ -77,13 +91,17 @@ def _ms(since: float) -> float:
 Progress = Callable[[uuid.UUID, float], None]  # (job id, share done 0..1) while a long recording runs
 
 
-def prepare(job: JobInput, settings: Settings, on_progress: Progress | None = None) -> Prepared:
-    """Decode, segment and featurise one recording; an AudioError becomes a failed outcome."""
+def prepare(job: JobInput, settings: Settings, ensemble: Ensemble,
+            on_progress: Progress | None = None) -> Prepared:
+    """Decode, check for speech and segment one recording; an AudioError becomes a failed outcome.
+
+    ``ensemble`` is used only by streamed recordings, whose segments are analysed as they are cut.
+    """
     prepared = Prepared(Outcome(job.id))
     outcome = prepared.outcome
     try:
         if _long(job):
-            _prepare_streamed(job, settings, prepared, on_progress)
+            _prepare_streamed(job, settings, ensemble, prepared, on_progress)
             return prepared
         started = time.perf_counter()
         audio = decode(job.path, job.format, SAMPLE_RATE, settings.max_duration_s)
@@ -93,17 +111,25 @@ def prepare(job: JobInput, settings: Settings, on_progress: Progress | None = No
         check_duration(outcome.duration_s, settings.min_duration_s, settings.max_duration_s)
         _check_varies(float(audio.min()), float(audio.max()))
         started = time.perf_counter()
-        spans = find_segments(audio)
+        probs = vad.speech_probabilities(audio)
+        if not vad.has_speech(audio, probabilities=probs):
+            raise NoSpeech(NO_SPEECH_MESSAGE)
+        outcome.timings_ms["vad"] = _ms(started)
+        started = time.perf_counter()
+        # Up to WHOLE_UP_TO_S a recording is one utterance; longer ones are cut where the trained
+        # detector hears pauses, so noise between utterances is not analysed as speech.
+        spans = find_segments(audio) if outcome.duration_s <= WHOLE_UP_TO_S else \
+            vad.speech_segments(audio, probabilities=probs)
         for span in spans:
             try:
-                prepared.feats.append(extract(audio[int(span.start * SAMPLE_RATE) : int(span.end * SAMPLE_RATE)]))
+                prepared.clips.append(speech_clip(audio[int(span.start * SAMPLE_RATE) : int(span.end * SAMPLE_RATE)]))
                 prepared.spans.append(span)
             except SilentAudio:
                 if len(spans) == 1:
                     raise
-        if not prepared.feats:
-            raise SilentAudio("no segment of the recording holds audible speech")
-        outcome.timings_ms["features"] = _ms(started)
+        if not prepared.clips:
+            raise NoSpeech(NO_SPEECH_MESSAGE)
+        outcome.timings_ms["segments"] = _ms(started)
         if job.transcribe:
             outcome.audio = audio
             outcome.transcript = {"status": "pending", "engine": job.transcribe, "language": job.language}
@@ -118,7 +144,7 @@ def prepare(job: JobInput, settings: Settings, on_progress: Progress | None = No
         log.exception("analysis failed job_id=%s", job.id)
         outcome.error_code, outcome.error_message = "internal_error", "unexpected error while analysing"
     if outcome.error_code:
-        prepared.feats, prepared.spans = [], []
+        prepared.clips, prepared.spans, prepared.probs = [], [], {}
     return prepared
 
 
@@ -152,28 +178,33 @@ def _long(job: JobInput) -> bool:
     return duration is None or duration > STREAM_OVER_S
 
 
-def _prepare_streamed(job: JobInput, settings: Settings, prepared: Prepared,
+def _prepare_streamed(job: JobInput, settings: Settings, ensemble: Ensemble, prepared: Prepared,
                       on_progress: Progress | None = None) -> None:
-    """Two passes over the decoded stream, holding about one block and one segment at a time.
+    """Two passes over the decoded stream, holding about one block and a few segments at a time.
 
-    Pass 1 measures frame energies and finds the segments; pass 2 cuts each segment out of the
-    stream as it goes by and computes its features. Memory stays bounded whatever the length
-    (unless a transcript is asked for: the transcription stage needs the whole recording).
+    Pass 1 measures frame energies and speech probabilities and finds the segments; pass 2 cuts
+    each segment out of the stream as it goes by, and every STREAM_BATCH segments goes through
+    the models. Memory stays bounded whatever the length (unless a transcript is asked for: the
+    transcription stage needs the whole recording).
     """
     outcome = prepared.outcome
     started = time.perf_counter()
-    meter = EnergyMeter()
+    meter, speech = EnergyMeter(), vad.SpeechMeter()
     low, high = np.inf, -np.inf
     for block in stream(job.path, job.format, SAMPLE_RATE, settings.max_duration_s):
         meter.feed(block)
+        speech.feed(block)
         if block.size:
             low, high = min(low, float(block.min())), max(high, float(block.max()))
     energy = meter.finish()
+    probabilities = speech.finish()
     outcome.duration_s = round(meter.samples / SAMPLE_RATE, 3)
     _check_complete(job.duration_s, outcome.duration_s)
     check_duration(outcome.duration_s, settings.min_duration_s, settings.max_duration_s)
     _check_varies(low, high)
-    spans = segments_from_energy(energy, outcome.duration_s)
+    spans = vad.segments_from_probabilities(probabilities, energy, outcome.duration_s)
+    if not spans:
+        raise NoSpeech(NO_SPEECH_MESSAGE)
     outcome.timings_ms["decode"] = _ms(started)
     started = time.perf_counter()
     kept: list[np.ndarray] = []
@@ -182,15 +213,15 @@ def _prepare_streamed(job: JobInput, settings: Settings, prepared: Prepared,
         if job.transcribe:
             kept.append(block)
         buf = np.concatenate([buf, block])
-        i = _cut_ready(spans, i, buf, offset, prepared, final=False)
+        i = _cut_ready(spans, i, buf, offset, prepared, ensemble, final=False)
         if on_progress is not None and spans:
             on_progress(job.id, i / len(spans))
         drop = (int(spans[i].start * SAMPLE_RATE) if i < len(spans) else offset + buf.size) - offset
         drop = max(0, min(drop, buf.size))
         buf, offset = buf[drop:], offset + drop
-    _cut_ready(spans, i, buf, offset, prepared, final=True)
-    if not prepared.feats:
-        raise SilentAudio("no segment of the recording holds audible speech")
+    _cut_ready(spans, i, buf, offset, prepared, ensemble, final=True)
+    if not prepared.spans:
+        raise NoSpeech(NO_SPEECH_MESSAGE)
     outcome.timings_ms["features"] = _ms(started)
     if job.transcribe:
         outcome.audio = np.concatenate(kept)
@@ -198,18 +229,26 @@ def _prepare_streamed(job: JobInput, settings: Settings, prepared: Prepared,
 
 
 def _cut_ready(spans: list[Segment], i: int, buf: np.ndarray, offset: int, prepared: Prepared,
-               final: bool) -> int:
-    """Featurise every segment from ``i`` on that ``buf`` now covers; returns the next one's index."""
+               ensemble: Ensemble, final: bool) -> int:
+    """Cut every segment from ``i`` on that ``buf`` now covers; returns the next one's index.
+
+    Cut clips wait in ``prepared.clips`` until STREAM_BATCH of them (or the end) are there, then
+    go through the models together and only their probabilities are kept.
+    """
     while i < len(spans):
         start, end = int(spans[i].start * SAMPLE_RATE) - offset, int(spans[i].end * SAMPLE_RATE) - offset
         if end > buf.size and not final:
             break
         try:
-            prepared.feats.append(extract(buf[max(start, 0) : end]))
+            prepared.clips.append(speech_clip(buf[max(start, 0) : end]))
             prepared.spans.append(spans[i])
         except SilentAudio:
             pass  # a segment of near-silence says nothing: leave it out
         i += 1
+    if prepared.clips and (final or len(prepared.clips) >= STREAM_BATCH):
+        for model, p in ensemble.predict_clips(prepared.clips).items():
+            prepared.probs.setdefault(model, []).append(p)
+        prepared.clips = []
     return i
 
 
@@ -217,30 +256,35 @@ def run(ensemble: Ensemble, jobs: list[JobInput], settings: Settings,
         on_progress: Progress | None = None) -> list[Outcome]:
     """Analyse a chunk; every input gets exactly one outcome, in order.
 
-    All segments of all recordings go through the models together (one RF call, batched LSTM);
-    a recording's result is its segments' probabilities averaged by duration.
+    The speech clips of all short recordings go through the encoder and both models together;
+    a recording's result is its segments' probabilities averaged by how much speech each holds.
     """
-    prepared = [prepare(job, settings, on_progress) for job in jobs]
-    feats = [f for p in prepared for f in p.feats]
-    if feats:
+    prepared = [prepare(job, settings, ensemble, on_progress) for job in jobs]
+    short = [p for p in prepared if p.clips]  # streamed ones were analysed while they were cut
+    clips = [c for p in short for c in p.clips]
+    if clips:
         started = time.perf_counter()
-        probs = ensemble.predict_proba(feats)
-        cut = settings.uncertain_threshold
+        probs = ensemble.predict_clips(clips)
+        per_clip = _ms(started) / len(clips)
         row = 0
-        for p in prepared:
-            if not p.feats:
-                continue
-            rows = list(range(row, row + len(p.feats)))
-            row += len(p.feats)
-            # Weighted by speech, not by span: a segment that is mostly silence counts for little.
-            lengths = np.array([max(span.speech_s, 0.01) for span in p.spans])
-            p.outcome.prediction = ensemble.combine(probs, rows, lengths, cut)
-            p.outcome.segments = [_segment(ensemble.combine(probs, [r], np.ones(1), cut), span)
-                                  for r, span in zip(rows, p.spans, strict=True)]
-        per_clip = _ms(started) / len(feats)
-        for p in prepared:
-            if p.feats:
-                p.outcome.timings_ms["inference"] = round(per_clip * len(p.feats), 2)
+        for p in short:
+            n = len(p.clips)
+            p.probs = {m: [v[row : row + n]] for m, v in probs.items()}
+            p.clips = []
+            p.outcome.timings_ms["inference"] = round(per_clip * n, 2)
+            row += n
+    cut = settings.uncertain_threshold
+    for p in prepared:
+        if not p.probs:
+            continue
+        stacked = {m: np.concatenate(v) for m, v in p.probs.items()}
+        rows = list(range(p.segments))
+        # Weighted by speech, not by span: a segment that is mostly silence counts for little.
+        lengths = np.array([max(span.speech_s, 0.01) for span in p.spans])
+        p.outcome.prediction = ensemble.combine(stacked, rows, lengths, cut)
+        p.outcome.segments = [_segment(ensemble.combine(stacked, [r], np.ones(1), cut), span)
+                              for r, span in zip(rows, p.spans, strict=True)]
+        p.probs = {}
     for p in prepared:
         p.outcome.timings_ms["total"] = round(sum(p.outcome.timings_ms.values()), 2)
     return [p.outcome for p in prepared]
