@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from bench.features import DEFAULT_DATA, pick_files, read, versions
-from ser_shared import features
 from ser_shared.memory import tune_malloc
 from ser_shared.settings import REPO_ROOT
 
@@ -64,8 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tensorflow as tf
 
     from worker import lstm
+    from worker.speech_features import speech_clip
 
-    feats = [features.extract(read(p)) for p in pick_files(args.data, args.clips)]
+    feats = ensemble.features([speech_clip(read(p)) for p in pick_files(args.data, args.clips)])
     seqs = [f.sequence for f in feats]
     vectors = np.stack([f.vector for f in feats])
     mean, std, steps = ensemble.seq_mean, ensemble.seq_std, ensemble.max_steps

@@ -98,6 +98,13 @@ class SilentAudio(AudioError):
     code = "silent_audio"
 
 
+class NoSpeech(AudioError):
+    """Sound, but no speech in it (noise, tones, music, DTMF, hum, clicks): there is no emotion to
+    give, and analysing it again would not find one."""
+
+    code = "no_speech"
+
+
 class IncompleteAudio(AudioError):
     """Well under half of the length the header declares decodes: the file is cut short or damaged."""
 

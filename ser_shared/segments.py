@@ -14,6 +14,9 @@ utterances and classify such clips whole). Longer ones are cut where the speech 
    below the threshold), never past the quietest frame between it and its neighbour; longer
    silences belong to no segment, so noise between utterances does not colour them.
 
+Steps 2–4 (``segments_from_flags``) take per-frame speech flags from any detector: the trained one
+in ``worker/vad.py`` sets them from its speech probabilities instead of step 1.
+
 Each segment also reports how much speech it holds: a recording's result weights its segments by
 that, so a long silence does not count as a long opinion.
 """
@@ -110,23 +113,34 @@ def segments_from_energy(energy: np.ndarray, duration: float) -> list[Segment]:
     """``find_segments`` from the frame energies (what a streamed recording has)."""
     floor, loud = np.percentile(energy, [10, 99])
     threshold = max(min(floor + 10.0, loud - 6.0), loud - 40.0, -70.0)
-    speech = energy > threshold
+    segments = segments_from_flags(energy > threshold, energy, duration)
+    return segments or [Segment(0.0, round(duration, 3), 0.0)]  # no speech stands out: analyse it whole
+
+
+def segments_from_flags(speech: np.ndarray, energy: np.ndarray, duration: float,
+                        pad_s: float = PAD_S, min_speech_s: float = MIN_SPEECH_S) -> list[Segment]:
+    """Steps 2–4 above: segments from per-frame speech flags, whichever detector set them.
+
+    ``speech`` and ``energy`` are per 10 ms frame (``frame_energy_db``'s frames); the energy only
+    chooses where to cut (the quietest frames). ``pad_s`` is how far a segment reaches into the
+    pauses around it, ``min_speech_s`` the shortest run kept. Empty when no run is long enough.
+    """
     bridged: list[tuple[int, int]] = []
     for start, end in _runs(speech):
         if bridged and (start - bridged[-1][1]) * FRAME_S < MIN_GAP_S:
             bridged[-1] = (bridged[-1][0], end)
         else:
             bridged.append((start, end))
-    kept = [(s, e) for s, e in bridged if (e - s) * FRAME_S >= MIN_SPEECH_S]
+    kept = [(s, e) for s, e in bridged if (e - s) * FRAME_S >= min_speech_s]
     if not kept:
-        return [Segment(0.0, round(duration, 3), 0.0)]  # no speech stands out: analyse it whole
+        return []
     pieces = [piece for s, e in kept for piece in _split(s, e, energy)]
     # Cut in the quietest frame between consecutive pieces (a split piece is cut where it was split).
     cuts = [0]
     for (_, prev_end), (next_start, _) in zip(pieces, pieces[1:], strict=False):
         cuts.append(prev_end + int(np.argmin(energy[prev_end:next_start])) if next_start > prev_end else prev_end)
     cuts.append(energy.size)
-    pad = int(PAD_S / FRAME_S)
+    pad = int(pad_s / FRAME_S)
     out = []
     for (s, e), lo, hi in zip(pieces, cuts, cuts[1:], strict=False):
         start, end = max(lo, s - pad), min(hi, e + pad)

@@ -35,6 +35,7 @@ ERROR_WORDS = {
     "audio_too_short": "The recording is too short to analyse.",
     "decode_failed": "The file could not be decoded as audio; it may be damaged or not really audio.",
     "silent_audio": "The recording is silent: there was no speech to analyse.",
+    "no_speech": "No speech was found in the recording (only noise, tones or music), so it has no emotion to give.",
     "incomplete_audio": "Only part of the recording could be decoded: the file is cut short or damaged.",
     "unsupported_sample_rate": "The file declares a sample rate no recorder produces; it is probably damaged.",
     "too_many_channels": "The file declares more channels than any recording has; it is probably damaged.",

@@ -102,10 +102,23 @@ class Ensemble:
         self.versions = {name: m["version"] for name, m in manifest["models"].items()}
 
     @classmethod
-    def load(cls, models_dir: Path) -> Ensemble:
-        """Load the manifest and both artifacts; logs the versions and the load time."""
+    def load(cls, models_dir: Path, threads: int | None = 1) -> Ensemble:
+        """Load the manifest and every artifact; logs the versions and the load time.
+
+        ``threads``: TensorFlow's thread pools for this process. One by default, because the
+        worker pool already runs one process per core and two pools of two threads each fight
+        over two cores; None leaves TensorFlow's default (a GPU worker with a solo pool).
+        """
         import joblib
         import keras
+        import tensorflow as tf
+
+        if threads is not None:
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(threads)
+            except RuntimeError:
+                pass  # TensorFlow already running in this process (training, tests): keep its pools
 
         started = time.perf_counter()
         manifest = verify_models(models_dir)
@@ -114,7 +127,6 @@ class Ensemble:
         encoder = WhisperEncoder.load(models_dir / manifest["encoder"]["file"])  # hash checked above
         ensemble = cls(manifest, rf_bundle, model, encoder)
         ensemble.predict_clips([_warmup_clip()])  # build the graphs now, not on the first job
-        import tensorflow as tf
 
         gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
         log.info("models loaded versions=%s load_ms=%.0f devices=%s", ensemble.versions,
