@@ -132,8 +132,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if stopping else next((c for c in codes if c), 1)
 
 
-# Kept here (not imported from worker.augment) so that `ser --help` does not load worker code.
+# Kept here (not imported from worker.training) so that `ser --help` does not load worker code.
 AUGMENTATIONS = "telephone,noise,reverb,phone-noisy,speed"
+EVAL_CONDITIONS = "telephone,telephone:gsm,noise:20,noise:10,noise:0,reverb:0.6,phone-noisy:10"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -141,9 +142,20 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(folds=args.folds, seed=args.seed, epochs=args.epochs,
                       limit_per_actor=args.limit_per_actor, rf_trees=args.trees,
-                      augment=tuple(a for a in args.augment.split(",") if a and a != "none"))
+                      augment=tuple(a for a in args.augment.split(",") if a and a != "none"),
+                      evaluate_conditions=tuple(c for c in args.conditions.split(",") if c and c != "none"))
     manifest = train(Path(args.data), Path(args.out), cfg)
     print(report(manifest))
+    return 0
+
+
+def _train_speech_detector(args: argparse.Namespace) -> int:
+    from worker.training import add_speech_detector
+
+    manifest = add_speech_detector(Path(args.models), Path(args.data), args.seed)
+    info = manifest["speech_detector"]
+    print(f"{Path(args.models) / info['file']}  sha256 {info['sha256']}  "
+          f"({info['speech_rows']} speech and {info['nonspeech_rows']} non-speech clips)")
     return 0
 
 
@@ -212,8 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default=AUGMENTATIONS,
                    help="training-copy recipes (one degraded copy of each recording per recipe), "
                         "comma-separated, or 'none'")
+    p.add_argument("--conditions", default=EVAL_CONDITIONS,
+                   help="conditions every test fold is also scored under (see ser evaluate --condition), "
+                        "comma-separated, or 'none'")
     p.add_argument("--limit-per-actor", type=int, default=None)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("train-speech-detector",
+                       help="(re)train only the no_speech check of a models folder (ser train includes it)")
+    p.add_argument("--data", default=str(Path("..") / "shared" / "datasets" / "ravdess"))
+    p.add_argument("--models", default="models")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_train_speech_detector)
 
     p = sub.add_parser("build-encoder", help="write the Whisper encoder artifact (the layers the models use) "
                                              "from the installed wheel, checking its hashes")

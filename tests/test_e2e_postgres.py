@@ -145,3 +145,37 @@ def test_upload_survives_a_broker_outage(pg_settings: Settings, pg_worker) -> No
     final = wait_for(lambda: (j := good.get(f"/api/v1/jobs/{job_id}").get_json())["status"] == "succeeded" and j)
     assert final["queue"]["enqueued"] is True and final["queue"]["error"] is None
     assert final["result"]["emotion"] in EMOTIONS
+
+
+def _wav_bytes(audio: np.ndarray) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_no_speech_gets_no_emotion_through_the_service(app, pg_worker) -> None:  # type: ignore[no-untyped-def]
+    """Noise, a dial tone, a melody and DTMF end `no_speech` (failed, no result); speech in the
+    same batch still gets its emotion; the export carries the code."""
+    from tests import nonspeech
+
+    client = app.test_client()
+    kinds = ["white_noise", "dial_tone", "melody", "dtmf"]
+    files = [(f"{k}.wav", _wav_bytes(nonspeech.make(k, seed=3))) for k in kinds]
+    files.append(read(ravdess_file(7, "05")))
+    resp = client.post("/api/v1/jobs", data=multipart(files), content_type="multipart/form-data")
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    batch = _poll_batch(client, resp.get_json()["batch_id"])
+    by_name = {j["filename"]: j for j in batch["jobs"]}
+    for kind in kinds:
+        job = by_name[f"{kind}.wav"]
+        assert job["status"] == "failed" and job["error"]["code"] == "no_speech", job
+        assert job["result"] is None
+    speech = by_name[ravdess_file(7, "05").name]
+    assert speech["status"] == "succeeded" and speech["result"]["emotion"] in EMOTIONS
+    export = client.get(f"/api/v1/export?batch_id={batch['id']}&format=json").get_json()
+    rows = export if isinstance(export, list) else export.get("jobs", export)
+    assert sum(1 for r in rows if "no_speech" in str(r)) == len(kinds)

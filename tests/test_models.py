@@ -74,7 +74,7 @@ def test_shipped_models_classify_real_speech(manifest: dict) -> None:
 def _tiny_train(out: Path) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "ser_shared.cli", "train", "--data", str(RAVDESS), "--out", str(out),
            "--folds", "2", "--epochs", "2", "--trees", "10", "--limit-per-actor", "7",
-           "--augment", "telephone,noise"]
+           "--augment", "telephone,noise", "--conditions", "telephone"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
 
 
@@ -108,6 +108,8 @@ def test_training_is_deterministic_and_writes_loadable_artifacts(tmp_path: Path)
 
 def test_cli_default_augmentations_are_the_trainers() -> None:
     from ser_shared.cli import AUGMENTATIONS as cli_default
-    from worker.training import RECIPES
+    from ser_shared.cli import EVAL_CONDITIONS as cli_conditions
+    from worker.training import EVAL_CONDITIONS, RECIPES
 
     assert cli_default.split(",") == list(RECIPES)
+    assert cli_conditions.split(",") == list(EVAL_CONDITIONS)

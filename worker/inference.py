@@ -47,8 +47,9 @@ def rf_proba(bundle: dict[str, Any], x: np.ndarray) -> np.ndarray:
 
 
 def artifacts(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every file the manifest names, with the sha256 it records: the encoder and both models."""
-    return {"encoder": manifest["encoder"], **manifest["models"]}
+    """Every file the manifest names, with the sha256 it records: the encoder, both models and
+    the speech detector."""
+    return {"encoder": manifest["encoder"], "speech_detector": manifest["speech_detector"], **manifest["models"]}
 
 
 def verify_models(models_dir: Path) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def verify_models(models_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path} is unreadable: {exc}") from exc
-    if manifest.get("feature_version") != FEATURE_VERSION or "encoder" not in manifest:
+    if manifest.get("feature_version") != FEATURE_VERSION or not {"encoder", "speech_detector"} <= set(manifest):
         raise ArtifactError(
             f"the models in {models_dir} were trained on features {manifest.get('feature_version')!r}, "
             f"this code computes {FEATURE_VERSION!r}: retrain with `ser train`")
@@ -83,9 +84,10 @@ class Ensemble:
     """Both models plus the combination rule recorded at training time."""
 
     def __init__(self, manifest: dict[str, Any], rf_bundle: dict[str, Any], lstm_model: Any,
-                 encoder: WhisperEncoder) -> None:
+                 encoder: WhisperEncoder, speech_detector: Any) -> None:
         self.manifest = manifest
         self.encoder = encoder
+        self.speech_detector = speech_detector
         self.classes: list[str] = list(manifest["classes"])
         self.rf_bundle = rf_bundle
         # One tree-walking thread per worker process: the pool already uses the cores.
@@ -125,7 +127,8 @@ class Ensemble:
         rf_bundle = joblib.load(models_dir / manifest["models"]["rf"]["file"])
         model = keras.models.load_model(models_dir / manifest["models"]["lstm"]["file"], compile=False)
         encoder = WhisperEncoder.load(models_dir / manifest["encoder"]["file"])  # hash checked above
-        ensemble = cls(manifest, rf_bundle, model, encoder)
+        detector = joblib.load(models_dir / manifest["speech_detector"]["file"])
+        ensemble = cls(manifest, rf_bundle, model, encoder, detector)
         ensemble.predict_clips([_warmup_clip()])  # build the graphs now, not on the first job
 
         gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
@@ -142,6 +145,16 @@ class Ensemble:
     def features(self, clips: Sequence[np.ndarray]) -> list[Features]:
         """The models' inputs for trimmed speech clips (``speech_features.speech_clip``)."""
         return featurise(self.encoder, clips)
+
+    def no_speech(self, silero_longest_s: float, feats: Sequence[Features]) -> bool:
+        """The ``no_speech`` rule for one recording: Silero's longest speech region and the speech
+        detector's probability on its clips (the most speech-like one counts)."""
+        from worker.speech_detector import is_no_speech, speech_probability
+
+        if not feats:
+            return True
+        prob = float(speech_probability(self.speech_detector, np.stack([f.vector for f in feats])).max())
+        return is_no_speech(silero_longest_s, prob)
 
     def predict_clips(self, clips: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         return self.predict_proba(self.features(clips))

@@ -19,11 +19,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from ser_shared.audio import check_duration, decode, probe, stream
 from ser_shared.errors import AudioError, IncompleteAudio, NoSpeech, SilentAudio
-from ser_shared.features import SAMPLE_RATE, SILENCE_DBFS
+from ser_shared.features import SAMPLE_RATE, SILENCE_DBFS, Features
 from ser_shared.segments import WHOLE_UP_TO_S, EnergyMeter, Segment, find_segments
 from ser_shared.settings import Settings
 from worker import vad
 from worker.inference import Ensemble, Prediction
+from worker.speech_detector import SURE_SPEECH_S
 from worker.speech_features import speech_clip
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class Prepared:
     clips: list[np.ndarray] = field(default_factory=list)
     spans: list[Segment] = field(default_factory=list)
     probs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    # Silero's longest speech region: under SURE_SPEECH_S the speech detector, fed the encoder's
+    # vectors of this recording, decides whether it holds speech at all (see worker.speech_detector).
+    silero_longest_s: float = float("inf")
 
     @property
     def segments(self) -> int:
@@ -112,14 +116,15 @@ def prepare(job: JobInput, settings: Settings, ensemble: Ensemble,
         _check_varies(float(audio.min()), float(audio.max()))
         started = time.perf_counter()
         probs = vad.speech_probabilities(audio)
-        if not vad.has_speech(audio, probabilities=probs):
-            raise NoSpeech(NO_SPEECH_MESSAGE)
+        prepared.silero_longest_s = vad.longest_region_s(audio, probabilities=probs)
         outcome.timings_ms["vad"] = _ms(started)
         started = time.perf_counter()
         # Up to WHOLE_UP_TO_S a recording is one utterance; longer ones are cut where the trained
-        # detector hears pauses, so noise between utterances is not analysed as speech.
-        spans = find_segments(audio) if outcome.duration_s <= WHOLE_UP_TO_S else \
-            vad.speech_segments(audio, probabilities=probs)
+        # detector hears pauses, so noise between utterances is not analysed as speech. Where
+        # Silero heard (almost) nothing, the energy segments go to the speech detector instead.
+        sure = prepared.silero_longest_s >= SURE_SPEECH_S
+        spans = vad.speech_segments(audio, probabilities=probs) if sure and outcome.duration_s > WHOLE_UP_TO_S \
+            else find_segments(audio)
         for span in spans:
             try:
                 prepared.clips.append(speech_clip(audio[int(span.start * SAMPLE_RATE) : int(span.end * SAMPLE_RATE)]))
@@ -264,7 +269,9 @@ def run(ensemble: Ensemble, jobs: list[JobInput], settings: Settings,
     clips = [c for p in short for c in p.clips]
     if clips:
         started = time.perf_counter()
-        probs = ensemble.predict_clips(clips)
+        feats = ensemble.features(clips)
+        short, feats = _drop_no_speech(ensemble, short, feats)
+        probs = ensemble.predict_proba(feats) if feats else {}
         per_clip = _ms(started) / len(clips)
         row = 0
         for p in short:
@@ -288,6 +295,26 @@ def run(ensemble: Ensemble, jobs: list[JobInput], settings: Settings,
     for p in prepared:
         p.outcome.timings_ms["total"] = round(sum(p.outcome.timings_ms.values()), 2)
     return [p.outcome for p in prepared]
+
+
+def _drop_no_speech(ensemble: Ensemble, short: list[Prepared], feats: list[Features]
+                    ) -> tuple[list[Prepared], list[Features]]:
+    """Fail ``no_speech`` the recordings that Silero barely heard and the speech detector, on
+    the same encoder vectors the models read, calls non-speech; the rest go on to the models."""
+    kept: list[Prepared] = []
+    kept_feats: list[Features] = []
+    row = 0
+    for p in short:
+        mine = feats[row : row + len(p.clips)]
+        row += len(p.clips)
+        if p.silero_longest_s < SURE_SPEECH_S and ensemble.no_speech(p.silero_longest_s, mine):
+            p.outcome.error_code, p.outcome.error_message = NoSpeech.code, NO_SPEECH_MESSAGE
+            p.outcome.audio = p.outcome.transcript = None
+            p.clips, p.spans = [], []
+            continue
+        kept.append(p)
+        kept_feats.extend(mine)
+    return kept, kept_feats
 
 
 def _segment(prediction: Prediction, span: Segment) -> dict[str, Any]:

@@ -182,6 +182,37 @@ def load_corpus(root: Path, encoder: WhisperEncoder, limit_per_actor: int | None
     return Corpus([p for p, _, _ in items], labels, groups, [row[0] for row in rows], augmented, conditioned)
 
 
+def train_speech_detector(out_dir: Path, encoder: WhisperEncoder, data_dir: Path, seed: int,
+                          files_per_actor: int | None = None, nonspeech_per_family: int | None = None
+                          ) -> dict[str, Any]:
+    """Fit the ``no_speech`` second check (``worker.speech_detector``) on RAVDESS speech against
+    generated non-speech, write ``speech_detector.joblib``; returns its manifest entry."""
+    import joblib
+
+    from worker import speech_detector as sd
+
+    started = time.perf_counter()
+    data = sd.build_training_set(encoder, data_dir, seed, files_per_actor=files_per_actor,
+                                 nonspeech_per_family=nonspeech_per_family or sd.NONSPEECH_PER_FAMILY)
+    model = sd.fit_speech_detector(data.speech(), data.nonspeech(), seed)
+    path = out_dir / "speech_detector.joblib"
+    joblib.dump(model, path, compress=3)
+    log.info("speech detector rows=%d seconds=%.1f", len(data.vectors), time.perf_counter() - started)
+    return {"file": path.name, "sha256": file_sha256(path), "model": "StandardScaler → LogisticRegression",
+            "speech_rows": int(data.is_speech.sum()), "nonspeech_rows": int((~data.is_speech).sum()),
+            "rule": {"sure_speech_s": sd.SURE_SPEECH_S, "no_region_threshold": sd.NO_REGION_THRESHOLD,
+                     "short_region_threshold": sd.SHORT_REGION_THRESHOLD}}
+
+
+def add_speech_detector(models_dir: Path, data_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """(Re)train only the speech detector of an existing models folder and record it in its manifest."""
+    manifest = json.loads((models_dir / MANIFEST).read_text())
+    encoder = WhisperEncoder.load(models_dir / manifest["encoder"]["file"], manifest["encoder"]["sha256"])
+    manifest["speech_detector"] = train_speech_detector(models_dir, encoder, data_dir, seed)
+    (models_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest  # type: ignore[no-any-return]
+
+
 def build_encoder(out_dir: Path) -> tuple[Path, str, dict[str, Any]]:
     """Write the encoder artifact the features use; returns its path, sha256 and provenance."""
     source = SOURCES[WHISPER_MODEL]
@@ -219,7 +250,7 @@ def fit_rf(x: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> dict[str, Any]:
         ("scaler", StandardScaler()),
         ("lda", LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto")),
         ("rf", RandomForestClassifier(n_estimators=cfg.rf_trees, class_weight="balanced_subsample",
-                                      min_samples_leaf=2, max_features="sqrt", n_jobs=2,
+                                      min_samples_leaf=4, max_features="sqrt", n_jobs=2,
                                       random_state=cfg.seed)),
     ])
     pipe.fit(x, y)
@@ -456,6 +487,9 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
     model, info = fit_lstm([f.sequence for f in every], labels, cfg, final_epochs)
     joblib.dump(bundle, out_dir / "rf.joblib", compress=3)
     model.save(out_dir / "lstm.keras")
+    small = cfg.limit_per_actor is not None  # quick runs and tests: a small speech detector too
+    detector = train_speech_detector(out_dir, encoder, data_dir, cfg.seed,
+                                     files_per_actor=cfg.limit_per_actor, nonspeech_per_family=20 if small else None)
     rf_sha, lstm_sha = file_sha256(out_dir / "rf.joblib"), file_sha256(out_dir / "lstm.keras")
     manifest = {
         "feature_version": FEATURE_VERSION,
@@ -483,6 +517,7 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
         },
         "ensemble": {"weights": {"rf": w, "lstm": round(1 - w, 2)}, "temperature": temperature,
                      "uncertain_threshold": threshold},
+        "speech_detector": detector,
         "calibration": calibration,
         "models": {
             "rf": {"file": "rf.joblib", "sha256": rf_sha, "version": f"rf-{FEATURE_VERSION}-{rf_sha[:10]}",
