@@ -210,6 +210,10 @@ def add_speech_detector(models_dir: Path, data_dir: Path, seed: int = 0) -> dict
     encoder = WhisperEncoder.load(models_dir / manifest["encoder"]["file"], manifest["encoder"]["sha256"])
     manifest["speech_detector"] = train_speech_detector(models_dir, encoder, data_dir, seed)
     (models_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    field_dir = data_dir.parent / "indian_emospeech"
+    if field_dir.is_dir():  # which field recordings get no_speech depends on the detector
+        manifest["cross_corpus"] = {"indian_emospeech": cross_corpus(field_dir, models_dir)}
+        (models_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest  # type: ignore[no-any-return]
 
 
@@ -511,7 +515,8 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
             "folds": cv["folds"],
             "rf": summarize(cv["folds"], "rf", y, oof["rf"]),
             "lstm": summarize(cv["folds"], "lstm", y, oof["lstm"]),
-            "ensemble": summarize(cv["folds"], "ensemble", y, ens),
+            "ensemble": summarize(cv["folds"], "ensemble", y, ens)
+            | {k: classification(y, ens)[k] for k in ("per_class", "confusion")},
             "ensemble_nested": _nested_summary(y, oof, corpus.groups, cv["folds"]),
             "conditions": condition_table(y, cv, corpus.groups),
         },
