@@ -108,9 +108,13 @@ def evaluated(eval_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 def test_evaluate_report_matches_an_independent_computation(evaluated: tuple[dict, Path]) -> None:
     report, out = evaluated
-    assert report["n"] == 14 + 1 + 6 and report["n_failed"] == 1
-    assert report["failures"][0]["code"] == "unsupported_format"
-    assert report["corpora"] == {"indian_emospeech": 6, "ravdess": 15}
+    # Two of the six field recordings are the word "go" said at a peak of 0.03 in street noise:
+    # no speech is found in them (see the model card), so they get no emotion.
+    codes = sorted(f["code"] for f in report["failures"])
+    assert codes == ["no_speech", "no_speech", "unsupported_format"]
+    assert all("__go-" in f["path"] for f in report["failures"] if f["code"] == "no_speech")
+    assert report["n"] == 14 + 1 + 6 - 2 and report["n_failed"] == 3
+    assert report["corpora"] == {"indian_emospeech": 4, "ravdess": 15}
     labels = [f["label"] for f in report["files"]]
     preds = [f["predicted"] for f in report["files"]]
     present = sorted(set(labels))
@@ -155,6 +159,7 @@ def test_shipped_models_reproduce_their_recorded_cross_corpus_figures() -> None:
     items = labelled_files(root)
     ensemble = Ensemble.load(MODELS)
     got = report(ensemble, items, analyse(ensemble, items, Settings(env="test")), root)
-    assert got["n"] == recorded["n"] == 240
+    assert got["n"] == recorded["n"] and got["n_failed"] == recorded["n_failed"]
+    assert got["n"] + got["n_failed"] == 240
     for key in ("accuracy", "balanced_accuracy", "macro_f1"):
         assert got[key] == pytest.approx(recorded[key], abs=0.01)

@@ -134,7 +134,7 @@ def prepare(job: JobInput, settings: Settings, ensemble: Ensemble,
                     raise
         if not prepared.clips:
             raise NoSpeech(NO_SPEECH_MESSAGE)
-        outcome.timings_ms["segments"] = _ms(started)
+        outcome.timings_ms["features"] = _ms(started)  # segments and speech clips; the encoder is inference
         if job.transcribe:
             outcome.audio = audio
             outcome.transcript = {"status": "pending", "engine": job.transcribe, "language": job.language}
