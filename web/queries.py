@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -59,9 +60,12 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except ValueError as exc:
         raise BadRequest(f"{name} must be an ISO 8601 date or time", code="invalid_parameter") from exc
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError as exc:  # 9999-12-31T23:59-14:00 is after the last UTC time Python has
+        raise BadRequest(f"{name} is outside the years 1 to 9999 once converted to UTC",
+                         code="invalid_parameter") from exc
 
 
 def _text_filter(value: str | None, name: str) -> str | None:
@@ -168,6 +172,9 @@ def encode_cursor(job: Job, sort: str = DEFAULT_SORT) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+MAX_CURSOR_NUMBER = 1e15  # durations and confidences are far below; larger is a forged cursor
+
+
 def _decode_cursor(cursor: str, sort: str) -> tuple[Any, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
@@ -180,8 +187,14 @@ def _decode_cursor(cursor: str, sort: str) -> tuple[Any, uuid.UUID]:
         elif value is not None and not (isinstance(value, str) if key == "filename" else
                                         isinstance(value, int | float) and not isinstance(value, bool)):
             raise ValueError("cursor value of the wrong type")
+        # Values the database cannot compare against: a number beyond float range (a 400-digit
+        # integer overflowed the bigint bind as a 500) or a text holding NUL.
+        if isinstance(value, int | float) and not (math.isfinite(float(value)) and abs(value) <= MAX_CURSOR_NUMBER):
+            raise ValueError("cursor number out of range")
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("cursor text with NUL")
         return value, uuid.UUID(job_id)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError) as exc:
         raise BadRequest("cursor is not valid (or belongs to another sort order)", code="invalid_parameter") from exc
 
 

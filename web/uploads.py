@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import unicodedata
 import uuid
@@ -81,23 +82,45 @@ def parse_webhook(form: MultiDict[str, str], settings: Settings) -> str | None:
     return webhooks.check_url(url, settings) if url else None
 
 
-def _has_nul(value: Any) -> bool:
-    """True if a string anywhere in ``value`` (keys included) holds NUL, which PostgreSQL text and
-    JSONB cannot store: the insert failed as a 500 (found by the API fuzzing)."""
+# Deeper metadata is refused: storing and serialising it recursed until a RecursionError (a 500).
+MAX_METADATA_DEPTH = 32
+
+
+def _storable_problem(value: Any, depth: int = 0) -> str | None:
+    """Why ``value`` cannot be stored as JSON (a phrase to follow the field's name), or None.
+
+    PostgreSQL text and JSONB hold no NUL and no lone UTF-16 surrogate, and JSON has no NaN or
+    infinity: each of these failed the insert as a 500 (found by the API fuzzing and an
+    independent probe)."""
+    if depth > MAX_METADATA_DEPTH:
+        return f"is nested more than {MAX_METADATA_DEPTH} levels deep"
     if isinstance(value, str):
-        return "\x00" in value
+        if "\x00" in value:
+            return "must not contain NUL characters"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must be valid Unicode (it holds a lone surrogate such as \\ud800)"
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must hold finite numbers only (no NaN, Infinity or out-of-range values like 1e999)"
+    items: list[Any] = []
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
+        items = [x for kv in value.items() for x in kv]
+    elif isinstance(value, list):
+        items = value
+    for item in items:
+        problem = _storable_problem(item, depth + 1)
+        if problem:
+            return problem
+    return None
 
 
 def parse_labels(form: MultiDict[str, str], n_files: int) -> Labels:
     """``client_reference`` once (every job) or once per file (in file order); ``metadata`` a JSON object."""
     given = [r.strip() for r in form.getlist("client_reference")]
-    if _has_nul(given):
-        raise BadRequest("client_reference must not contain NUL characters", code="invalid_parameter")
+    if problem := _storable_problem(given):
+        raise BadRequest(f"client_reference {problem}", code="invalid_parameter")
     if any(len(r) > MAX_REFERENCE for r in given):
         raise BadRequest(f"client_reference is limited to {MAX_REFERENCE} characters", code="invalid_parameter")
     if len(given) > 1 and len(given) != n_files:
@@ -111,12 +134,15 @@ def parse_labels(form: MultiDict[str, str], n_files: int) -> Labels:
             raise BadRequest(f"metadata is limited to {MAX_METADATA_BYTES} bytes", code="invalid_parameter")
         try:
             metadata = json.loads(raw)
+        except RecursionError as exc:
+            raise BadRequest(f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep",
+                             code="invalid_parameter") from exc
         except ValueError:
             metadata = None
         if not isinstance(metadata, dict):
             raise BadRequest("metadata must be a JSON object", code="invalid_parameter")
-        if _has_nul(metadata):
-            raise BadRequest("metadata must not contain NUL characters", code="invalid_parameter")
+        if problem := _storable_problem(metadata):
+            raise BadRequest(f"metadata {problem}", code="invalid_parameter")
     return Labels([r or None for r in references], metadata)
 
 
