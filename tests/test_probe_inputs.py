@@ -75,3 +75,13 @@ def test_a_real_cursor_still_pages(client) -> None:  # type: ignore[no-untyped-d
     assert first["next_cursor"]
     second = client.get(f"/api/v1/jobs?sort=duration&limit=1&cursor={first['next_cursor']}")
     assert second.status_code == 200 and len(second.get_json()["jobs"]) == 1
+
+
+def test_too_many_form_parts_says_so(client, app) -> None:  # type: ignore[no-untyped-def]
+    """A form over the parts limit is a 413 that names the parts limit, not the 2 GiB body limit."""
+    parts = app.config["MAX_FORM_PARTS"] + 10
+    resp = client.post("/api/v1/jobs", data={"client_reference": ["r"] * parts}, content_type="multipart/form-data")
+    assert resp.status_code == 413
+    error = resp.get_json()["error"]
+    assert error["code"] == "request_too_large"
+    assert f"more than {app.config['MAX_FORM_PARTS']} parts" in error["message"]

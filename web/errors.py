@@ -25,6 +25,17 @@ def _wants_json() -> bool:
     return request.path.startswith("/api/") or request.path in ("/healthz", "/readyz")
 
 
+def _too_large_message(app: Flask) -> str:
+    """What was too large. werkzeug raises the same bare 413 for a body over MAX_CONTENT_LENGTH and
+    for a form over its parsing limits; a declared length within the limit means the latter."""
+    limit = app.config["MAX_CONTENT_LENGTH"]
+    declared = request.content_length
+    if declared is not None and declared <= limit:
+        return (f"the form is over a parsing limit: more than {app.config['MAX_FORM_PARTS']} parts, or a "
+                f"field or part header over {app.config['MAX_FORM_MEMORY_SIZE'] // 1024} KiB")
+    return f"request body exceeds {limit // (1 << 20)} MiB"
+
+
 def register(app: Flask) -> None:
     @app.errorhandler(SERError)
     def _domain(exc: SERError) -> ResponseReturnValue:
@@ -43,7 +54,7 @@ def register(app: Flask) -> None:
         code = HTTP_CODES.get(status, "http_error")
         message = exc.description or exc.name
         if status == 413:
-            message = f"request body exceeds {app.config['MAX_CONTENT_LENGTH'] // (1 << 20)} MiB"
+            message = _too_large_message(app)
         if _wants_json():
             return error_response(status, code, message)
         return render_template("error.html", code=code, message=message), status
