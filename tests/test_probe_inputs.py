@@ -85,3 +85,15 @@ def test_too_many_form_parts_says_so(client, app) -> None:  # type: ignore[no-un
     error = resp.get_json()["error"]
     assert error["code"] == "request_too_large"
     assert f"more than {app.config['MAX_FORM_PARTS']} parts" in error["message"]
+
+
+def test_a_file_name_that_is_not_utf8_is_named_as_the_problem(client) -> None:  # type: ignore[no-untyped-def]
+    """The form parser drops a part whose headers are not UTF-8; the answer says so instead of
+    only "send a file"."""
+    wav = read(ravdess_file(1, "05"))[1]
+    body = (b'--B\r\nContent-Disposition: form-data; name="file"; filename="caf\xe9.wav"\r\n'
+            b"Content-Type: audio/wav\r\n\r\n" + wav + b"\r\n--B--\r\n")
+    resp = client.post("/api/v1/jobs", data=body, content_type="multipart/form-data; boundary=B")
+    assert resp.status_code == 400
+    error = resp.get_json()["error"]
+    assert error["code"] == "no_files" and "UTF-8" in error["message"]

@@ -32,6 +32,12 @@ def create_jobs() -> tuple[Response, int]:
     # Before the body is parsed: a client over its limits is turned away without reading its files.
     limits.check(svc, tenant(), key_id())
     files = [f for f in request.files.getlist("file") if f is not None]
+    multipart = request.mimetype == "multipart/form-data"
+    if multipart and not files and not request.form and (request.content_length or 0) > 0:
+        # werkzeug drops a part whose headers are not UTF-8 (a file name in Latin-1, say) without a
+        # word: a body with content but not one readable part is that, or a broken multipart body.
+        raise BadRequest("the multipart body held no part that could be read: check that its part headers "
+                         "(file names included) are UTF-8 and that the boundary matches", code="no_files")
     header = request.headers.get(idempotency.HEADER)
     # Keys are per tenant: two tenants choosing the same key never see each other's response.
     key = f"{tenant()}:{idempotency.validate_key(header)}" if header is not None else None
