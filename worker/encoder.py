@@ -13,7 +13,6 @@ so a clip's output does not depend on what it was batched with.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.whisper_weights import read_artifact
+from worker.whisper_weights import read_artifact, sha256_of
 
 SAMPLE_RATE = 16000
 N_FFT = 400  # 25 ms
@@ -69,11 +68,7 @@ def log_mel(audio: np.ndarray) -> np.ndarray:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of([path])
 
 
 class WhisperEncoder:
