@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from ser_shared.db import make_engine, make_session_factory
 from ser_shared.migrate import upgrade
 from ser_shared.queue import make_celery
 from ser_shared.settings import Settings
+from ser_shared.storage import path_for
 from ser_shared.tasks import ANALYZE
 from tests.conftest import WorkerProcess, private_database, ravdess_file, wait_for
 from tests.fault_tools import (
@@ -46,10 +48,8 @@ from worker.pipeline import Outcome
 pytestmark = pytest.mark.slow
 
 # Long enough to be caught mid-analysis (seconds of work), short enough to finish well inside the
-# 20 s soft limit of these tests on a busy machine; the time-limit tests need one that cannot
-# finish inside 2 s.
+# 20 s soft limit of these tests on a busy machine.
 LONG_S = 300.0
-LONGER_S = 900.0
 # Nothing listens there: deliveries fail and stay in the outbox, which is what is counted.
 WEBHOOK = "http://127.0.0.1:9/hook"
 
@@ -57,12 +57,6 @@ WEBHOOK = "http://127.0.0.1:9/hook"
 @pytest.fixture(scope="module")
 def long_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
     path = long_recording(tmp_path_factory.mktemp("audio") / "long.flac", LONG_S)
-    return path.name, path.read_bytes()
-
-
-@pytest.fixture(scope="module")
-def longer_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
-    path = long_recording(tmp_path_factory.mktemp("audio") / "longer.flac", LONGER_S)
     return path.name, path.read_bytes()
 
 
@@ -122,12 +116,23 @@ def _factory(settings: Settings) -> sessionmaker[Session]:
 
 
 class TestTimeLimits:
-    """Soft limit 2 s, hard limit 4 s, against a recording that needs several seconds."""
+    """Soft limit 5 s, hard limit 8 s, against work that cannot finish: no test here races the clock.
+
+    The recording's stored file is swapped for a FIFO that nobody writes, while the pool child is
+    frozen and before it has taken the job, so the decoder (ffmpeg, for M4A) blocks opening it for
+    ever. Only the limits can end that job, however fast or slow the machine is. (An earlier version
+    analysed a long recording and expected the 2 s limit to catch it; on a quiet machine it finished
+    inside the limit and the test failed.) The margins (5 s to freeze a blocked child, 3 s from the
+    soft to the hard limit) only concern the test noticing a state that lasts until a limit.
+    """
+
+    SOFT_S, HARD_S = 5, 8
 
     @pytest.fixture(scope="class")
     @classmethod
     def env(cls, isolated: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-        settings = fault_settings(isolated, task_soft_time_limit_s=2, task_time_limit_s=4, max_attempts=3)
+        settings = fault_settings(isolated, task_soft_time_limit_s=cls.SOFT_S, task_time_limit_s=cls.HARD_S,
+                                  max_attempts=3)
         worker = _worker(settings, tmp_path_factory.mktemp("tl") / "worker.log")
         try:
             yield {"settings": settings, "worker": worker, "client": _app(settings).test_client(),
@@ -135,26 +140,52 @@ class TestTimeLimits:
         finally:
             _stop(worker)
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def m4a_file(cls, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
+        src = ravdess_file(2, "05")
+        out = tmp_path_factory.mktemp("m4a") / "blocked.m4a"
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(src), "-c:a", "aac", str(out)], check=True)
+        return out.name, out.read_bytes()
+
+    @staticmethod
+    def _blocked_job(env: dict[str, Any], m4a_file: tuple[str, bytes]) -> tuple[str, int]:
+        """Upload a job whose audio can never be read; return its id and the (running) pool child
+        that has taken it. The child is frozen from before the upload until the swap is done, so
+        it cannot have opened the real file; its time limits start when it takes the job."""
+        child = only_child(env["worker"].proc.pid)
+        kill(child, signal.SIGSTOP)
+        try:
+            (job_id,) = _upload(env["client"], [m4a_file])
+            stored = path_for(env["settings"].upload_dir, job(env["factory"], job_id).storage_key or "")
+            stored.unlink()
+            os.mkfifo(stored)
+        finally:
+            kill(child, signal.SIGCONT)
+        wait_status(env["factory"], job_id, ("processing",), timeout=60, interval=0.05)
+        return job_id, child
+
     def test_soft_time_limit_fails_the_job_with_a_clear_code(self, env: dict[str, Any],
-                                                               longer_file: tuple[str, bytes]) -> None:
-        (job_id,) = _upload(env["client"], [longer_file])
+                                                               m4a_file: tuple[str, bytes]) -> None:
+        job_id, _ = self._blocked_job(env, m4a_file)
         done = wait_status(env["factory"], job_id, ("succeeded", "failed"), timeout=120)
         assert (done.status, done.error_code, done.attempts) == ("failed", "time_limit_exceeded", 1)
-        assert "2 s" in (done.error_message or "")
+        assert f"{self.SOFT_S} s" in (done.error_message or "")
         assert result_rows(env["factory"], job_id) == 0
+        # The child took the limit as an exception and lives on: the next job is analysed.
+        (short_id,) = _upload(env["client"], [_short(0)])
+        assert wait_status(env["factory"], short_id, ("succeeded", "failed"), timeout=90).status == "succeeded"
 
     def test_hard_time_limit_kills_a_frozen_child_and_replaces_it(self, env: dict[str, Any],
-                                                                   longer_file: tuple[str, bytes]) -> None:
+                                                                   m4a_file: tuple[str, bytes]) -> None:
         """A child that cannot take the soft limit (frozen with SIGSTOP, as if stuck in native code)
         is killed at the hard limit; its job fails at once rather than being retried to hang again."""
         worker: WorkerProcess = env["worker"]
-        child = only_child(worker.proc.pid)
-        (job_id,) = _upload(env["client"], [longer_file])
-        wait_status(env["factory"], job_id, ("processing",), timeout=60, interval=0.05)
+        job_id, child = self._blocked_job(env, m4a_file)
         kill(child, signal.SIGSTOP)
-        done = wait_status(env["factory"], job_id, ("succeeded", "failed"), timeout=30)
+        done = wait_status(env["factory"], job_id, ("succeeded", "failed"), timeout=60)
         assert (done.status, done.error_code, done.attempts) == ("failed", "time_limit_exceeded", 1)
-        assert "4 s" in (done.error_message or "")  # the hard limit's message, not the soft one's
+        assert f"{self.HARD_S} s" in (done.error_message or "")  # the hard limit's message, not the soft one's
         replacement = wait_for(lambda: [p for p in [only_child(worker.proc.pid)] if p != child], 30, 0.2)[0]
         assert not Path(f"/proc/{child}").exists()
         # The replacement child works: a short recording is analysed.

@@ -230,7 +230,9 @@ def test_google_slow_answer_times_out_within_the_budget(google: StandIn) -> None
     result = transcribe(tone(440, 1.0), SAMPLE_RATE, "google", "en-US", timeout_s=1.0)
     elapsed = time.monotonic() - started
     assert_unavailable(result, "timeout")
-    assert 0.9 < elapsed < 3.0  # the 10 s hang is cut off near the budget (slack for a busy machine)
+    # Cut off at the 1 s budget, not after the 10 s hang: the upper bound only has to tell the two
+    # apart, so a busy machine cannot fail it.
+    assert 0.9 < elapsed < 8.0
     assert len(google.received) == 1 and google.received[0].body[:4] == b"fLaC"
 
 
@@ -283,7 +285,7 @@ def test_no_network_is_unavailable_quickly(monkeypatch: pytest.MonkeyPatch) -> N
         started = time.monotonic()
         result = transcribe(tone(440, 1.0), SAMPLE_RATE, "google", timeout_s=10)
         assert_unavailable(result, "network_error")
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 8.0  # refused at once, not after the 10 s timeout
     finally:
         urllib.request.install_opener(None)
 

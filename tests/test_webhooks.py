@@ -132,7 +132,7 @@ def test_a_hanging_dns_lookup_is_cut_off_at_the_timeout(monkeypatch: pytest.Monk
     started = time.monotonic()
     with pytest.raises(webhooks.HostUnresolved) as err:
         webhooks.check_url("https://stalls.example/hook", settings)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 4  # cut off near 0.3 s, not after the 5 s hang
     assert err.value.code == "webhook_url_refused" and "within 0.3 s" in err.value.message
     # Other lookups are not stuck behind the hanging one.
     assert webhooks.check_url("http://93.184.216.34/", settings) == "http://93.184.216.34/"
