@@ -28,6 +28,7 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ser_shared.addresses import address_is_public
 from ser_shared.db import upsert_insert
 from ser_shared.errors import BadRequest
 from ser_shared.models import FINISHED, Batch, Job, WebhookDelivery
@@ -125,10 +126,11 @@ def resolve(url: str, settings: Settings) -> Target:
     """The checked target if webhooks may be sent to ``url``; BadRequest(``webhook_url_refused``)
     otherwise.
 
-    Refuses other schemes, and hosts that resolve to loopback, private, link-local (cloud metadata
-    at 169.254.169.254 among them), multicast, reserved or unspecified addresses, unless the host
-    or its network is in ``SER_WEBHOOK_ALLOW``. Checked at submission and again before each
-    attempt, since DNS answers can change.
+    Refuses other schemes, and hosts that resolve to any address that is not globally routable
+    (``ser_shared.addresses.address_is_public``: loopback, private, shared, link-local with the
+    cloud metadata services, documentation, multicast, reserved, and IPv6 forms that carry such an
+    IPv4 address), unless the host or its network is in ``SER_WEBHOOK_ALLOW``. Checked at
+    submission and again before each attempt, since DNS answers can change.
     """
     url = url.strip()
     parts = urlsplit(url)
@@ -143,8 +145,7 @@ def resolve(url: str, settings: Settings) -> Target:
     addresses = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
     if not _allowed(host, addresses, settings.webhook_allow):
         for addr in addresses:
-            if (addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_multicast
-                    or addr.is_reserved or addr.is_unspecified):
+            if not address_is_public(addr):
                 raise BadRequest(f"webhook_url resolves to a non-public address ({addr}); allow it with "
                                  "SER_WEBHOOK_ALLOW if that is intended", code="webhook_url_refused")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
