@@ -28,8 +28,9 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY . .
+# The client distribution (client/) too: `ser submit|status|history` come from it.
 RUN pip install --no-cache-dir --upgrade pip \
- && pip install --no-cache-dir ".[${EXTRAS}]"
+ && pip install --no-cache-dir ./client ".[${EXTRAS}]"
 
 # --- runtime ------------------------------------------------------------------
 FROM base AS runtime

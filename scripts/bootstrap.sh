@@ -9,9 +9,10 @@ ser_log() { printf '[ser] %s\n' "$*" >&2; }
 ser_system_packages() {
     # ffmpeg decodes M4A/AAC and WebM (and probes them at upload); flac encodes audio for Google's
     # speech API (SpeechRecognition bundles no encoder for ARM); espeak-ng and sox make test audio;
-    # chromium runs the browser tests headless (with an emoji font for the emotion badges).
+    # chromium runs the browser tests headless (with an emoji font for the emotion badges); nginx is
+    # the production proxy, which tests/test_slow_clients.py runs in front of gunicorn.
     local wanted=(ffmpeg libsndfile1 flac)
-    [ "$ser_extras" = test ] && wanted+=(espeak-ng sox chromium fonts-noto-color-emoji)
+    [ "$ser_extras" = test ] && wanted+=(espeak-ng sox chromium fonts-noto-color-emoji nginx)
     local missing=()
     for pkg in "${wanted[@]}"; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -30,7 +31,8 @@ ser_venv() {
     local venv="$ser_root/.venv"
     local stamp="$venv/.ser-installed-$ser_extras"
     local want
-    want="$(sha256sum "$ser_root/pyproject.toml" | cut -c1-16)"
+    # Both distributions: the server's, and the client's that its `ser submit|status|history` come from.
+    want="$(cat "$ser_root/pyproject.toml" "$ser_root/client/pyproject.toml" | sha256sum | cut -c1-16)"
     if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
         ser_log "creating virtual environment in .venv"
         rm -rf "$venv"  # a half-made one (interrupted creation) is rebuilt, not reused
@@ -39,6 +41,7 @@ ser_venv() {
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         ser_log "installing the project with extras [$ser_extras] (first run takes a few minutes)"
         "$venv/bin/python" -m pip install -q --upgrade pip
+        "$venv/bin/python" -m pip install -q -e "$ser_root/client"
         "$venv/bin/python" -m pip install -q -e "$ser_root[$ser_extras]"
         echo "$want" > "$stamp"
     fi

@@ -16,10 +16,29 @@ import sys
 import time
 from pathlib import Path
 
-from ser_shared import client_cli, keys_cli, logs
+from ser_shared import keys_cli, logs
 from ser_shared.keys_cli import get_settings  # lazy: client commands never build server settings
 
 log = logging.getLogger("ser")
+
+
+def _register_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``submit|status|history`` from the client's own distribution (``client/``, ``ser-client``)."""
+    try:
+        from ser_client import cli as client_cli
+    except ImportError:  # the server installed without it: say how to get the commands
+        for name in ("submit", "status", "history"):
+            p = sub.add_parser(name, help="needs the client: pip install ./client")
+            p.add_argument("args", nargs=argparse.REMAINDER)
+            p.set_defaults(func=_client_missing, client=True)
+        return
+    client_cli.register(sub)
+
+
+def _client_missing(_: argparse.Namespace) -> int:
+    print("ser: this command comes from the client package; install it with 'pip install ./client' "
+          "(from the project folder)", file=sys.stderr)
+    return 2
 
 
 def _migrate(_: argparse.Namespace) -> int:
@@ -34,7 +53,8 @@ def _migrate(_: argparse.Namespace) -> int:
 def _web_argv(host: str, port: int, workers: int) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--bind", f"{host}:{port}",
             "--workers", str(workers), "--threads", "4", "--timeout", "300",
-            "--access-logfile", "-", "--forwarded-allow-ips", "*"]
+            # Trust no client's X-Forwarded-* here: web/proxy.py honours SER_TRUSTED_PROXIES hops.
+            "--access-logfile", "-", "--forwarded-allow-ips", ""]
 
 
 def _worker_argv(queues: str, concurrency: int, pool: str, loglevel: str) -> list[str]:
@@ -212,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_migrate)
 
     keys_cli.register(sub)
-    client_cli.register(sub)
+    _register_client(sub)
 
     p = sub.add_parser("train", help="train and cross-validate the models, write models/")
     p.add_argument("--data", default=str(Path("..") / "shared" / "datasets" / "ravdess"))

@@ -191,3 +191,37 @@ def wait_for(predicate, timeout: float = 90.0, interval: float = 0.5):  # type: 
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met in {timeout} s; last value: {value!r}")
+
+
+@pytest.fixture(scope="session")
+def live_server(pg_settings: Settings):  # type: ignore[no-untyped-def]
+    """The test app served on a free port of 127.0.0.1 (authentication off: one local tenant).
+
+    Without per-minute upload limits: the client tests upload many batches, and in single-user mode
+    every test's uploads share the one local key's budget. (Limits are tested on apps of their own.)
+    """
+    from tests.live_server import serve
+    from web import create_app
+
+    unlimited = create_app(pg_settings.model_copy(update={"rate_limit_uploads_per_minute": 1_000_000,
+                                                          "rate_limit_files_per_minute": 10_000_000}))
+    with serve(unlimited) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def auth_server(pg_settings: Settings) -> Iterator[tuple[str, str]]:
+    """The same database served with authentication on; yields its URL and a fresh API key."""
+    from ser_shared import apikeys
+    from ser_shared.db import make_engine, make_session_factory
+    from tests.live_server import serve
+    from web import create_app
+
+    secured = create_app(pg_settings.model_copy(update={"auth": True}))
+    engine = make_engine(pg_settings)
+    with make_session_factory(engine)() as session:
+        key = apikeys.create(session, "live-server-tests").key
+        session.commit()
+    engine.dispose()
+    with serve(secured) as url:
+        yield url, key

@@ -1,7 +1,8 @@
 """The ``ser submit|status|history`` client, run as a subprocess against a real server and worker.
 
 The web app serves from a thread (werkzeug), the worker is a real Celery process, and the CLI is
-``python -m ser_shared.cli`` with ``SER_URL`` pointing at the server, as a user would run it.
+``python -m ser_shared.cli`` (the server's ``ser``, which registers the ``ser_client`` package's
+commands) with ``SER_URL`` pointing at the server, as a user would run it.
 """
 
 from __future__ import annotations
@@ -11,30 +12,22 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
-from werkzeug.serving import make_server
+from ser_client import Client
+from ser_client._progress import Progress
+from ser_client.cli import history
 
-from ser_shared import apikeys
-from ser_shared.client import Api
-from ser_shared.client_cli import Progress, history
-from ser_shared.db import make_engine, make_session_factory
 from ser_shared.emotions import EMOTIONS
-from ser_shared.settings import Settings
 from tests.conftest import WorkerProcess, ravdess_file
+from tests.live_server import FlakyProxy, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -47,28 +40,10 @@ SOURCES = {
 }
 
 
-class ServerThread:
-    """A WSGI app on a free loopback port, served from a thread."""
-
-    def __init__(self, app: Flask) -> None:
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def server(app: Flask, pg_worker: WorkerProcess) -> Iterator[str]:
-    running = ServerThread(app)
-    yield running.url
-    running.stop()
+def server(live_server: str, pg_worker: WorkerProcess) -> str:
+    """The session's live server, with the session's real worker running."""
+    return live_server
 
 
 @pytest.fixture(scope="module")
@@ -182,11 +157,24 @@ def test_history_filters_formats_and_pages(first_run: tuple[subprocess.Completed
                                                     "error_code", "filename"]
     assert len(table.stdout.splitlines()) == 1 + len(rows)
     # Pages of two follow the keyset cursor to the same jobs, in the same order, as one page of all.
-    api = Api(server)
+    api = Client(server)
     paged = history(api, {"q": folder}, limit=10, page_size=2)
     assert [j["id"] for j in paged] == [j["id"] for j in history(api, {"q": folder}, limit=10)]
     assert len({j["id"] for j in paged}) == len(rows)
     assert len(history(api, {"q": folder}, limit=3, page_size=2)) == 3
+
+
+def test_ser_client_script_is_the_same_client(first_run: tuple[subprocess.CompletedProcess, list[dict[str, str]]],
+                                             server: str, workdir: Path) -> None:
+    # The client's own distribution installs ``ser-client``: the same commands as ``ser``'s, same output.
+    folder = folder_of(workdir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SER_")} | {"SER_URL": server}
+    script = Path(sys.executable).with_name("ser-client")
+    alone = subprocess.run([str(script), "history", "--q", folder, "--json"], env=env, cwd=workdir,
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0, alone.stderr
+    via_ser = ser("history", "--q", folder, "--json", url=server, cwd=workdir)
+    assert json.loads(alone.stdout) == json.loads(via_ser.stdout) and len(json.loads(alone.stdout)) == 4
 
 
 def test_without_recursive_the_subfolder_is_left_out(server: str, workdir: Path) -> None:
@@ -225,12 +213,6 @@ def test_bad_output_name_and_empty_folder_are_usage_errors(server: str, tmp_path
     assert bad.returncode == 2 and "--output must end in .csv or .json" in bad.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_server_down_is_a_clear_error(workdir: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -240,66 +222,6 @@ def test_server_down_is_a_clear_error(workdir: Path) -> None:
     assert "SER_URL" in proc.stderr
     assert proc.stderr.count("retrying in") == 1
     assert time.monotonic() - started < 30
-
-
-class FlakyProxy:
-    """A forwarding proxy that injects faults: ``("POST", "drop")`` forwards the request and then
-    hangs up without the answer (a lost response); ``("GET", "429")`` answers 429 with Retry-After: 1."""
-
-    def __init__(self, upstream: str, faults: list[tuple[str, str]]) -> None:
-        self.upstream, self.faults, self.log = upstream, faults, []
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                proxy.handle(self)
-
-            def do_POST(self) -> None:
-                proxy.handle(self)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-    def _fault(self, method: str) -> str | None:
-        for k, (m, action) in enumerate(self.faults):
-            if m == method:
-                del self.faults[k]
-                return action
-        return None
-
-    def handle(self, h: BaseHTTPRequestHandler) -> None:
-        fault = self._fault(h.command)
-        self.log.append((h.command, h.path, fault))
-        body = h.rfile.read(int(h.headers.get("Content-Length") or 0)) if h.command == "POST" else None
-        if fault == "429":
-            h.send_response(429)
-            h.send_header("Retry-After", "1")
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
-        headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "connection")}
-        request = urllib.request.Request(self.upstream + h.path, data=body, headers=headers, method=h.command)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                status, payload = response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            status, payload = exc.code, exc.read()
-        if fault == "drop":
-            h.close_connection = True
-            return
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(payload)))
-        h.end_headers()
-        h.wfile.write(payload)
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_lost_response_and_rate_limit_are_retried_without_duplicates(server: str, workdir: Path) -> None:
@@ -320,24 +242,9 @@ def test_lost_response_and_rate_limit_are_retried_without_duplicates(server: str
     assert elapsed >= 1.0
     assert [(m, f) for m, _, f in proxy.log] == [("GET", "429"), ("GET", None), ("POST", "drop"), ("POST", None)]
     # The first POST created the jobs and its answer was lost; the retry got them back, not new ones.
-    listed = history(Api(server), {"q": folder.name}, limit=50)
+    listed = history(Client(server), {"q": folder.name}, limit=50)
     assert len(listed) == 2
     assert {j["id"] for j in listed} == {line.split()[0] for line in proc.stdout.splitlines()[1:]}
-
-
-@pytest.fixture(scope="module")
-def auth_server(pg_settings: Settings) -> Iterator[tuple[str, str]]:
-    """The same database behind an app with authentication on, and a live key for it."""
-    from web import create_app
-
-    app = create_app(pg_settings.model_copy(update={"auth": True}))
-    sessions = make_session_factory(make_engine(pg_settings))
-    with sessions() as session:
-        key = apikeys.create(session, "cli-test").key
-        session.commit()
-    running = ServerThread(app)
-    yield running.url, key
-    running.stop()
 
 
 def test_api_key_missing_invalid_and_valid(auth_server: tuple[str, str], tmp_path: Path) -> None:
@@ -364,12 +271,27 @@ def test_progress_is_one_redrawn_line_on_a_terminal_and_plain_lines_elsewhere() 
         bar.advance(1)
     bar.finish()
     out = screen.getvalue()
-    assert out.startswith("\r") and out.count("\n") == 1 and out.endswith("100%  10/10 jobs\033[K\n")
+    # tqdm redraws one line in place (carriage returns) and ends it once.
+    assert out.startswith("\r") and out.count("\n") == 1 and out.endswith("\n")
+    assert out.rstrip("\n").split("\r")[-1].rstrip().endswith("100%|" + "#" * 30 + "| 10/10 jobs")
     log = io.StringIO()
     bar = Progress("analysing", 4, "jobs", stream=log, every_s=60)
     for _ in range(4):
         bar.advance(1)
     bar.finish()
     lines = log.getvalue().splitlines()
-    assert "\r" not in log.getvalue() and len(lines) == 2  # the first step, then the end; none in between
-    assert "  25%  1/4 jobs" in lines[0] and lines[1].endswith("100%  4/4 jobs")
+    assert "\r" not in log.getvalue() and len(lines) == 2  # the start, then the end; none in between
+    assert lines[0].startswith("analysing   0%|") and lines[0].endswith("| 0/4 jobs")
+    assert lines[1].endswith("100%|" + "#" * 30 + "| 4/4 jobs")
+
+
+def test_upload_progress_counts_bytes_and_notes_the_batch() -> None:
+    log = io.StringIO()
+    bar = Progress("uploading", 3_000_000, "MB", stream=log, every_s=0)
+    bar.set(0, "batch 1/2")
+    bar.set(1_500_000)
+    bar.set(3_000_000, "batch 2/2")
+    bar.finish()
+    lines = log.getvalue().splitlines()
+    assert lines[-2].endswith(" 50%|" + "#" * 15 + " " * 15 + "| 1.50M/3.00MB, batch 1/2")
+    assert lines[-1].endswith("100%|" + "#" * 30 + "| 3.00M/3.00MB, batch 2/2")
