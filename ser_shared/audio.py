@@ -11,12 +11,13 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
+from ser_shared.audio_headers import check_wav, flac_length, mp3_length
 from ser_shared.errors import (
     AudioTooLong,
     AudioTooShort,
@@ -46,6 +47,11 @@ MAX_CHANNELS = 64
 # A float file with a few NaN/inf samples (a glitch in an editing chain) is still a recording: those
 # samples become silence. One with more is a broken export, and analysing it would be guessing.
 MAX_NONFINITE_SHARE = 0.01
+# libsndfile stops where a FLAC's STREAMINFO or an MP3's Xing header says the stream ends. A stream
+# holding more than this (MP3 counts include the encoder's delay and padding) is decoded by ffmpeg,
+# which reads what is really there: analysing the declared fragment would pass it off as the whole.
+UNDERSTATED_SHARE, UNDERSTATED_S = 0.02, 0.5
+SF_UNKNOWN_FRAMES = 1 << 62  # libsndfile's frame count for a stream of unknown length (SF_COUNT_MAX)
 
 
 @dataclass(frozen=True)
@@ -82,11 +88,49 @@ def sniff_format(head: bytes) -> str:
     raise UnsupportedFormat("not a recognised audio file (WAV, FLAC, OGG/Opus, MP3, M4A/AAC, WebM)")
 
 
-def probe(path: Path, fmt: str) -> AudioInfo:
-    """Read rate, channels and duration from the header (no full decode).
+def probe(path: Path, fmt: str, max_s: float | None = None) -> AudioInfo:
+    """Read rate, channels and duration from the header (no full decode), the duration checked
+    against the stream where the header may understate it (FLAC, MP3).
 
-    Raises DecodeFailed when the container cannot be parsed.
+    Raises DecodeFailed when the container cannot be parsed, InvalidAudioHeader for a WAV header
+    that contradicts itself or its data, and AudioTooLong for a stream that holds more than
+    ``max_s`` seconds whatever its header declares.
     """
+    if fmt == "wav":
+        check_wav(path)  # first: libsndfile's own complaint about such a header is vaguer
+    info = _probe_header(path, fmt)
+    held = true_length_s(path, fmt, info.duration_s, max_s)
+    if held is None:
+        return info
+    if max_s is not None and held > max_s:
+        raise AudioTooLong(_understated_message(info.duration_s, held, max_s))
+    return replace(info, duration_s=round(held, 3))
+
+
+def true_length_s(path: Path, fmt: str, declared_s: float | None, max_s: float | None = None) -> float | None:
+    """The seconds a FLAC or MP3 stream really holds when that is clearly more than ``declared_s``
+    (or the header declares nothing); None when the header can be believed or the stream not
+    measured. MP3 frames are counted only up to just past ``max_s``."""
+    if fmt == "flac":
+        length = flac_length(path)
+    elif fmt == "mp3":
+        length = mp3_length(path, None if max_s is None else max_s + 1.0)
+    else:
+        return None
+    if length is None or length.held == 0:
+        return None
+    held = length.seconds
+    if declared_s is None or held > declared_s * (1 + UNDERSTATED_SHARE) + UNDERSTATED_S:
+        return held
+    return None
+
+
+def _understated_message(declared_s: float | None, held_s: float, max_s: float) -> str:
+    said = "no length" if declared_s is None else f"{declared_s:.1f} s"
+    return f"the header declares {said}, but the file holds more audio than the {max_s:.0f} s limit"
+
+
+def _probe_header(path: Path, fmt: str) -> AudioInfo:
     if fmt in SOUNDFILE_FORMATS:
         try:
             info = sf.info(str(path))
@@ -97,7 +141,7 @@ def probe(path: Path, fmt: str) -> AudioInfo:
             if info.samplerate <= 0 or info.channels <= 0:
                 raise DecodeFailed("the header declares no channels or no sample rate")
             check_params(int(info.samplerate), int(info.channels))
-            duration = info.frames / info.samplerate if info.frames > 0 else None
+            duration = info.frames / info.samplerate if 0 < info.frames < SF_UNKNOWN_FRAMES else None
             return AudioInfo(fmt, int(info.samplerate), int(info.channels), duration)
     return _ffprobe(path, fmt)
 
@@ -164,9 +208,10 @@ def decode(path: Path, fmt: str, sample_rate: int, max_s: float) -> np.ndarray:
 
     Raises DecodeFailed for unreadable data, AudioTooLong when the stream runs past ``max_s``,
     UnsupportedSampleRate / TooManyChannels for absurd headers and InvalidSamples for float data
-    that is mostly NaN or infinity.
+    that is mostly NaN or infinity, InvalidAudioHeader for a WAV header that contradicts itself.
+    A FLAC or MP3 whose header declares less than it holds is decoded whole by ffmpeg.
     """
-    if fmt in SOUNDFILE_FORMATS:
+    if fmt in SOUNDFILE_FORMATS and _soundfile_reads_all(path, fmt, max_s):
         try:
             audio, rate = _read_soundfile(path, max_s)
         except (RuntimeError, sf.LibsndfileError, ValueError) as exc:
@@ -180,6 +225,36 @@ def decode(path: Path, fmt: str, sample_rate: int, max_s: float) -> np.ndarray:
     if audio.size > (max_s + 0.5) * rate:
         raise AudioTooLong(f"recording is longer than the {max_s:.0f} s limit")
     return resample(audio, rate, sample_rate)
+
+
+def _soundfile_reads_all(path: Path, fmt: str, max_s: float) -> bool:
+    """False when libsndfile would stop at a length the header understates (ffmpeg decodes then).
+
+    Raises InvalidAudioHeader for a lying WAV header, AudioTooLong when the stream holds more than
+    ``max_s`` whatever its header says, DecodeFailed when the rest needs ffmpeg and it is missing.
+    """
+    if fmt == "wav":
+        check_wav(path)
+    if fmt not in ("flac", "mp3"):
+        return True
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, sf.LibsndfileError):
+        return True  # the decode path reports it, or falls back to ffmpeg
+    if info.samplerate <= 0:
+        return True
+    # No length declared (a FLAC written to a pipe): libsndfile cannot stream such a file either.
+    declared = info.frames / info.samplerate if 0 < info.frames < SF_UNKNOWN_FRAMES else None
+    held = true_length_s(path, fmt, declared, max_s)
+    if held is None:
+        return True
+    if held > max_s:
+        raise AudioTooLong(_understated_message(declared, held, max_s))
+    if shutil.which("ffmpeg") is None:
+        said = "no length" if declared is None else f"{declared:.1f} s"
+        raise DecodeFailed(f"the header declares {said}, but the file holds {held:.1f} s; "
+                           "reading all of it needs ffmpeg, which is not installed on this server")
+    return False
 
 
 def _read_soundfile(path: Path, max_s: float) -> tuple[np.ndarray, int]:
@@ -221,7 +296,7 @@ def stream(path: Path, fmt: str, sample_rate: int, max_s: float, block_s: float 
     Memory stays at a block or two whatever the recording's length; the concatenated blocks equal
     ``decode``'s output (soxr's streaming resampler is exact). Raises like ``decode``.
     """
-    if fmt in SOUNDFILE_FORMATS:
+    if fmt in SOUNDFILE_FORMATS and _soundfile_reads_all(path, fmt, max_s):
         try:
             handle = sf.SoundFile(str(path))
         except (RuntimeError, sf.LibsndfileError) as exc:

@@ -111,6 +111,14 @@ class IncompleteAudio(AudioError):
     code = "incomplete_audio"
 
 
+class InvalidAudioHeader(AudioError):
+    """A header whose format fields contradict each other or the data (7 bits per sample, a block
+    size that is not channels × sample size, a data chunk that hides most of the file): decoding
+    by it would turn the recording into noise of the wrong length."""
+
+    code = "invalid_audio_header"
+
+
 class UnsupportedSampleRate(AudioError):
     """A header rate no microphone produces (a hostile or broken file): decoding it would be noise."""
 

@@ -53,6 +53,8 @@ class JobStatus(StrEnum):
 
 
 FINISHED = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)
+# ``Job.worker`` of a transcript stage that the reconciler re-sent and no worker has taken yet.
+BROKER = "broker"
 
 # Everything belongs to one tenant. With authentication off (the embedded single-user default) that
 # is this one; with it on, it is the tenant of the API key that uploaded it.
@@ -123,6 +125,8 @@ class Job(Base):
         Index("ix_jobs_finished_at", "finished_at"),
         # The cap on a key's queued and running jobs.
         Index("ix_jobs_api_key_id_status", "api_key_id", "status"),
+        # The reconciler's look for work held by dead workers: few rows are held at any time.
+        Index("ix_jobs_worker", "worker"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -157,6 +161,12 @@ class Job(Base):
     # NULL while the job waits for the broker (it was down at upload): a sweep enqueues it later.
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enqueue_error: Mapped[str | None] = mapped_column(Text)
+    # Who holds the job's unfinished stage (analysis, or the transcript after the emotion is
+    # stored), and since when: a worker node (its liveness is in worker_heartbeats), BROKER for a
+    # transcript stage the reconciler re-sent, NULL when nothing is outstanding. A job held by a
+    # node whose heartbeat stopped is taken back well before the hard time limit would notice.
+    worker: Mapped[str | None] = mapped_column(String(200))
+    worker_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -211,6 +221,28 @@ class IdempotencyKey(Base):
     # NULL while the first request is still being processed.
     status_code: Mapped[int | None] = mapped_column(Integer)
     response: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # The claim of the request in progress: its random token, and a short lease that the live
+    # request keeps extending. A request killed outright stops extending it, and its key is free
+    # again once the lease has run out (NULL on rows from before leases: created_at + lease).
+    owner: Mapped[str | None] = mapped_column(String(32))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set in the transaction that commits the request's batch: from then on the key means that
+    # batch, even if the request dies before it stores its response (a retry gets the batch).
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+
+
+class WorkerHeartbeat(Base):
+    """A worker node's sign of life, written every ``worker_heartbeat_s`` by its main process.
+
+    A table rather than a Redis key: the embedded mode has no Redis, and the jobs it judges are
+    in the same database. Rows of nodes gone for a day are pruned by the reconciler.
+    """
+
+    __tablename__ = "worker_heartbeats"
+
+    node: Mapped[str] = mapped_column(String(200), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
 class WebhookDelivery(Base):

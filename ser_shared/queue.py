@@ -12,12 +12,12 @@ from itertools import pairwise
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from ser_shared.models import Job, JobStatus
+from ser_shared.models import BROKER, FINISHED, Job, JobStatus, Result, WorkerHeartbeat
 from ser_shared.settings import Settings
-from ser_shared.tasks import ANALYZE, QUEUE_CPU, QUEUE_GPU
+from ser_shared.tasks import ANALYZE, QUEUE_CPU, QUEUE_GPU, TRANSCRIBE
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def requeue_stuck(celery: Celery, factory: sessionmaker[Session], settings: Sett
         # just now, only one changes the row.
         rows = session.execute(
             update(Job).where(Job.id.in_(stuck), Job.status == JobStatus.PROCESSING.value, Job.started_at < cutoff)
-            .values(status=JobStatus.QUEUED.value, enqueued_at=now, enqueue_error=None)
+            .values(status=JobStatus.QUEUED.value, worker=None, worker_at=None, enqueued_at=now, enqueue_error=None)
             .returning(Job.id, Job.options)).all() if stuck else []
         session.commit()
     if rows:
@@ -265,16 +265,146 @@ def requeue_lost(celery: Celery, factory: sessionmaker[Session], settings: Setti
     return _send_again(celery, factory, settings, rows)
 
 
+def _aware(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value  # SQLite: naive UTC
+
+
+def live_nodes(session: Session, settings: Settings, now: datetime) -> set[str]:
+    """Worker nodes whose heartbeat is younger than ``worker_dead_after_s``."""
+    cutoff = now - timedelta(seconds=settings.worker_dead_after_s)
+    return set(session.scalars(select(WorkerHeartbeat.node).where(WorkerHeartbeat.seen_at >= cutoff)))
+
+
+def requeue_orphaned(celery: Celery, factory: sessionmaker[Session], settings: Settings,
+                     limit: int = 5000) -> int:
+    """Requeue jobs being analysed by a worker node whose heartbeat stopped (a kill -9 of the
+    whole worker, or of its machine): within ``worker_dead_after_s`` plus a sweep of the kill,
+    where ``requeue_stuck`` waits for the hard time limit. The attempt stays counted, as there.
+
+    Jobs claimed less than ``worker_dead_after_s`` ago are left alone: their node may have started
+    just now. A pool child killed alone needs nothing from here: its node is alive, and the
+    node's main process requeues the child's message (``task_reject_on_worker_lost``).
+    """
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(seconds=settings.worker_dead_after_s)
+    with factory() as session:
+        held = session.execute(select(Job.id, Job.worker).where(
+            Job.status == JobStatus.PROCESSING.value, Job.worker.is_not(None), Job.worker_at < cutoff)
+            .order_by(Job.worker_at).limit(limit)).all()
+        if not held:
+            return 0
+        live = live_nodes(session, settings, now)
+        dead = {w for _, w in held if w is not None and w not in live}
+        orphans = [job_id for job_id, w in held if w in dead]
+        # The holder again in the UPDATE: a job claimed afresh (by a live node) in between is its.
+        rows = session.execute(
+            update(Job).where(Job.id.in_(orphans), Job.status == JobStatus.PROCESSING.value, Job.worker.in_(dead))
+            .values(status=JobStatus.QUEUED.value, worker=None, worker_at=None, enqueued_at=now, enqueue_error=None)
+            .returning(Job.id, Job.options)).all() if orphans else []
+        session.commit()
+    if rows:
+        log.warning("requeued jobs of dead workers jobs=%d workers=%s (no heartbeat for %.0f s)", len(rows),
+                    ",".join(sorted(dead)), settings.worker_dead_after_s)
+    return _send_again(celery, factory, settings, rows)
+
+
+def give_up_transcript(transcript: dict[str, Any], tried: int) -> dict[str, Any]:
+    """A transcript interrupted ``tried`` times, now final: it never stays pending."""
+    return {**transcript, "status": "unavailable", "reason": "worker_lost", "text": None,
+            "message": f"the transcription was interrupted {tried} times (its worker was killed); giving up"}
+
+
+def resend_transcripts(celery: Celery, factory: sessionmaker[Session], settings: Settings,
+                       judge_heartbeats: bool = True, limit: int = 1000) -> int:
+    """Re-send the transcript stage of finished jobs whose holder is gone; returns how many.
+
+    A job's emotion is stored before its transcript is made, in the same task: a kill -9 of the
+    whole worker then leaves a finished job with a pending transcript that no message will bring
+    back (Redis restores the unacknowledged one only after its visibility timeout, an hour). Held
+    jobs are re-sent (as ``ser.transcribe``, holder BROKER) when their node's heartbeat stopped,
+    when the holder is BROKER and no worker took the message within the hard time limit plus
+    ``stuck_margin_s`` (it was lost), or, as the backstop, when any holder kept it that long. A
+    transcript already started ``max_attempts`` times is given up (``worker_lost``) instead.
+    """
+    now = datetime.now(UTC)
+    dead_cutoff = now - timedelta(seconds=settings.worker_dead_after_s)
+    stuck_cutoff = now - timedelta(seconds=settings.task_time_limit_s + settings.stuck_margin_s)
+    sent: list[tuple[uuid.UUID, dict[str, Any] | None]] = []
+    given_up = 0
+    with factory() as session:
+        held = session.execute(
+            select(Job, Result.transcript).outerjoin(Result, Result.job_id == Job.id)
+            .where(Job.status.in_(FINISHED), Job.worker.is_not(None)).order_by(Job.worker_at).limit(limit)
+            .with_for_update(of=Job, skip_locked=True)).all()
+        live = live_nodes(session, settings, now) if held else set()
+        for job, transcript in held:
+            at = _aware(job.worker_at)
+            if (transcript or {}).get("status") != "pending":
+                job.worker = job.worker_at = None  # nothing owed (should not happen): release it
+                continue
+            overdue = at is None or at < stuck_cutoff
+            holder_dead = judge_heartbeats and job.worker not in live and (at is None or at < dead_cutoff)
+            if not (overdue or (job.worker != BROKER and holder_dead)):
+                continue
+            tried = int(transcript.get("attempts") or 0)
+            if tried >= settings.max_attempts:
+                session.execute(update(Result).where(Result.job_id == job.id)
+                                .values(transcript=give_up_transcript(transcript, tried)))
+                job.worker = job.worker_at = None
+                given_up += 1
+                continue
+            job.worker, job.worker_at = BROKER, now
+            sent.append((job.id, job.options))
+        session.commit()
+    if given_up:
+        log.warning("transcripts given up jobs=%d (interrupted %d times)", given_up, settings.max_attempts)
+    if not sent:
+        return 0
+    by_queue: dict[str, list[uuid.UUID]] = {}
+    for job_id, options in sent:
+        by_queue.setdefault(queue_for(options, settings.default_queue), []).append(job_id)
+    count = 0
+    for queue, ids in by_queue.items():
+        for chunk in chunks(ids, settings.chunk_size):
+            try:
+                celery.send_task(TRANSCRIBE, args=[[str(i) for i in chunk]], queue=queue, retry=True,
+                                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+            except Exception as exc:  # held as BROKER: re-sent again once overdue
+                log.warning("transcript re-send failed jobs=%d error=%s", len(chunk), exc)
+            else:
+                count += len(chunk)
+    log.warning("re-sent transcripts of lost workers jobs=%d", count)
+    return count
+
+
+HEARTBEAT_KEEP = timedelta(days=1)
+
+
+def prune_heartbeats(factory: sessionmaker[Session]) -> None:
+    """Forget nodes silent for a day (every worker start is a new node)."""
+    with factory() as session:
+        session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.seen_at < datetime.now(UTC) - HEARTBEAT_KEEP))
+        session.commit()
+
+
 class Reconciler:
     """The worker's sweeper pass over everything the broker never got, lost, or left stuck.
 
     Keeps, between passes, the jobs seen missing from the broker once (see ``requeue_lost``).
+    ``judge_heartbeats`` is False while the sweeping node's own heartbeat has not been steady for
+    ``worker_dead_after_s`` (it just started, or the database was out): other nodes' heartbeats
+    may then be old only because they could not be written, not because the nodes are dead.
     """
 
     def __init__(self) -> None:
         self.suspects: set[uuid.UUID] = set()
 
-    def __call__(self, celery: Celery, factory: sessionmaker[Session], settings: Settings) -> dict[str, int]:
-        return {"unqueued": sweep_unqueued(celery, factory, settings),
-                "stuck": requeue_stuck(celery, factory, settings),
-                "lost": requeue_lost(celery, factory, settings, self.suspects)}
+    def __call__(self, celery: Celery, factory: sessionmaker[Session], settings: Settings,
+                 judge_heartbeats: bool = True) -> dict[str, int]:
+        counts = {"unqueued": sweep_unqueued(celery, factory, settings),
+                  "orphaned": requeue_orphaned(celery, factory, settings) if judge_heartbeats else 0,
+                  "stuck": requeue_stuck(celery, factory, settings),
+                  "lost": requeue_lost(celery, factory, settings, self.suspects),
+                  "transcripts": resend_transcripts(celery, factory, settings, judge_heartbeats)}
+        prune_heartbeats(factory)
+        return counts

@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,6 +57,12 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=30.0, gt=0)
     requeue_after_s: float = Field(default=60.0, gt=0)
     stuck_margin_s: float = Field(default=60.0, ge=0)
+    # Each worker node's main process writes a heartbeat every worker_heartbeat_s; a node silent
+    # for worker_dead_after_s is dead, and the reconciler takes back what it held (jobs it was
+    # analysing are requeued, transcripts it was making are re-sent): within about a minute of a
+    # kill -9 of a whole worker, not the hard time limit plus stuck_margin_s (the backstop).
+    worker_heartbeat_s: float = Field(default=10.0, gt=0)
+    worker_dead_after_s: float = Field(default=30.0, gt=0)
     uncertain_threshold: float | None = Field(default=None, ge=0, le=1)
 
     # Transcripts (SpeechRecognition): a per-recording budget, after which the transcript is
@@ -67,7 +74,8 @@ class Settings(BaseSettings):
     # derived from the secret key, so every process of a deployment signs alike.
     webhook_secret: str | None = None
     # Hosts or networks (comma-separated: "127.0.0.1,10.0.0.0/8,hooks.internal") that webhook
-    # URLs may resolve to despite the SSRF guard, which otherwise refuses private addresses.
+    # URLs may resolve to despite the SSRF guard, which otherwise refuses every address that is not
+    # globally routable (ser_shared.addresses).
     webhook_allow: str = ""
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     # How long an upload (and a delivery attempt) waits for the webhook host's DNS answer.
@@ -87,13 +95,37 @@ class Settings(BaseSettings):
     rate_limit_uploads_per_minute: int = Field(default=120, ge=1)
     rate_limit_files_per_minute: int = Field(default=20000, ge=1)
     max_queued_jobs: int = Field(default=20000, ge=1)
+    # An Idempotency-Key claim is a lease of this many seconds, extended while its request is
+    # alive: a request killed outright (kill -9 of gunicorn) frees its key within the lease, and
+    # the 409 idempotency_key_in_progress says, in Retry-After, when.
+    idempotency_lease_s: float = Field(default=30.0, gt=0)
     # Audio is deleted this many days after its job finished (results stay); 0 keeps it forever.
     audio_retention_days: float = Field(default=30.0, ge=0)
 
-    @field_validator("database_url", "broker_url", mode="before")
+    # Forwarded headers (X-Forwarded-For/-Proto/-Host) are honoured only from this many proxy hops
+    # in front of gunicorn, counted from the right (1 behind the shipped nginx); 0 trusts none, so a
+    # client cannot pick the scheme or host the service writes into its absolute URLs.
+    trusted_proxies: int = Field(default=0, ge=0, le=10)
+    # The service's public address ("https://ser.example.com"). When set, absolute URLs (batch_url,
+    # job and audio URLs, the API page's examples) are built from it, never from the request's Host.
+    public_url: str | None = None
+
+    @field_validator("database_url", "broker_url", "public_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _origin_only(cls, value: str | None) -> str | None:
+        # Scheme and host (and port) only: a path prefix would need the proxy to strip it as well.
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or "@" in parts.netloc \
+                or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("SER_PUBLIC_URL must be http(s)://host[:port], without a path")
+        return f"{parts.scheme}://{parts.netloc}"
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
@@ -111,6 +143,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"production requires {', '.join(missing)}")
         if self.task_time_limit_s <= self.task_soft_time_limit_s:
             raise ValueError("SER_TASK_TIME_LIMIT_S must exceed SER_TASK_SOFT_TIME_LIMIT_S")
+        if self.worker_dead_after_s < 2 * self.worker_heartbeat_s:
+            # One late heartbeat (a busy machine, a slow commit) must not declare a node dead.
+            raise ValueError("SER_WORKER_DEAD_AFTER_S must be at least twice SER_WORKER_HEARTBEAT_S")
         return self
 
     @property

@@ -52,6 +52,9 @@ def fault_env(settings: Settings) -> dict[str, str]:
         "SER_RATE_LIMIT_UPLOADS_PER_MINUTE": str(settings.rate_limit_uploads_per_minute),
         "SER_RATE_LIMIT_FILES_PER_MINUTE": str(settings.rate_limit_files_per_minute),
         "SER_MAX_QUEUED_JOBS": str(settings.max_queued_jobs),
+        "SER_WORKER_HEARTBEAT_S": str(settings.worker_heartbeat_s),
+        "SER_WORKER_DEAD_AFTER_S": str(settings.worker_dead_after_s),
+        "SER_IDEMPOTENCY_LEASE_S": str(settings.idempotency_lease_s),
     }
 
 
@@ -170,8 +173,8 @@ class PostgresCluster:
 class Gunicorn:
     """The web tier as production runs it (`ser web`'s gunicorn), on a free port."""
 
-    def __init__(self, settings: Settings, log_path: Path, workers: int = 2) -> None:
-        self.port = free_port()
+    def __init__(self, settings: Settings, log_path: Path, workers: int = 2, port: int | None = None) -> None:
+        self.port = port or free_port()  # a restart after a kill -9 may take the same port again
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--bind", f"127.0.0.1:{self.port}",

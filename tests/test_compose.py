@@ -27,7 +27,9 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 APP_SERVICES = ("migrate", "web", "worker", "worker-gpu")
 LONG_RUNNING_APP_SERVICES = ("web", "worker", "worker-gpu")
 WORKERS = ("worker", "worker-gpu")
-ALL_SERVICES = ("postgres", "redis", *APP_SERVICES)
+PROXY = "proxy"
+ALL_SERVICES = ("postgres", "redis", PROXY, *APP_SERVICES)
+NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "ser.conf.template"
 REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "SER_SECRET_KEY")
 
 # ${NAME:?message} -- the whole value must be exactly one required reference.
@@ -201,7 +203,7 @@ def test_images_are_built_with_the_right_extras(services, name, extras):
     assert build_args_of(services[name]).get("EXTRAS") == extras
 
 
-@pytest.mark.parametrize("name", ["postgres", "redis", "web", "worker", "worker-gpu"])
+@pytest.mark.parametrize("name", ["postgres", "redis", PROXY, "web", "worker", "worker-gpu"])
 def test_healthchecks_present(services, name):
     hc = services[name].get("healthcheck")
     assert isinstance(hc, dict) and hc.get("test"), f"{name}: no healthcheck"
@@ -265,7 +267,7 @@ def test_app_services_wait_for_migrations_and_redis(services, name):
     assert deps.get("redis", {}).get("condition") == "service_healthy"
 
 
-@pytest.mark.parametrize("name", ["postgres", "redis", *LONG_RUNNING_APP_SERVICES])
+@pytest.mark.parametrize("name", ["postgres", "redis", PROXY, *LONG_RUNNING_APP_SERVICES])
 def test_long_running_services_restart(services, name):
     assert services[name].get("restart") == "unless-stopped"
 
@@ -279,9 +281,49 @@ def test_web_command_and_port(services):
     assert cmd[:2] == ["ser", "web"]
     assert cmd[cmd.index("--port") + 1] == "8000"
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
-    ports = [str(p) if not isinstance(p, dict) else f"{p.get('published')}:{p.get('target')}"
-             for p in web.get("ports") or []]
-    assert any(p.endswith(":8000") for p in ports), f"port 8000 not published: {ports}"
+    # Reached only through the proxy: published, gunicorn would be open to slow clients again.
+    assert not web.get("ports"), "web must not publish a port; the proxy does"
+
+
+def ports_of(service: dict) -> list[str]:
+    return [str(p) if not isinstance(p, dict) else f"{p.get('published')}:{p.get('target')}"
+            for p in service.get("ports") or []]
+
+
+def test_only_the_proxy_publishes_a_port(services):
+    published = {name: ports_of(svc) for name, svc in services.items() if ports_of(svc)}
+    assert published == {PROXY: ["${SER_WEB_PORT:-8000}:8000"]}, published
+
+
+def test_proxy_runs_the_shipped_nginx_template(services):
+    proxy = services[PROXY]
+    # A pinned minor version of the official image, whose entrypoint renders /etc/nginx/templates.
+    assert re.fullmatch(r"nginx:1\.\d+(?:\.\d+)?-alpine", str(proxy.get("image", ""))), proxy.get("image")
+    mounts = [m for m in proxy.get("volumes") or [] if isinstance(m, str)]
+    assert mounts == ["./deploy/nginx/ser.conf.template:/etc/nginx/templates/default.conf.template:ro"], mounts
+    assert NGINX_TEMPLATE.is_file()
+    env = env_of(proxy)
+    placeholders = set(re.findall(r"\$\{(SER_[A-Z_]+)\}", NGINX_TEMPLATE.read_text()))
+    assert placeholders == {"SER_PROXY_LISTEN", "SER_PROXY_UPSTREAM", "SER_MAX_REQUEST_MB"}
+    assert placeholders <= set(env), f"the template's placeholders left unset: {placeholders - set(env)}"
+    # The image substitutes only these names, so nginx's own $variables stay as they are.
+    assert env.get("NGINX_ENVSUBST_FILTER") == "^SER_"
+    web_cmd = command_of(services["web"])
+    assert env["SER_PROXY_UPSTREAM"] == f"web:{web_cmd[web_cmd.index('--port') + 1]}"
+    assert ports_of(proxy)[0].endswith(":" + env["SER_PROXY_LISTEN"])
+    # The proxy refuses exactly what the app would (the app's limit, the same variable).
+    assert env["SER_MAX_REQUEST_MB"] == env_of(services["web"])["SER_MAX_REQUEST_MB"]
+    assert depends_on(proxy).get("web", {}).get("condition") == "service_healthy"
+    hc = healthcheck_text(proxy)
+    assert "/healthz" in hc and "127.0.0.1:8000" in hc
+
+
+def test_web_believes_forwarded_headers_from_the_one_proxy_only(services):
+    env = env_of(services["web"])
+    assert env.get("SER_TRUSTED_PROXIES") == "1"
+    assert env.get("SER_PUBLIC_URL") == "${SER_PUBLIC_URL:-}"
+    for name in (*WORKERS, "migrate"):
+        assert "SER_TRUSTED_PROXIES" not in env_of(services[name]), f"{name} serves no HTTP"
 
 
 def test_cpu_worker_command(services):
@@ -461,7 +503,7 @@ def test_dockerignore_keeps_secrets_and_venv_out_but_keeps_runtime_files():
     assert ".env" in patterns and ".venv" in patterns and ".git" in patterns
     # README.md: pyproject.toml's readme, so `pip install .` needs it.
     for needed in ("models", "migrations", "alembic.ini", "pyproject.toml", "README.md", "web",
-                   "worker", "ser_shared"):
+                   "worker", "ser_shared", "client"):
         assert needed not in patterns and f"{needed}/" not in patterns, f"{needed} is ignored"
 
 

@@ -4,6 +4,7 @@ real worker processes and real servers stopped and started under the service."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -149,6 +150,14 @@ class TestTimeLimits:
         return out.name, out.read_bytes()
 
     @staticmethod
+    def _release(env: dict[str, Any], job_id: str) -> None:
+        """Let a decoder still waiting on the FIFO go (the hard limit kills the pool child, not the
+        ffmpeg it started): opening the write end and closing it gives it an empty stream."""
+        stored = path_for(env["settings"].upload_dir, job(env["factory"], job_id).storage_key or "")
+        with contextlib.suppress(OSError):  # ENXIO: no reader left, nothing waits on it
+            os.close(os.open(stored, os.O_WRONLY | os.O_NONBLOCK))
+
+    @staticmethod
     def _blocked_job(env: dict[str, Any], m4a_file: tuple[str, bytes]) -> tuple[str, int]:
         """Upload a job whose audio can never be read; return its id and the (running) pool child
         that has taken it. The child is frozen from before the upload until the swap is done, so
@@ -169,6 +178,7 @@ class TestTimeLimits:
                                                                m4a_file: tuple[str, bytes]) -> None:
         job_id, _ = self._blocked_job(env, m4a_file)
         done = wait_status(env["factory"], job_id, ("succeeded", "failed"), timeout=120)
+        self._release(env, job_id)
         assert (done.status, done.error_code, done.attempts) == ("failed", "time_limit_exceeded", 1)
         assert f"{self.SOFT_S} s" in (done.error_message or "")
         assert result_rows(env["factory"], job_id) == 0
@@ -184,6 +194,7 @@ class TestTimeLimits:
         job_id, child = self._blocked_job(env, m4a_file)
         kill(child, signal.SIGSTOP)
         done = wait_status(env["factory"], job_id, ("succeeded", "failed"), timeout=60)
+        self._release(env, job_id)
         assert (done.status, done.error_code, done.attempts) == ("failed", "time_limit_exceeded", 1)
         assert f"{self.HARD_S} s" in (done.error_message or "")  # the hard limit's message, not the soft one's
         replacement = wait_for(lambda: [p for p in [only_child(worker.proc.pid)] if p != child], 30, 0.2)[0]

@@ -76,13 +76,16 @@ def test_in_progress_stale_and_expired_keys(client, engine) -> None:  # type: ig
         def stored(key: str) -> str:  # keys are stored per tenant
             return f"{LOCAL_TENANT}:{key}"
 
-        conn.execute(sa.update(table).where(table.c.key == stored(busy)).values(status_code=None, response=None))
+        # A claim in progress has no response and no batch yet; a dead one's lease has run out.
+        conn.execute(sa.update(table).where(table.c.key == stored(busy))
+                     .values(status_code=None, response=None, batch_id=None, lease_until=now + timedelta(minutes=1)))
         conn.execute(sa.update(table).where(table.c.key == stored(stale))
-                     .values(status_code=None, response=None, created_at=now - timedelta(minutes=11)))
+                     .values(status_code=None, response=None, batch_id=None, lease_until=now - timedelta(seconds=1)))
         conn.execute(sa.update(table).where(table.c.key == stored(expired))
                      .values(created_at=now - timedelta(hours=25)))
     running = _post(client, files, busy)
     assert running.status_code == 409 and running.get_json()["error"]["code"] == "idempotency_key_in_progress"
+    assert 1 <= int(running.headers["Retry-After"]) <= 60  # the rest of the lease
     retaken = _post(client, files, stale)  # its request died: the key is free again
     assert retaken.status_code == 202 and "Idempotent-Replayed" not in retaken.headers
     fresh = _post(client, files, expired)  # 24 hours on, the key is new again
@@ -90,6 +93,23 @@ def test_in_progress_stale_and_expired_keys(client, engine) -> None:  # type: ig
     with engine.connect() as conn:
         row = conn.execute(sa.select(IdempotencyKey).where(IdempotencyKey.key == stored(expired))).one()
     assert row.response["batch_id"] == fresh.get_json()["batch_id"]
+
+
+def test_a_key_whose_request_died_after_committing_replays_its_batch(client, engine) -> None:  # type: ignore[no-untyped-def]
+    key = f"bound-{uuid.uuid4()}"
+    files = [read(ravdess_file(3, "04")), read(ravdess_file(3, "06"))]
+    before = _batches(engine)
+    first = _post(client, files, key)
+    assert first.status_code == 202
+    table = IdempotencyKey.__table__
+    with engine.begin() as conn:  # as if the request died between its batch's commit and its answer
+        conn.execute(sa.update(table).where(table.c.key == f"{LOCAL_TENANT}:{key}")
+                     .values(status_code=None, response=None))
+    again = _post(client, files, key)
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json()["batch_id"] == first.get_json()["batch_id"]
+    assert [j["id"] for j in again.get_json()["jobs"]] == [j["id"] for j in first.get_json()["jobs"]]
+    assert _batches(engine) == before + 1
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context, url_for
+from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 from sqlalchemy import text
 
 from ser_shared import storage
-from ser_shared.audio import MIME_TYPES
-from ser_shared.errors import BadRequest, Gone, NotFound
+from ser_shared.errors import BadRequest, Conflict, Gone, NotFound
+from ser_shared.models import Batch, Job, JobStatus
 from web import export as export_rows
-from web import idempotency, limits, openapi, queries
+from web import idempotency, limits, media, openapi, queries
 from web.auth import key_id, tenant
 from web.context import db, services
 from web.serialize import batch_dict, iso, job_dict, job_summary
@@ -41,9 +42,13 @@ def create_jobs() -> tuple[Response, int]:
     header = request.headers.get(idempotency.HEADER)
     # Keys are per tenant: two tenants choosing the same key never see each other's response.
     key = f"{tenant()}:{idempotency.validate_key(header)}" if header is not None else None
+    lease: idempotency.Lease | None = None
     if key is not None:
-        stored = idempotency.claim(svc, key, idempotency.fingerprint(request.form, files))
-        if stored is not None:
+        claimed = idempotency.claim(svc, key, idempotency.fingerprint(request.form, files))
+        if isinstance(claimed, idempotency.Lease):
+            lease = claimed
+        else:
+            stored = claimed if isinstance(claimed, idempotency.Stored) else _bound_reply(key, claimed)
             replay = jsonify(stored.body)
             replay.headers[idempotency.REPLAYED] = "true"
             return replay, stored.status
@@ -51,21 +56,40 @@ def create_jobs() -> tuple[Response, int]:
         limits.check(svc, tenant(), key_id(), len(files))
         result = create_batch(svc, files, parse_options(request.form.to_dict()),
                               parse_labels(request.form, len(files)), parse_webhook(request.form, svc.settings),
-                              tenant=tenant(), api_key_id=key_id())
+                              tenant=tenant(), api_key_id=key_id(), claim=lease)
     except Exception:
-        if key is not None:
-            idempotency.release(svc, key)  # nothing was created: the client may retry with this key
+        if lease is not None:
+            idempotency.release(svc, lease)  # nothing was created: the client may retry with this key
         raise
-    body: dict[str, Any] = {
-        "batch_id": str(result.batch.id),
-        "batch_url": url_for("api.batch", batch_id=result.batch.id, _external=True),
-        "jobs": [job_summary(j) for j in result.jobs],
-    }
-    if not result.enqueued:
-        body["warning"] = "queue unavailable: jobs are stored and will be queued when it returns"
+    body = _created_body(result.batch.id, result.jobs, result.enqueued)
     if key is not None:
         idempotency.complete(svc, key, 202, body)
     return jsonify(body), 202
+
+
+def _created_body(batch_id: uuid.UUID, jobs: list[Job], enqueued: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "batch_id": str(batch_id),
+        "batch_url": url_for("api.batch", batch_id=batch_id, _external=True),
+        "jobs": [job_summary(j) for j in jobs],
+    }
+    if not enqueued:
+        body["warning"] = "queue unavailable: jobs are stored and will be queued when it returns"
+    return body
+
+
+def _bound_reply(key: str, bound: idempotency.Bound) -> idempotency.Stored:
+    """The response for a key whose request committed its batch and died before answering:
+    rebuilt from the batch (and stored, so later retries replay it as is). Jobs it did not get to
+    enqueue are sent by the worker's sweep of unqueued jobs."""
+    found = db().get(Batch, bound.batch_id)
+    if found is None:
+        raise Conflict("the batch this Idempotency-Key created was deleted; use a new key",
+                       code="idempotency_key_reused")
+    unsent = any(j.status == JobStatus.QUEUED.value and j.enqueued_at is None for j in found.jobs)
+    body = _created_body(found.id, list(found.jobs), not unsent)
+    idempotency.complete(services(), key, 202, body)
+    return idempotency.Stored(202, body)
 
 
 @bp.get(f"{API}/jobs")
@@ -107,13 +131,13 @@ def job_audio(job_id: str) -> Response:
     if found.audio_deleted_at is not None:
         raise Gone(f"this job's audio was deleted on {iso(found.audio_deleted_at)} (retention); its results remain",
                    code="audio_deleted")
+    media.refuse_undecodable(found)
     if not found.storage_key:
         raise NotFound("this job has no stored audio")
     path = storage.path_for(services().settings.upload_dir, found.storage_key)
     if not path.exists():
         raise NotFound("this job's audio is gone")
-    return send_file(path, mimetype=MIME_TYPES.get(found.format or "", "application/octet-stream"),
-                     download_name=found.filename, conditional=True)
+    return media.send_audio(found, path)
 
 
 @bp.delete(f"{API}/jobs/<job_id>")

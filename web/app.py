@@ -45,10 +45,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         if session is not None:
             session.close()
 
-    from web import api, auth, errors, pages
+    from web import api, auth, drain, errors, pages, proxy, security
 
+    # Forwarded headers and the public URL: see web/proxy.py (gunicorn itself trusts none).
+    app.wsgi_app = proxy.wrap(app.wsgi_app, settings)  # type: ignore[method-assign,assignment]
     auth.register(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
     errors.register(app)
+    security.register(app)  # headers on every response: see web/security.py
+    drain.register(app)  # a refusal's unread body is read first: see web/drain.py
     return app

@@ -13,6 +13,16 @@ from ser_shared.errors import SERError, TooManyRequests
 
 log = logging.getLogger(__name__)
 
+# A body the server cannot parse (a chunk size that is not hex, a chunk without its terminator) is
+# only found when the app reads it, and the server raises its own exception from that read: it is
+# the client's mistake, a 400, wherever the read happens (the form parser, the drain of a refusal).
+try:
+    from gunicorn.http.errors import ParseException as _GunicornParseError
+
+    MALFORMED_BODY: tuple[type[Exception], ...] = (_GunicornParseError,)
+except ImportError:  # another WSGI server: its errors arrive as OSError/ValueError, handled alike
+    MALFORMED_BODY = ()
+
 HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
               413: "request_too_large", 415: "unsupported_media_type"}
 
@@ -44,8 +54,10 @@ def register(app: Flask) -> None:
         else:
             response = app.make_response(render_template("error.html", code=exc.code, message=exc.message))
             status = exc.http_status
-        if isinstance(exc, TooManyRequests):
-            response.headers["Retry-After"] = str(exc.retry_after)
+        # A rate limit (429), or an Idempotency-Key claim still held (409): when to try again.
+        retry_after = exc.retry_after if isinstance(exc, TooManyRequests) else getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
         return response, status
 
     @app.errorhandler(HTTPException)
@@ -58,6 +70,14 @@ def register(app: Flask) -> None:
         if _wants_json():
             return error_response(status, code, message)
         return render_template("error.html", code=code, message=message), status
+
+    for malformed in MALFORMED_BODY:
+        @app.errorhandler(malformed)
+        def _malformed(exc: Exception) -> ResponseReturnValue:
+            message = f"the request body is malformed: {exc}"
+            if _wants_json():
+                return error_response(400, "malformed_request", message)
+            return render_template("error.html", code="malformed_request", message=message), 400
 
     @app.errorhandler(OperationalError)
     def _db_down(exc: OperationalError) -> ResponseReturnValue:

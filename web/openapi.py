@@ -96,9 +96,11 @@ def _schemas() -> dict[str, Schema]:
             "engine": {"type": "string", "enum": [t for t in TRANSCRIBE if t != "none"]},
             "language": STRING, "text": nullable(STRING),
             "reason": nullable({**STRING, "description": "Why it is unavailable: network_error, rate_limited, "
-                                "http_error, no_speech, timeout, engine_missing, engine_error, ..."}),
+                                "http_error, no_speech, timeout, engine_missing, engine_error, worker_lost, ..."}),
             "message": nullable(STRING), "seconds": NUMBER,
-            "segments": {**BOOLEAN, "description": "True when transcribed segment by segment."}},
+            "segments": {**BOOLEAN, "description": "True when transcribed segment by segment."},
+            "attempts": {"type": "integer", "description": "How many times the transcript stage was started: "
+                         "more than 1 after a worker was killed during it (then `worker_lost` ends it)."}},
             required=["status", "engine", "language"],
             description="The transcript stage: only status, engine and language while it is pending."),
         "Segment": obj({"start": NUMBER, "end": NUMBER,
@@ -315,9 +317,16 @@ def _audio() -> Schema:
                 "parameters": [{"name": "Range", "in": "header", "required": False, "schema": STRING,
                                 "description": "A byte range (`bytes=0-99`) for a partial download."}],
                 "responses": {
-                    "200": {"description": "The recording as uploaded.", "content": audio},
+                    "200": {"description": "The recording as uploaded, typed from the format the server "
+                                           "detected in its content (not from the upload's name or type), "
+                                           "as an attachment (`Content-Disposition: attachment`) under a "
+                                           "name ending in that format's extension.",
+                            "content": audio},
                     "206": {"description": "The requested byte range.", "content": audio},
                     **_common("401", "404"),
+                    "409": _error("The file was never decoded as audio (`audio_not_decodable`): the job failed "
+                                  "with `unsupported_format`, `decode_failed` or another decoding error, so "
+                                  "its bytes are not served."),
                     "410": _error("The audio was deleted by the retention policy (`audio_deleted`); the results "
                                   "remain."),
                     "416": {"description": "The range is outside the file."},

@@ -12,7 +12,7 @@ from ser_shared import storage
 from ser_shared.emotions import EMOTIONS
 from ser_shared.errors import Gone
 from ser_shared.models import Job
-from web import images, limits, openapi, queries
+from web import images, limits, media, openapi, queries
 from web.auth import key_id, tenant
 from web.context import db, services
 from web.serialize import iso
@@ -20,10 +20,7 @@ from web.uploads import create_batch, parse_options
 
 bp = Blueprint("pages", __name__)
 
-COLOURS = {"neutral": "#8a8f98", "happy": "#f2b705", "sad": "#3b6fd8", "angry": "#d83b3b",
-           "fearful": "#8e44ad", "disgust": "#4f9a3a", "surprised": "#f07c1e"}
-
-
+# Each emotion's colour is in static/style.css (its emo-<name> class), with the rest of the look.
 EMOJI = {"neutral": "\U0001F610", "happy": "\U0001F604", "sad": "\U0001F622", "angry": "\U0001F620",
          "fearful": "\U0001F628", "disgust": "\U0001F616", "surprised": "\U0001F632"}
 # Job error codes in plain words for the job page; the code and the worker's message are shown too.
@@ -37,6 +34,8 @@ ERROR_WORDS = {
     "silent_audio": "The recording is silent: there was no speech to analyse.",
     "no_speech": "No speech was found in the recording (only noise, tones or music), so it has no emotion to give.",
     "incomplete_audio": "Only part of the recording could be decoded: the file is cut short or damaged.",
+    "invalid_audio_header": "The file's header contradicts itself or its data (for example 7 bits per sample); "
+                            "decoding by it would give noise, so it was not analysed.",
     "unsupported_sample_rate": "The file declares a sample rate no recorder produces; it is probably damaged.",
     "too_many_channels": "The file declares more channels than any recording has; it is probably damaged.",
     "invalid_samples": "Too many samples in the file are not numbers (NaN or infinity); the export is broken.",
@@ -49,7 +48,7 @@ ERROR_WORDS = {
 
 @bp.app_context_processor
 def _helpers() -> dict[str, object]:
-    return {"emotions": EMOTIONS, "colours": COLOURS, "iso": iso, "statuses": queries.STATUSES,
+    return {"emotions": EMOTIONS, "iso": iso, "statuses": queries.STATUSES,
             "dominant": dominant, "emoji": EMOJI, "sorts": queries.SORT_CHOICES}
 
 
@@ -112,9 +111,12 @@ def history() -> str:
 def job(job_id: str) -> str:
     session = db()
     found = queries.get_job(session, job_id, tenant())
+    # A file never decoded as audio is not offered to the player: the audio endpoint refuses it.
+    undecodable = media.never_decoded(found)
     return render_template("job.html", job=found, result=found.result,
                            deliveries=queries.deliveries_for_job(session, found.id),
-                           audio_available=_audio_path(found) is not None, error_words=ERROR_WORDS)
+                           audio_available=not undecodable and _audio_path(found) is not None,
+                           audio_undecodable=undecodable, error_words=ERROR_WORDS)
 
 
 def _audio_path(found: Job) -> Path | None:

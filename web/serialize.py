@@ -8,6 +8,7 @@ from typing import Any
 from flask import url_for
 
 from ser_shared.models import Batch, Job, Result, WebhookDelivery
+from web.media import never_decoded
 
 
 def iso(value: datetime | None) -> str | None:
@@ -60,6 +61,14 @@ def _percent(job: Job) -> int:
     return int(round(100 * (job.progress or 0.0)))
 
 
+def _audio_url(job: Job) -> str | None:
+    """Where the recording is served; None when it is not stored, or was never decoded as audio
+    (the endpoint refuses those, see ``web.media``)."""
+    if not job.storage_key or never_decoded(job):
+        return None
+    return url_for("api.job_audio", job_id=job.id, _external=True)
+
+
 def job_dict(job: Job, deliveries: list[WebhookDelivery] | None = None, segments: bool = True) -> dict[str, Any]:
     return {
         "id": str(job.id),
@@ -85,7 +94,7 @@ def job_dict(job: Job, deliveries: list[WebhookDelivery] | None = None, segments
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
         "url": url_for("api.job", job_id=job.id, _external=True),
-        "audio_url": url_for("api.job_audio", job_id=job.id, _external=True) if job.storage_key else None,
+        "audio_url": _audio_url(job),
         "audio_deleted_at": iso(job.audio_deleted_at),
         "webhooks": [delivery_dict(d) for d in deliveries or []],
     }

@@ -11,8 +11,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from sqlalchemy.orm import Session
 from werkzeug.datastructures import FileStorage, MultiDict
 
 from ser_shared import storage, webhooks
@@ -152,7 +153,7 @@ def _ingest(svc: Services, root: Path, job: Job, upload: FileStorage) -> None:
     stored = storage.save_stream(root, upload.stream, int(settings.max_file_mb * (1 << 20)))
     job.storage_key, job.size_bytes, job.content_hash = stored.key, stored.size, stored.sha256
     job.format = sniff_format(stored.head)
-    info = probe(storage.path_for(root, stored.key), job.format)
+    info = probe(storage.path_for(root, stored.key), job.format, settings.max_duration_s)
     job.sample_rate, job.channels, job.duration_s = info.sample_rate, info.channels, info.duration_s
     check_duration(info.duration_s, settings.min_duration_s, settings.max_duration_s)
 
@@ -164,11 +165,21 @@ def _reject(svc: Services, job: Job, exc: AudioError) -> None:
     job.finished_at = datetime.now(UTC)
 
 
+class Claim(Protocol):
+    """An Idempotency-Key claim (``web.idempotency.Lease``) held while the batch is created."""
+
+    def keep(self) -> None: ...
+
+    def bind(self, session: Session, batch_id: uuid.UUID) -> None: ...
+
+
 def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any],
                  labels: Labels | None = None, webhook_url: str | None = None, *, tenant: str,
-                 api_key_id: uuid.UUID | None = None) -> UploadResult:
+                 api_key_id: uuid.UUID | None = None, claim: Claim | None = None) -> UploadResult:
     """Create a batch of jobs; a bad file fails alone, the others are queued.
 
+    With ``claim``, the claim's lease is kept alive file by file (storing thousands of files takes
+    a while), and the commit of the rows checks that the claim is still this request's.
     Raises BadRequest for request-level problems (no files, too many).
     """
     files = [f for f in files if f is not None]
@@ -183,6 +194,13 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
     jobs: list[Job] = []
     root = svc.settings.upload_dir  # resolved once per request, not twice per file (it is a realpath walk)
     for position, upload in enumerate(files):
+        if claim is not None:
+            try:
+                claim.keep()
+            except Exception:  # the claim was lost: this request creates nothing, keeps nothing
+                for stored in jobs:
+                    storage.delete(svc.settings.upload_dir, stored.storage_key)
+                raise
         job = Job(id=uuid.uuid4(), batch_id=batch.id, tenant=tenant, api_key_id=api_key_id, position=position,
                   options=options,
                   created_at=datetime.now(UTC),
@@ -195,6 +213,8 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
         jobs.append(job)
     try:
         with svc.sessions() as session:
+            if claim is not None:
+                claim.bind(session, batch.id)
             session.add(batch)
             session.add_all(jobs)
             # Files rejected here are already finished: their events go out with the batch's rows.

@@ -10,7 +10,7 @@ import logging
 import threading
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy.exc import OperationalError
 
 from ser_shared import logs, webhooks
@@ -19,12 +19,25 @@ from ser_shared.retention import purge_expired_audio
 from ser_shared.settings import get_settings
 from worker import runtime
 from worker import webhooks as worker_webhooks
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
 app = make_celery(get_settings())
 app.conf.include = ["worker.tasks"]
 _stop = threading.Event()
+_heartbeat: Heartbeat | None = None
+
+
+@worker_init.connect
+def _first_heartbeat(**_: Any) -> None:
+    """Name this node and write its first heartbeat before the pool forks and any job is claimed:
+    children inherit the name, and no job is held by a node without a heartbeat row."""
+    global _heartbeat
+    _heartbeat = Heartbeat(get_settings())
+    _heartbeat.beat_once()
+    _heartbeat.close_connections()
+    log.info("worker node=%s", _heartbeat.node)
 
 
 @worker_process_init.connect
@@ -39,11 +52,15 @@ def _start_sweeper(**_: Any) -> None:
     """Periodically re-send what the broker never got or lost, and stuck jobs (main process only)."""
 
     reconcile = Reconciler()
+    beat = _heartbeat or Heartbeat(get_settings())
+    beat.start()
 
     def loop() -> None:
         while not _stop.is_set():
             try:
-                reconcile(app, runtime.session_factory(), get_settings())
+                settings = get_settings()
+                reconcile(app, runtime.session_factory(), settings,
+                          judge_heartbeats=beat.steady_for() >= settings.worker_dead_after_s)
                 # Webhook attempts whose broker message was lost (a Redis restart) are overdue.
                 webhooks.send(app, worker_webhooks.due(runtime.session_factory()))
                 purge_expired_audio(runtime.session_factory(), get_settings())
@@ -60,3 +77,5 @@ def _start_sweeper(**_: Any) -> None:
 @worker_shutdown.connect
 def _stop_sweeper(**_: Any) -> None:
     _stop.set()
+    if _heartbeat is not None:
+        _heartbeat.stop()

@@ -104,7 +104,7 @@ def prepare(job: JobInput, settings: Settings, ensemble: Ensemble,
     prepared = Prepared(Outcome(job.id))
     outcome = prepared.outcome
     try:
-        if _long(job):
+        if _long(job, settings):
             _prepare_streamed(job, settings, ensemble, prepared, on_progress)
             return prepared
         started = time.perf_counter()
@@ -172,12 +172,12 @@ def _check_varies(low: float, high: float) -> None:
         raise SilentAudio("the recording is silent: its signal does not vary")
 
 
-def _long(job: JobInput) -> bool:
+def _long(job: JobInput, settings: Settings) -> bool:
     """Stream recordings longer than STREAM_OVER_S (or of unknown length) instead of decoding whole."""
     duration = job.duration_s
     if duration is None:
         try:
-            duration = probe(job.path, job.format).duration_s
+            duration = probe(job.path, job.format, settings.max_duration_s).duration_s
         except AudioError:
             return False  # the one-shot decode reports the error
     return duration is None or duration > STREAM_OVER_S
@@ -330,37 +330,56 @@ def transcribe_all(outcomes: list[Outcome], settings: Settings) -> dict[uuid.UUI
     A recording with several segments is transcribed segment by segment (the budget shared
     between them): each segment gets its own text, and the recording's is their concatenation.
     """
-    from worker.transcribe import transcribe
-
     done: dict[uuid.UUID, dict[str, Any]] = {}
     for outcome in outcomes:
         if outcome.audio is None or outcome.transcript is None or outcome.prediction is None:
             continue
-        engine, language = outcome.transcript["engine"], outcome.transcript["language"]
-        segments = outcome.segments or []
-        started = time.monotonic()
-        if len(segments) > 1:
-            texts, last = [], None
-            for seg in segments:
-                left = settings.transcribe_timeout_s - (time.monotonic() - started)
-                piece = outcome.audio[int(seg["start"] * SAMPLE_RATE) : int(seg["end"] * SAMPLE_RATE)]
-                last = transcribe(piece, SAMPLE_RATE, engine, language, timeout_s=max(left, 0.0),
-                                  google_key=settings.google_speech_key)
-                seg["transcript"] = last.text if last.status == "succeeded" else None
-                if last.text:
-                    texts.append(last.text)
-                if last.reason in ("timeout", "network_error", "rate_limited", "engine_missing"):
-                    break  # the engine is gone or the budget spent: later segments would fail alike
-            ok = bool(texts)
-            done[outcome.job_id] = {
-                "status": "succeeded" if ok else "unavailable", "engine": engine, "language": language,
-                "text": " ".join(texts) if ok else None, "reason": None if ok else (last.reason if last else None),
-                "message": None if ok else (last.message if last else None),
-                "seconds": round(time.monotonic() - started, 3), "segments": True}
-        else:
-            t = transcribe(outcome.audio, SAMPLE_RATE, engine, language, timeout_s=settings.transcribe_timeout_s,
-                           google_key=settings.google_speech_key)
-            done[outcome.job_id] = {"status": t.status, "engine": engine, "language": language, "text": t.text,
-                                    "reason": t.reason, "message": t.message, "seconds": round(t.seconds, 3)}
+        done[outcome.job_id] = _transcribe(outcome.audio, outcome.transcript, outcome.segments or [], settings)
         outcome.audio = None
     return done
+
+
+def transcribe_stored(job: JobInput, transcript: dict[str, Any], segments: list[dict[str, Any]] | None,
+                      settings: Settings) -> dict[str, Any]:
+    """The transcript stage again, for a recording whose emotion is stored but whose transcript
+    was interrupted (its worker was killed): the stored audio is decoded once more. ``segments``
+    (the stored ones) get their own transcripts, as in ``transcribe_all``."""
+    try:
+        audio = decode(job.path, job.format, SAMPLE_RATE, settings.max_duration_s)
+    except (AudioError, FileNotFoundError) as exc:
+        message = exc.message if isinstance(exc, AudioError) else "the stored recording is gone"
+        return {**transcript, "status": "unavailable", "text": None, "reason": "audio_missing",
+                "message": message}
+    return _transcribe(audio, transcript, segments or [], settings)
+
+
+def _transcribe(audio: np.ndarray, pending: dict[str, Any], segments: list[dict[str, Any]],
+                settings: Settings) -> dict[str, Any]:
+    from worker.transcribe import transcribe
+
+    engine, language = pending["engine"], pending["language"]
+    # Bookkeeping of the stage (how many times it was started) stays with the finished transcript.
+    kept = {"attempts": pending["attempts"]} if "attempts" in pending else {}
+    started = time.monotonic()
+    if len(segments) > 1:
+        texts, last = [], None
+        for seg in segments:
+            left = settings.transcribe_timeout_s - (time.monotonic() - started)
+            piece = audio[int(seg["start"] * SAMPLE_RATE) : int(seg["end"] * SAMPLE_RATE)]
+            last = transcribe(piece, SAMPLE_RATE, engine, language, timeout_s=max(left, 0.0),
+                              google_key=settings.google_speech_key)
+            seg["transcript"] = last.text if last.status == "succeeded" else None
+            if last.text:
+                texts.append(last.text)
+            if last.reason in ("timeout", "network_error", "rate_limited", "engine_missing"):
+                break  # the engine is gone or the budget spent: later segments would fail alike
+        ok = bool(texts)
+        return {
+            "status": "succeeded" if ok else "unavailable", "engine": engine, "language": language,
+            "text": " ".join(texts) if ok else None, "reason": None if ok else (last.reason if last else None),
+            "message": None if ok else (last.message if last else None),
+            "seconds": round(time.monotonic() - started, 3), "segments": True, **kept}
+    t = transcribe(audio, SAMPLE_RATE, engine, language, timeout_s=settings.transcribe_timeout_s,
+                   google_key=settings.google_speech_key)
+    return {"status": t.status, "engine": engine, "language": language, "text": t.text,
+            "reason": t.reason, "message": t.message, "seconds": round(t.seconds, 3), **kept}

@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,13 +15,16 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ser_shared.db import upsert_insert
-from ser_shared.models import FINISHED, Job, JobStatus, Result
+from ser_shared.models import BROKER, FINISHED, Job, JobStatus, Result
+from ser_shared.queue import give_up_transcript
 from ser_shared.settings import Settings
 from ser_shared.storage import path_for
 from ser_shared.webhooks import record_events
 from worker.pipeline import JobInput, Outcome
 
 log = logging.getLogger(__name__)
+
+PENDING = "pending"  # a transcript's status while its stage is owed
 
 Notify = Callable[[list[str]], None]  # receives the webhook deliveries a commit created
 
@@ -31,11 +35,12 @@ def _notify(notify: Notify | None, events: list[str]) -> None:
 
 
 def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Settings,
-          notify: Notify | None = None) -> list[JobInput]:
-    """Mark jobs as processing and count the attempt.
+          notify: Notify | None = None, holder: str | None = None) -> list[JobInput]:
+    """Mark jobs as processing by ``holder`` (this worker node) and count the attempt.
 
-    Finished or deleted jobs are skipped (a redelivered message does nothing). A job that has used
-    up its attempts (it crashed its worker each time) is failed instead of tried again.
+    Finished or deleted jobs are skipped (a redelivered message does nothing here; its transcript
+    stage may still be owed, see ``start_transcripts``). A job that has used up its attempts (it
+    crashed its worker each time) is failed instead of tried again.
     """
     ids = [uuid.UUID(i) for i in job_ids]
     now = datetime.now(UTC)
@@ -51,6 +56,7 @@ def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Sett
                 failed.append(job.id)
                 continue
             job.status, job.attempts, job.started_at = JobStatus.PROCESSING.value, job.attempts + 1, now
+            job.worker, job.worker_at = holder, now
             if job.storage_key is None or job.format is None:
                 _fail(job, "audio_missing", "the stored recording is gone", now)
                 failed.append(job.id)
@@ -68,6 +74,7 @@ def _fail(job: Job, code: str, message: str, now: datetime) -> None:
     job.status, job.error_code, job.error_message, job.finished_at = (
         JobStatus.FAILED.value, code, message, now)
     job.emotion = job.confidence = None
+    job.worker = job.worker_at = None  # nothing is outstanding: a failed job has no transcript stage
 
 
 def fail_all(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], code: str, message: str,
@@ -133,6 +140,13 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
                 JobStatus.SUCCEEDED.value, now, None, None)
             job.progress = 1.0
             job.emotion, job.confidence = p.emotion, p.confidence
+            if outcome.transcript is None:
+                job.worker = job.worker_at = None
+            else:
+                # The transcript stage follows in the same task, under the same holder: its first
+                # attempt. A kill -9 during it leaves the job held, for the redelivered message
+                # or the reconciler to take up (see start_transcripts).
+                outcome.transcript = results[-1]["transcript"] = {**outcome.transcript, "attempts": 1}
         _upsert_results(session, results)
         events = record_events(session, finished)
         session.commit()
@@ -142,7 +156,8 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
 def save_transcripts(factory: sessionmaker[Session], transcripts: dict[uuid.UUID, dict[str, Any]],
                      segments: dict[uuid.UUID, list[dict[str, Any]]] | None = None) -> None:
     """Fill in the transcript stage of results already stored (one transaction); ``segments``
-    replaces a result's segments, now carrying their own transcripts."""
+    replaces a result's segments, now carrying their own transcripts. The jobs are then held by
+    nobody: their last stage is done."""
     if not transcripts:
         return
     with factory() as session:
@@ -151,6 +166,76 @@ def save_transcripts(factory: sessionmaker[Session], transcripts: dict[uuid.UUID
             if segments and job_id in segments:
                 values["segments"] = segments[job_id]
             session.execute(update(Result).where(Result.job_id == job_id).values(**values))
+        session.execute(update(Job).where(Job.id.in_(list(transcripts)), Job.status.in_(FINISHED))
+                        .values(worker=None, worker_at=None))
+        session.commit()
+
+
+@dataclass(frozen=True)
+class TranscriptInput:
+    """A finished job whose transcript is still owed: where its audio is and what was asked."""
+
+    job: JobInput
+    transcript: dict[str, Any]
+    segments: list[dict[str, Any]] | None
+
+
+def _pending(session: Session, ids: Sequence[uuid.UUID]) -> list[tuple[Job, Result]]:
+    rows = session.execute(select(Job, Result).join(Result, Result.job_id == Job.id)
+                           .where(Job.id.in_(list(ids)), Job.status.in_(FINISHED))
+                           .with_for_update(of=Job)).all()
+    return [(job, result) for job, result in rows if (result.transcript or {}).get("status") == PENDING]
+
+
+def start_transcripts(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], settings: Settings,
+                      holder: str) -> list[TranscriptInput]:
+    """Take up the transcript stage of finished jobs whose transcript is still pending.
+
+    This is how a transcript interrupted by a kill -9 is finished: the redelivered ``analyze``
+    message (a pool child killed), or the reconciler's ``transcribe`` message (a whole worker
+    killed), lands here. Each start counts an attempt in the transcript; a transcript that was
+    interrupted ``max_attempts`` times (the recording kills its worker) is given up as
+    ``unavailable`` / ``worker_lost`` instead of tried again, so it can never stay pending.
+    """
+    now = datetime.now(UTC)
+    taken: list[TranscriptInput] = []
+    with factory() as session:
+        for job, result in _pending(session, job_ids):
+            if job.worker not in (None, BROKER, holder):
+                # Another node is making it (a duplicate message); should that node die, the
+                # reconciler hands the transcript back (BROKER) and re-sends it.
+                continue
+            transcript = dict(result.transcript or {})
+            tried = int(transcript.get("attempts") or 0)
+            if tried >= settings.max_attempts:
+                result.transcript = give_up_transcript(transcript, tried)
+                job.worker = job.worker_at = None
+                continue
+            result.transcript = {**transcript, "attempts": tried + 1}
+            job.worker, job.worker_at = holder, now
+            if job.storage_key is None or job.format is None:
+                result.transcript = {**result.transcript, "status": "unavailable", "reason": "audio_missing",
+                                     "text": None, "message": "the stored recording is gone"}
+                job.worker = job.worker_at = None
+                continue
+            options = job.options or {}
+            taken.append(TranscriptInput(
+                JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format,
+                         options.get("transcribe"), options.get("language", "en-US"), job.duration_s),
+                result.transcript, result.segments))
+        session.commit()
+    return taken
+
+
+def abandon_transcripts(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], reason: str,
+                        message: str) -> None:
+    """Mark the pending transcripts of ``job_ids`` unavailable (the task that owed them cannot
+    finish, e.g. it was killed for the hard time limit) and release the jobs."""
+    with factory() as session:
+        for job, result in _pending(session, job_ids):
+            result.transcript = {**(result.transcript or {}), "status": "unavailable", "reason": reason,
+                                 "text": None, "message": message}
+            job.worker = job.worker_at = None
         session.commit()
 
 

@@ -19,8 +19,8 @@ from threadpoolctl import threadpool_limits
 from ser_shared import webhooks
 from ser_shared.memory import tune_malloc
 from ser_shared.settings import Settings, get_settings
-from ser_shared.tasks import ANALYZE, DELIVER_WEBHOOK
-from worker import pipeline, runtime, store
+from ser_shared.tasks import ANALYZE, DELIVER_WEBHOOK, TRANSCRIBE
+from worker import heartbeat, pipeline, runtime, store
 from worker import webhooks as worker_webhooks
 from worker.celery_app import app
 
@@ -75,6 +75,8 @@ class AnalyzeTask(Task):  # type: ignore[misc]
     Celery calls ``on_failure`` in the worker's main process for a hard time limit: the child that
     ignored the soft limit (stuck in native code) is gone and its message acknowledged, so without
     this its jobs would stay ``processing`` until the reconciler requeued them, only to hang again.
+    Jobs whose emotion was stored keep it; a transcript they still owed is given up (the node
+    holding it is alive, so nothing else would take it up).
     """
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo) -> None:
@@ -82,8 +84,11 @@ class AnalyzeTask(Task):  # type: ignore[misc]
             return
         job_ids = [uuid.UUID(i) for i in (args[0] if args else kwargs.get("job_ids", []))]
         log.error("%s jobs=%s", type(exc).__name__, [str(i) for i in job_ids])
+        limit = get_settings().task_time_limit_s
         store.fail_all(runtime.session_factory(), job_ids, "time_limit_exceeded",
-                       f"analysis exceeded the {get_settings().task_time_limit_s} s time limit", _send_webhooks)
+                       f"analysis exceeded the {limit} s time limit", _send_webhooks)
+        store.abandon_transcripts(runtime.session_factory(), job_ids, "time_limit",
+                                  f"the task exceeded the {limit} s time limit before this transcript")
 
 
 # Lost connections are transient (a database restart, a failover): retry with backoff.
@@ -94,7 +99,12 @@ def analyze(job_ids: list[str]) -> int:
     settings = get_settings()
     factory = runtime.session_factory()
     notify = _send_webhooks
-    inputs = store.claim(factory, job_ids, settings, notify)
+    inputs = store.claim(factory, job_ids, settings, notify, heartbeat.node())
+    if len(inputs) < len(job_ids):
+        # Some are finished already: a redelivered message, after a kill -9 of the pool child
+        # that was making their transcripts. Their emotions stand; the transcripts are owed.
+        claimed = {i.id for i in inputs}
+        _owed_transcripts(factory, [u for i in job_ids if (u := uuid.UUID(i)) not in claimed], settings)
     if not inputs:
         return 0
     models = runtime.ensemble()
@@ -128,6 +138,35 @@ def _transcripts(factory: sessionmaker[Session], outcomes: list[pipeline.Outcome
                            "message": "the task ran out of time before this transcript"}
                 for o in outcomes if o.audio is not None}
         store.save_transcripts(factory, left)
+
+
+@app.task(name=TRANSCRIBE, base=AnalyzeTask, acks_late=True, autoretry_for=(OperationalError, InterfaceError),
+          retry_backoff=2, retry_backoff_max=60, retry_jitter=True, max_retries=8)
+def transcribe(job_ids: list[str]) -> int:
+    """The transcript stage alone, for finished jobs whose transcript a dead worker left pending
+    (sent by the reconciler). Returns how many transcripts were made."""
+    return _owed_transcripts(runtime.session_factory(), [uuid.UUID(i) for i in job_ids], get_settings())
+
+
+def _owed_transcripts(factory: sessionmaker[Session], job_ids: list[uuid.UUID], settings: Settings) -> int:
+    """Make the transcripts still pending among ``job_ids`` from the stored audio (see
+    ``store.start_transcripts``); the emotion results are not touched."""
+    owed = store.start_transcripts(factory, job_ids, settings, heartbeat.node())
+    if not owed:
+        return 0
+    log.info("transcribing again jobs=%s", [str(o.job.id) for o in owed])
+    done: dict[uuid.UUID, dict[str, Any]] = {}
+    segments: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    try:
+        for item in owed:
+            done[item.job.id] = pipeline.transcribe_stored(item.job, item.transcript, item.segments, settings)
+            if item.segments and len(item.segments) > 1:
+                segments[item.job.id] = item.segments
+    except SoftTimeLimitExceeded:
+        store.abandon_transcripts(factory, [o.job.id for o in owed if o.job.id not in done], "time_limit",
+                                  "the task ran out of time before this transcript")
+    write_with_retry(lambda: store.save_transcripts(factory, done, segments))
+    return len(done)
 
 
 def _send_webhooks(delivery_ids: list[str]) -> None:

@@ -102,12 +102,16 @@ def page(browser: Any, live_server: str) -> Iterator[Any]:
     tab = context.new_page()
     errors: list[str] = []
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    # Chromium reports what the Content-Security-Policy blocked (an inline style, a script) on the console.
+    blocked: list[str] = []
+    tab.on("console", lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None)
     try:
         yield tab
     finally:
         context.close()
     # A script error on any page is a failure even when the assertions happened to pass.
     assert not errors, f"JavaScript errors: {errors}"
+    assert not blocked, f"blocked by the Content-Security-Policy: {blocked}"
 
 
 @pytest.fixture(scope="session")

@@ -143,3 +143,34 @@ def test_batch_page_shows_progress_distribution_and_rows(page: Any, finished_job
     href = page.locator("a#export-csv").get_attribute("href") or ""
     assert urlsplit(href).path == "/api/v1/export"
     assert parse_qs(urlsplit(href).query) == {"format": ["csv"], "batch": [finished_jobs["batch_id"]]}
+
+
+PROBE = """() => new Promise((resolve) => {
+    document.addEventListener("securitypolicyviolation", (e) => resolve(e.violatedDirective), {once: true});
+    document.body.insertAdjacentHTML("beforeend", '<p id="csp-probe" style="color: rgb(255, 0, 0)">probe</p>');
+    setTimeout(() => resolve(null), 3000);
+})"""
+
+
+def test_pages_draw_their_charts_under_a_policy_that_refuses_inline_style(browser: Any, live_server: str,
+                                                                         finished_jobs: dict[str, Any]) -> None:
+    """The bars are SVG sized by attributes, so they draw under ``style-src 'self'``; and the policy is
+    really enforced (an inline style added afterwards is refused), so the ``page`` fixture's check that
+    nothing was blocked means something."""
+    context = browser.new_context(base_url=live_server)
+    try:
+        page = context.new_page()
+        job = finished_jobs["jobs"][0]
+        response = page.goto(f"/jobs/{job['id']}")
+        assert response is not None and "style-src 'self'" in response.headers["content-security-policy"]
+        top = job["result"]["emotion"]
+        bar = page.locator(f'#chart-ensemble .bar[data-emotion="{top}"]')
+        fill, track = bar.locator(".fill").bounding_box(), bar.locator(".track").bounding_box()
+        assert fill and track and track["width"] > 50
+        assert math.isclose(fill["width"] / track["width"], job["result"]["probabilities"][top], abs_tol=0.02)
+        colour = bar.locator(".fill").evaluate("el => getComputedStyle(el).fill")
+        assert colour not in ("", "none", "rgb(0, 0, 0)"), colour  # the emotion's colour, from its class
+        assert page.evaluate(PROBE) == "style-src-attr"
+        assert page.locator("#csp-probe").evaluate("el => getComputedStyle(el).color") != "rgb(255, 0, 0)"
+    finally:
+        context.close()

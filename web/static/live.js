@@ -9,10 +9,10 @@
   var MAX_IDS = 100;
   var script = document.currentScript;
   var api = (script && script.dataset.api) || "/api/v1/jobs";
-  var styles = { colours: {}, emoji: {} };
+  var emoji = {};
   try {
-    styles = JSON.parse(document.getElementById("emotion-styles").textContent);
-  } catch (e) { /* no styles block: labels are shown without colour */ }
+    emoji = JSON.parse((script && script.dataset.emoji) || "{}");
+  } catch (e) { /* no emoji given: labels are shown without them */ }
 
   function watched() {
     return Array.prototype.slice.call(document.querySelectorAll("tr.job-row, [data-live-job]"));
@@ -28,9 +28,9 @@
   function emotionLabel(cell, result) {
     cell.textContent = "";
     if (!result) { cell.appendChild(text("span", "none", "–")); return; }
-    var label = text("span", "emo", " " + result.emotion);
-    label.style.setProperty("--emo", styles.colours[result.emotion] || "#888");
-    label.insertBefore(text("span", "emoji", styles.emoji[result.emotion] || ""), label.firstChild);
+    // The colour comes from the emo-* class in style.css, as on the server-rendered rows.
+    var label = text("span", "emo emo-" + result.emotion, " " + result.emotion);
+    label.insertBefore(text("span", "emoji", emoji[result.emotion] || ""), label.firstChild);
     cell.appendChild(label);
     if (result.uncertain) {
       var mark = text("span", "uncertain", "uncertain");
@@ -38,6 +38,11 @@
       cell.appendChild(document.createTextNode(" "));
       cell.appendChild(mark);
     }
+  }
+
+  // Bars are SVG rectangles sized by their width attribute (the pages allow no inline styles).
+  function setWidth(rect, percent) {
+    if (rect) { rect.setAttribute("width", Math.max(0, Math.min(100, percent)).toFixed(1) + "%"); }
   }
 
   function updateRow(row, job) {
@@ -51,7 +56,7 @@
     var bar = row.querySelector(".confbar");
     if (bar && result) {
       bar.dataset.confidence = String(result.confidence);
-      bar.querySelector(".fill").style.width = (100 * result.confidence).toFixed(1) + "%";
+      setWidth(bar.querySelector(".fill"), 100 * result.confidence);
       var num = row.querySelector(".confnum");
       if (num) { num.textContent = Math.round(100 * result.confidence) + "%"; }
     }
@@ -95,7 +100,7 @@
     Array.prototype.forEach.call(bars, function (bar) {
       var n = counts[bar.dataset.emotion] || 0;
       bar.dataset.count = String(n);
-      bar.querySelector(".fill").style.width = (100 * n / top).toFixed(1) + "%";
+      setWidth(bar.querySelector(".fill"), 100 * n / top);
       bar.querySelector(".value").textContent = String(n);
     });
   }

@@ -1,0 +1,69 @@
+"""Serving a job's stored recording so that it can only ever be audio, or a download.
+
+The bytes are the client's. A file whose name or claimed type says audio can hold HTML, so what is
+served is typed from the format the server sniffed from the content (``Job.format``), never from
+the upload, is sent as an attachment under a name ending in that format's extension, and carries a
+policy that sandboxes it should a browser open it anyway. ``<audio src>`` plays an attachment all
+the same. A file the service never decoded is not served at all: it was never shown to be audio.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from flask import Response, send_file
+
+from ser_shared.audio import MIME_TYPES
+from ser_shared.errors import Conflict
+from ser_shared.models import Job
+
+# Job error codes meaning the stored bytes were never decoded as audio (the upload check or the
+# worker gave up on the container, or on header values no recording has). A file only partly
+# decoded (incomplete_audio) or with broken samples (invalid_samples) was read as audio: it plays.
+NEVER_DECODED = frozenset({"empty_file", "unsupported_format", "decode_failed", "unsupported_sample_rate",
+                           "too_many_channels"})
+# Names a downloaded recording may keep; any other gets the sniffed format's extension added, so a
+# file uploaded as "page.html" is saved as "page.html.wav", never as a document.
+EXTENSIONS = {"wav": (".wav", ".wave"), "flac": (".flac",), "ogg": (".ogg", ".oga", ".opus"), "mp3": (".mp3",),
+              "aiff": (".aif", ".aiff", ".aifc"), "m4a": (".m4a", ".mp4"), "aac": (".aac",), "webm": (".webm",)}
+# Opened as a page rather than played, the response may run nothing, load nothing, be framed nowhere.
+AUDIO_POLICY = "default-src 'none'; media-src 'self'; sandbox; frame-ancestors 'none'"
+
+
+def never_decoded(job: Job) -> bool:
+    """Whether the job's stored file was never shown to be audio (see ``NEVER_DECODED``)."""
+    return job.error_code in NEVER_DECODED
+
+
+def media_type(job: Job) -> str:
+    """The type of the stored recording from its sniffed format; octet-stream when there is none."""
+    return MIME_TYPES.get(job.format or "", "application/octet-stream")
+
+
+def download_name(job: Job) -> str:
+    """The client's file name without any folder part, ending in an extension of the sniffed format."""
+    name = PurePosixPath(job.filename.replace("\\", "/")).name or "recording"
+    allowed = EXTENSIONS.get(job.format or "", ())
+    if not name.lower().endswith(allowed or (".bin",)):
+        name += allowed[0] if allowed else ".bin"
+    return name
+
+
+def refuse_undecodable(job: Job) -> None:
+    """Raise Conflict (``audio_not_decodable``) for a job whose file the service never decoded."""
+    if never_decoded(job):
+        raise Conflict(f"this job's file was never decoded as audio ({job.error_code}), so it is not served",
+                       code="audio_not_decodable")
+
+
+def send_audio(job: Job, path: Path) -> Response:
+    """The stored recording as a typed, sandboxed attachment (Range requests answered).
+
+    Raises Conflict (``audio_not_decodable``) for a file the service never decoded.
+    """
+    refuse_undecodable(job)
+    response = send_file(path, mimetype=media_type(job), as_attachment=True, download_name=download_name(job),
+                         conditional=True)
+    response.headers["Content-Security-Policy"] = AUDIO_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
