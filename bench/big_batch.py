@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         folder.mkdir()
         bad = build(folder, args.files, args.broken)
         started = time.monotonic()
-        run = subprocess.run([sys.executable, "-m", "ser_shared.cli", "submit", str(folder), "--wait", "--server",
+        run = subprocess.run([sys.executable, "-m", "ser_cli", "submit", str(folder), "--wait", "--server",
                               args.url, "--batch-size", str(args.batch_size), "--timeout", str(args.timeout),
                               "--output", str(out)], capture_output=True, text=True, check=False)
         wall = time.monotonic() - started

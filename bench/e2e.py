@@ -229,7 +229,7 @@ def expect(resp: requests.Response, what: str, status: int | None = None) -> req
 
 
 def run_migrate(env: dict[str, str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ser_shared.cli", "migrate"], env=env, cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-m", "ser_cli", "migrate"], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"ser migrate failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -238,7 +238,7 @@ def run_migrate(env: dict[str, str]) -> None:
 
 def create_api_key(env: dict[str, str]) -> str:
     """A new API key from ``ser keys create`` on the bench's database (the operator's own path)."""
-    proc = subprocess.run([sys.executable, "-m", "ser_shared.cli", "keys", "create", "--name", "bench-e2e", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "ser_cli", "keys", "create", "--name", "bench-e2e", "--json"],
                           env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("{")), None)
     if proc.returncode != 0 or line is None:
@@ -265,7 +265,7 @@ class Service:
 
 def start_service(stack: ExitStack, args: argparse.Namespace, env: dict[str, str], logs: Path,
                   headers: dict[str, str]) -> Service:
-    cli = [sys.executable, "-m", "ser_shared.cli"]
+    cli = [sys.executable, "-m", "ser_cli"]
     worker = Child("worker", [*cli, "worker", "--concurrency", str(args.concurrency)], env, logs / "worker.log")
     stack.callback(worker.stop)
     port = args.port or free_port()
@@ -690,8 +690,8 @@ def check_identity(settings: Settings, sample: Sequence[tuple[Clip, uuid.UUID]],
                    stored: dict[uuid.UUID, Stored], tolerance: float) -> dict[str, Any]:
     """Run each sampled recording alone through the same pipeline in this process and compare."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as the service's workers run it
-    from worker import pipeline  # TensorFlow: imported only now, after the timed phases
-    from worker.inference import Ensemble
+    from ser_ml import pipeline  # TensorFlow: imported only now, after the timed phases
+    from ser_ml.inference import Ensemble
 
     ensemble = Ensemble.load(settings.models_dir)
     mismatches: list[str] = []

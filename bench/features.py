@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from bench import reference
-from ser_shared import features
+from ser_ml import features
+from ser_ml.allocator import tune_malloc
 from ser_shared.audio import decode
-from ser_shared.memory import tune_malloc
 from ser_shared.settings import REPO_ROOT
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "ravdess"

@@ -4,7 +4,7 @@
 
 Loads the served ensemble as a ``--queues gpu --pool solo`` worker does (TensorFlow's own thread
 pools), places one encoder call and one LSTM call with device placement logged, and times
-``worker.pipeline.run`` over RAVDESS clips in chunks: recordings per second, wall clock. On a
+``ser_ml.pipeline.run`` over RAVDESS clips in chunks: recordings per second, wall clock. On a
 machine without a GPU it says so and measures the CPU path (exit 1 with ``--require-gpu``).
 Prints one JSON line.
 """
@@ -39,8 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from worker.inference import Ensemble
-    from worker.pipeline import JobInput, run
+    from ser_ml.inference import Ensemble
+    from ser_ml.pipeline import JobInput, run
 
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     ensemble = Ensemble.load(args.models, threads=None)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from bench.features import DEFAULT_DATA, pick_files, read, versions
-from ser_shared.memory import tune_malloc
+from ser_ml.allocator import tune_malloc
 from ser_shared.settings import REPO_ROOT
 
 
@@ -48,7 +48,7 @@ def load_single_threaded(models: Path) -> Any:
     tune_malloc()  # as the worker processes do
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    from worker.inference import Ensemble
+    from ser_ml.inference import Ensemble
 
     return Ensemble.load(models)
 
@@ -62,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensemble = load_single_threaded(args.models)
     import tensorflow as tf
 
-    from worker import lstm
-    from worker.speech_features import speech_clip
+    from ser_ml import lstm
+    from ser_ml.speech_features import speech_clip
 
     feats = ensemble.features([speech_clip(read(p)) for p in pick_files(args.data, args.clips)])
     seqs = [f.sequence for f in feats]

@@ -6,11 +6,11 @@ Both sides run on one core (one BLAS and one TensorFlow thread, as each worker p
 the same RAVDESS clips (about 3.5 s each) and are charged CPU time (``time.process_time``), so a
 busy machine does not inflate them:
 
-- **served (fv4)**: ``worker.pipeline.run`` on chunks of ``--chunk`` stored files: decode, Silero
+- **served (fv4)**: ``ser_ml.pipeline.run`` on chunks of ``--chunk`` stored files: decode, Silero
   VAD, speech clip, the Whisper encoder's first two blocks (batched across the chunk), the RF
   pipeline and the LSTM: everything between the stored file and the stored probabilities;
 - **reference (fv3)**: the same files through the previous pipeline: decode, the hand-made
-  features (``ser_shared.features.extract``) and the previous RandomForest + LSTM, loaded from the
+  features (``ser_ml.features.extract``) and the previous RandomForest + LSTM, loaded from the
   models shipped at ``--reference-commit`` (read out of git; skipped, and said, if git has no such commit).
 
 Prints one JSON line with both per-clip costs and their ratio.
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from bench.features import DEFAULT_DATA, pick_files, read
-from ser_shared.memory import tune_malloc
+from ser_ml.allocator import tune_malloc
 from ser_shared.settings import REPO_ROOT, Settings
 
 REFERENCE_COMMIT = "ef44c8b"  # the last commit serving the fv3 models
@@ -70,8 +70,7 @@ def reference_models(commit: str, out: Path) -> dict[str, Any] | None:
 
 def reference_run(ref: dict[str, Any], paths: list[Path]) -> np.ndarray:
     """The previous pipeline end to end: decode, fv3 features, RF (scaler + forest) and LSTM."""
-    from ser_shared import features
-    from worker import lstm
+    from ser_ml import features, lstm
 
     feats = [features.extract(read(p)) for p in paths]
     vectors = np.stack([f.vector for f in feats])
@@ -91,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reference-commit", default=REFERENCE_COMMIT)
     args = parser.parse_args(argv)
     tune_malloc()
-    from worker.inference import Ensemble
-    from worker.pipeline import JobInput, run
+    from ser_ml.inference import Ensemble
+    from ser_ml.pipeline import JobInput, run
 
     ensemble = Ensemble.load(args.models, threads=1)
     paths = pick_files(args.data, args.clips)

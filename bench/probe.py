@@ -391,7 +391,7 @@ def _start_service(stack: ExitStack, args: argparse.Namespace) -> tuple[str, str
     e2e.run_migrate(env)
     key = e2e.create_api_key(env)
     port = e2e.free_port()
-    web = e2e.Child("web", [sys.executable, "-m", "ser_shared.cli", "web", "--host", "127.0.0.1", "--port",
+    web = e2e.Child("web", [sys.executable, "-m", "ser_cli", "web", "--host", "127.0.0.1", "--port",
                             str(port), "--workers", "2"], env, work / "web.log")
     stack.callback(web.stop)
     base = f"http://127.0.0.1:{port}"

@@ -2,7 +2,7 @@
 
 Each descriptor is computed the way a typical SER script does it, by its own library call that
 recomputes its own spectrogram (melspectrogram, mfcc, rms, spectral_centroid, ...), and pitch
-by a per-frame autocorrelation loop. The definitions are the service's (``ser_shared.features``),
+by a per-frame autocorrelation loop. The definitions are the service's (``ser_ml.features``),
 so the two must give the same numbers: ``tests/test_features_reference.py`` checks that, and
 ``python -m bench.features`` times them against each other.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ser_shared import features as F
+from ser_ml import features as F
 
 
 def descriptors(audio: np.ndarray) -> dict[str, np.ndarray]:

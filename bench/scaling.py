@@ -34,9 +34,9 @@ import soundfile as sf
 
 from bench.features import DEFAULT_DATA, pick_files, read, versions
 from bench.inference import load_single_threaded
-from ser_shared import features
+from ser_ml import features
+from ser_ml.pipeline import JobInput, run
 from ser_shared.settings import REPO_ROOT, Settings
-from worker.pipeline import JobInput, run
 
 
 def speech_of_length(files: Sequence[Path], seconds: float) -> np.ndarray:

@@ -5,8 +5,8 @@
 Everything the rule sees is computed once: Silero's longest speech region and the fv4 vector of
 ``speech_clip(recording)``, for
 
-- the training material of ``worker.speech_detector.build_training_set`` (RAVDESS, five copies per
-  file, against 400 recordings of each of the 11 ``worker.nonspeech_train`` families, mixtures included);
+- the training material of ``ser_ml.speech_detector.build_training_set`` (RAVDESS, five copies per
+  file, against 400 recordings of each of the 11 ``ser_ml.train.nonspeech_train`` families, mixtures included);
 - RAVDESS again, each file clean and under ``telephone``, ``noise:10`` and ``noise:0`` (noise colour
   drawn; conditions drawn from a stream of their own, not the training copies');
 - the Indian EmoSpeech files (238 command words, never trained on, and the 2 "background" files,
@@ -23,7 +23,7 @@ Then:
 (d) Leave one family out, on the training generator: for each of its ten families a detector
     fitted without it (nor the mixtures holding it) judges that family's recordings and mixtures.
 
-The constants (``worker/speech_detector.py`` says why each) are chosen from (a) and (d), the
+The constants (``ser_ml/speech_detector.py`` says why each) are chosen from (a) and (d), the
 training side: thresholds that keep every cross-validated speech clip, with margin, while letting as
 few left-out-family recordings through as that allows. (b) and (c) are reported, not tuned on; but
 one design choice did follow (b): the "word in a longer, fainter recording" speech copies were added
@@ -58,11 +58,12 @@ import joblib
 import numpy as np
 from sklearn.model_selection import GroupKFold
 
+from ser_ml import conditions, vad
+from ser_ml import speech_detector as sd
+from ser_ml.encoder import WhisperEncoder
+from ser_ml.train import nonspeech_train
 from ser_shared.settings import REPO_ROOT
 from tests import nonspeech
-from worker import conditions, nonspeech_train, vad
-from worker import speech_detector as sd
-from worker.encoder import WhisperEncoder
 
 ENCODER = Path("/tmp/smoke_models/encoder-tiny.en-L2.npz")
 EVAL_CONDITIONS = ("clean", "telephone", "noise:10", "noise:0")

@@ -45,10 +45,10 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from ser_shared.segments import Segment, frame_energy_db, segments_from_energy
+from ser_ml import vad
+from ser_ml.segments import Segment, frame_energy_db, segments_from_energy
 from ser_shared.settings import REPO_ROOT
 from tests.nonspeech import KINDS, make, speech_power, with_noise
-from worker import vad
 
 RATE = vad.SAMPLE_RATE
 PEAKS = (0.05, 0.1, 0.3, 0.8)

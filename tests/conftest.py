@@ -128,7 +128,7 @@ class WorkerProcess:
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ser_shared.cli", "worker", "--concurrency", "1"],
+            [sys.executable, "-m", "ser_cli", "worker", "--concurrency", "1"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
 
     def wait_ready(self, timeout: float = 120) -> None:

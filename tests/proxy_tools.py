@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ser_shared.cli import _web_argv
+from ser_cli.cli import _web_argv
 from ser_shared.settings import REPO_ROOT, Settings
 from tests.conftest import settings_env, wait_for
 from tests.helpers import stop_process

@@ -19,10 +19,10 @@ import sqlalchemy as sa
 from ser_shared import apikeys, storage
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.models import ApiKey, Batch, Job, JobStatus, Result
-from ser_shared.retention import purge_expired_audio
 from ser_shared.settings import REPO_ROOT, Settings
 from tests.conftest import ravdess_file, settings_env
 from tests.helpers import csrf_token, multipart, read
+from worker.retention import purge_expired_audio
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_deleting_a_job_removes_its_audio_from_disk(pg_settings, client, session
 
 
 def _ser(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ser_shared.cli", *args], env=settings_env(settings),
+    return subprocess.run([sys.executable, "-m", "ser_cli", *args], env=settings_env(settings),
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
 
@@ -295,7 +295,7 @@ def test_keys_command_creates_lists_and_revokes(pg_settings: Settings, auth_app)
 
 def test_serve_refuses_a_public_address_without_auth(tmp_path: Path) -> None:
     env = settings_env(Settings(data_dir=tmp_path))
-    done = subprocess.run([sys.executable, "-m", "ser_shared.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
+    done = subprocess.run([sys.executable, "-m", "ser_cli", "serve", "--host", "0.0.0.0", "--port", "1"],
                           env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert done.returncode == 2 and "without authentication" in done.stderr
 

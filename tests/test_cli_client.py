@@ -1,7 +1,7 @@
 """The ``ser submit|status|history`` client, run as a subprocess against a real server and worker.
 
 The web app serves from a thread (werkzeug), the worker is a real Celery process, and the CLI is
-``python -m ser_shared.cli`` (the server's ``ser``, which registers the ``ser_client`` package's
+``python -m ser_cli`` (the server's ``ser``, which registers the ``ser_client`` package's
 commands) with ``SER_URL`` pointing at the server, as a user would run it.
 """
 
@@ -68,7 +68,7 @@ def ser(*args: str, url: str, cwd: Path, key: str | None = None, timeout: float 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SER_")} | {"SER_URL": url}
     if key:
         env["SER_API_KEY"] = key
-    return subprocess.run([sys.executable, "-m", "ser_shared.cli", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "ser_cli", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -503,7 +503,7 @@ def test_dockerignore_keeps_secrets_and_venv_out_but_keeps_runtime_files():
     assert ".env" in patterns and ".venv" in patterns and ".git" in patterns
     # README.md: pyproject.toml's readme, so `pip install .` needs it.
     for needed in ("models", "migrations", "alembic.ini", "pyproject.toml", "README.md", "web",
-                   "worker", "ser_shared", "client"):
+                   "worker", "ser_shared", "ser_ml", "ser_cli", "client"):
         assert needed not in patterns and f"{needed}/" not in patterns, f"{needed} is ignored"
 
 

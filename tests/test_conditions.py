@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from ser_ml import conditions
+from ser_ml.features import SAMPLE_RATE
 from ser_shared.audio import decode
-from ser_shared.features import SAMPLE_RATE
 from ser_shared.settings import REPO_ROOT
 from tests.conftest import ravdess_file
-from worker import conditions
 
 RANDOM = ("noise:10", "noise:white:10", "noise:pink:10", "noise:brown:10", "noise:babble:10", "reverb",
           "reverb:0.6", "phone-noisy:10")
@@ -313,8 +313,8 @@ def test_names_parse_to_their_parameters() -> None:
 
 
 def test_evaluation_seeds_by_name_and_takes_babble_from_other_speakers(tmp_path: Path) -> None:
+    from ser_ml.train.evaluation import _babble_pools, condition_seed, labelled_files
     from ser_shared.settings import Settings
-    from worker.evaluation import _babble_pools, condition_seed, labelled_files
 
     # A stable hash of the name (sha256), not Python's salted hash(): the same on every run and machine.
     assert condition_seed(Path("a/03-01-05-02-01-01-02.flac")) == condition_seed(Path("03-01-05-02-01-01-02.flac"))
@@ -344,7 +344,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_ser_evaluate_records_the_condition(tiny_dir: Path, tmp_path: Path) -> None:
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    cmd = [sys.executable, "-m", "ser_shared.cli", "evaluate", str(tiny_dir), "--condition", "telephone",
+    cmd = [sys.executable, "-m", "ser_cli", "evaluate", str(tiny_dir), "--condition", "telephone",
            "--json", str(tmp_path / "out.json")]
     env = {**os.environ, "TMPDIR": str(scratch), "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=env)
@@ -360,7 +360,7 @@ def test_ser_evaluate_records_the_condition(tiny_dir: Path, tmp_path: Path) -> N
 
 
 def test_ser_evaluate_refuses_an_unknown_condition_before_loading_models(tiny_dir: Path) -> None:
-    cmd = [sys.executable, "-m", "ser_shared.cli", "evaluate", str(tiny_dir), "--condition", "underwater"]
+    cmd = [sys.executable, "-m", "ser_cli", "evaluate", str(tiny_dir), "--condition", "underwater"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert proc.returncode != 0
     assert "valid conditions: clean, telephone" in proc.stderr

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from ser_shared.contracts import ANALYZE
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.emotions import EMOTIONS
+from ser_shared.enqueue import make_celery
 from ser_shared.models import Job, Result
-from ser_shared.queue import make_celery, sweep_unqueued
 from ser_shared.settings import Settings
-from ser_shared.tasks import ANALYZE
 from tests.conftest import ravdess_file, wait_for
 from tests.helpers import multipart, read
+from worker.reconcile import sweep_unqueued
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +72,10 @@ def test_every_good_file_succeeds_and_bad_ones_fail_alone(processed_batch) -> No
 
 def test_results_equal_direct_computation(processed_batch, pg_settings: Settings) -> None:  # type: ignore[no-untyped-def]
     """What the service stored is what the models compute on the same file in this process."""
+    from ser_ml.features import SAMPLE_RATE
+    from ser_ml.inference import Ensemble
+    from ser_ml.speech_features import speech_clip
     from ser_shared.audio import decode
-    from ser_shared.features import SAMPLE_RATE
-    from worker.inference import Ensemble
-    from worker.speech_features import speech_clip
 
     _, batch = processed_batch
     ensemble = Ensemble.load(pg_settings.models_dir)

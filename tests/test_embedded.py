@@ -32,7 +32,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     env = {k: v for k, v in os.environ.items() if not k.startswith("SER_")}
     env.update({"SER_DATA_DIR": str(data), "SER_WORKER_CONCURRENCY": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
     log = open(data / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "ser_shared.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "ser_cli", "serve", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -13,11 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ser_shared.audio import decode
-from ser_shared.settings import REPO_ROOT
-from tests.conftest import ravdess_file
-from worker.encoder import SAMPLE_RATE, ArtifactError, WhisperEncoder, log_mel
-from worker.whisper_weights import (
+from ser_ml.encoder import SAMPLE_RATE, ArtifactError, WhisperEncoder, log_mel
+from ser_ml.whisper_weights import (
     MODEL_SHA256,
     SOURCES,
     WeightsError,
@@ -28,6 +25,9 @@ from worker.whisper_weights import (
     sha256_of,
     write_artifact,
 )
+from ser_shared.audio import decode
+from ser_shared.settings import REPO_ROOT
+from tests.conftest import ravdess_file
 
 MODELS = REPO_ROOT / "models"
 # float16 weights computed in float32 on both sides: differences are rounding, four orders below
@@ -146,7 +146,7 @@ def _copy_models(tmp_path: Path) -> Path:
 def _worker_start(models: Path) -> subprocess.CompletedProcess[str]:
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "SER_MODELS_DIR": str(models),
            "SER_DATA_DIR": str(models.parent / "var")}
-    return subprocess.run([sys.executable, "-m", "ser_shared.cli", "worker"], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ser_cli", "worker"], capture_output=True, text=True,
                           timeout=120, env=env, cwd=REPO_ROOT)
 
 
@@ -173,7 +173,7 @@ def test_worker_refuses_to_start_on_bad_artifacts(damage: str, tmp_path: Path) -
 def test_shipped_encoder_matches_the_build_command(tmp_path: Path) -> None:
     """`ser build-encoder` rebuilds, byte for byte, the artifact the manifest records."""
     manifest = json.loads((MODELS / "manifest.json").read_text())
-    proc = subprocess.run([sys.executable, "-m", "ser_shared.cli", "build-encoder", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "ser_cli", "build-encoder", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert manifest["encoder"]["sha256"] in proc.stdout

@@ -14,10 +14,10 @@ import pytest
 import soundfile as sf
 from sklearn import metrics as skm
 
+from ser_ml import metrics
 from ser_shared.emotions import EMOTIONS
 from ser_shared.settings import REPO_ROOT, Settings
 from tests.conftest import DATASETS, ravdess_file
-from worker import metrics
 
 MODELS = REPO_ROOT / "models"
 
@@ -98,7 +98,7 @@ def eval_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def evaluated(eval_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("report")
-    cmd = [sys.executable, "-m", "ser_shared.cli", "evaluate", str(eval_dir), "--json", str(out / "r.json"),
+    cmd = [sys.executable, "-m", "ser_cli", "evaluate", str(eval_dir), "--json", str(out / "r.json"),
            "--plot", str(out / "cm.png")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -129,8 +129,8 @@ def test_evaluate_report_matches_an_independent_computation(evaluated: tuple[dic
 
 def test_evaluate_uses_the_worker_path(evaluated: tuple[dict, Path], eval_dir: Path) -> None:
     """Per-file predictions equal the worker pipeline's, and 48 kHz stereo WAV equals its FLAC."""
-    from worker.inference import Ensemble
-    from worker.pipeline import JobInput, run
+    from ser_ml.inference import Ensemble
+    from ser_ml.pipeline import JobInput, run
 
     report, _ = evaluated
     ensemble = Ensemble.load(MODELS)
@@ -150,8 +150,8 @@ def test_evaluate_uses_the_worker_path(evaluated: tuple[dict, Path], eval_dir: P
 
 def test_shipped_models_reproduce_their_recorded_cross_corpus_figures() -> None:
     """The manifest records what the shipped models scored on the held-out field corpus; so must they now."""
-    from worker.evaluation import analyse, labelled_files, report
-    from worker.inference import Ensemble
+    from ser_ml.inference import Ensemble
+    from ser_ml.train.evaluation import analyse, labelled_files, report
 
     manifest = json.loads((MODELS / "manifest.json").read_text())
     recorded = manifest["cross_corpus"]["indian_emospeech"]

@@ -20,12 +20,14 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from ser_ml.inference import Prediction
+from ser_ml.pipeline import Outcome
+from ser_shared.contracts import ANALYZE
 from ser_shared.db import make_engine, make_session_factory
+from ser_shared.enqueue import make_celery
 from ser_shared.migrate import upgrade
-from ser_shared.queue import make_celery
 from ser_shared.settings import Settings
 from ser_shared.storage import path_for
-from ser_shared.tasks import ANALYZE
 from tests.conftest import WorkerProcess, private_database, ravdess_file, wait_for
 from tests.fault_tools import (
     Gunicorn,
@@ -42,9 +44,7 @@ from tests.fault_tools import (
     wait_status,
 )
 from tests.helpers import multipart, read
-from worker import store
-from worker.inference import Prediction
-from worker.pipeline import Outcome
+from worker import results
 
 pytestmark = pytest.mark.slow
 
@@ -306,14 +306,14 @@ class TestKilledWorkers:
         idle = fault_settings(settings, default_queue="faults-unread")
         factory = _factory(idle)
         (job_id,) = _upload(_app(idle).test_client(), [_short(4)], webhook_url=WEBHOOK)
-        first = store.claim(factory, [job_id], idle)
-        second = store.claim(factory, [job_id], idle)
+        first = results.claim(factory, [job_id], idle)
+        second = results.claim(factory, [job_id], idle)
         assert [i.id for i in first] == [i.id for i in second] == [uuid.UUID(job_id)]
         for emotion, confidence in (("angry", 0.6), ("sad", 0.7)):
             probs = {"neutral": round(1 - confidence, 3), emotion: confidence}
             outcome = Outcome(uuid.UUID(job_id), Prediction(emotion, confidence, False, probs,
                                                             {"rf": probs, "lstm": probs}))
-            store.persist(factory, [outcome], {"rf": "t", "lstm": "t"})
+            results.persist(factory, [outcome], {"rf": "t", "lstm": "t"})
         done = job(factory, job_id)
         assert (done.status, done.attempts, done.emotion) == ("succeeded", 2, "sad")
         assert result_rows(factory, job_id) == 1

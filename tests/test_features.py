@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from ser_ml.features import SAMPLE_RATE, SEQ_DIM, VECTOR_DIM, Features, extract, frame_descriptors
 from ser_shared.errors import SilentAudio
-from ser_shared.features import SAMPLE_RATE, SEQ_DIM, VECTOR_DIM, Features, extract, frame_descriptors
 from tests.conftest import ravdess_file
 
 STEP_S = 0.03  # one LSTM step pools three 10 ms frames

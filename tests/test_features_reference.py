@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench import reference
-from ser_shared import features
+from ser_ml import features
 from ser_shared.audio import decode
 from tests.conftest import ravdess_file
 

@@ -23,12 +23,12 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ser_ml.features import SAMPLE_RATE, SEQ_DIM, VECTOR_DIM, extract
+from ser_ml.inference import Ensemble
+from ser_ml.pipeline import JobInput, prepare
 from ser_shared.audio import decode, probe, sniff_format
 from ser_shared.errors import SERError
-from ser_shared.features import SAMPLE_RATE, SEQ_DIM, VECTOR_DIM, extract
 from ser_shared.settings import Settings
-from worker.inference import Ensemble
-from worker.pipeline import JobInput, prepare
 
 MAX_S = 20.0
 # Every header the sniffer knows, plus none: the bytes behind them are the fuzzer's.

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from ser_ml.features import SAMPLE_RATE
+from ser_ml.segments import EnergyMeter, frame_energy_db
 from ser_shared.audio import decode, stream
-from ser_shared.features import SAMPLE_RATE
-from ser_shared.segments import EnergyMeter, frame_energy_db
 from ser_shared.settings import REPO_ROOT
 from tests.conftest import RAVDESS, settings_env
 
@@ -43,10 +43,10 @@ def test_streamed_decode_equals_whole_decode(tmp_path: Path, fmt: str, rate: int
 PROBE = """
 import json, resource, sys, uuid
 from pathlib import Path
-from ser_shared.memory import tune_malloc
+from ser_ml.allocator import tune_malloc
 from ser_shared.settings import get_settings
-from worker.inference import Ensemble
-from worker.pipeline import JobInput, run
+from ser_ml.inference import Ensemble
+from ser_ml.pipeline import JobInput, run
 tune_malloc()
 ensemble = Ensemble.load(get_settings().models_dir)
 path = Path(sys.argv[1])
@@ -95,9 +95,9 @@ def test_thirty_minutes_in_bounded_memory(tmp_path: Path, pg_settings) -> None: 
 def test_progress_is_reported_while_a_long_recording_runs(tmp_path: Path) -> None:
     import uuid
 
+    from ser_ml.inference import Ensemble
+    from ser_ml.pipeline import JobInput, run
     from ser_shared.settings import Settings
-    from worker.inference import Ensemble
-    from worker.pipeline import JobInput, run
 
     path = tmp_path / "three.flac"
     _speech(path, 180)

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from ser_ml.features import SAMPLE_RATE
 from ser_shared.audio import decode, probe, stream, true_length_s
 from ser_shared.errors import AudioTooLong, InvalidAudioHeader
-from ser_shared.features import SAMPLE_RATE
 from ser_shared.settings import REPO_ROOT, Settings
 from tests.conftest import RAVDESS, ravdess_file
 from tests.helpers import multipart
@@ -235,8 +235,8 @@ def test_honest_flac_and_mp3_are_believed(four_seconds: np.ndarray, tmp_path: Pa
 
 @pytest.fixture(scope="module")
 def pipeline() -> Callable[..., Any]:
-    from worker.inference import Ensemble
-    from worker.pipeline import JobInput, run
+    from ser_ml.inference import Ensemble
+    from ser_ml.pipeline import JobInput, run
 
     ensemble = Ensemble.load(REPO_ROOT / "models")
     settings = Settings(env="test", max_duration_s=LIMIT_S)

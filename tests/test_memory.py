@@ -6,10 +6,10 @@ import platform
 
 import pytest
 
-from ser_shared import memory
+from ser_ml import allocator
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_tune_malloc_applies_once() -> None:
-    assert memory.tune_malloc() is True
-    assert memory.tune_malloc() is True  # idempotent
+    assert allocator.tune_malloc() is True
+    assert allocator.tune_malloc() is True  # idempotent

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ser_ml.features import SAMPLE_RATE
+from ser_ml.speech_features import FEATURE_VERSION, speech_clip
 from ser_shared.audio import decode
 from ser_shared.emotions import EMOTIONS
-from ser_shared.features import SAMPLE_RATE
 from ser_shared.settings import REPO_ROOT
 from tests.conftest import RAVDESS, ravdess_file
-from worker.speech_features import FEATURE_VERSION, speech_clip
 
 MODELS = REPO_ROOT / "models"
 
@@ -58,7 +58,7 @@ def test_manifest_describes_the_artifacts(manifest: dict) -> None:
 
 def test_shipped_models_classify_real_speech(manifest: dict) -> None:
     """Trained on these actors, the ensemble should get most of a small sample of them right."""
-    from worker.inference import Ensemble
+    from ser_ml.inference import Ensemble
 
     ensemble = Ensemble.load(MODELS)
     codes = {"01": "neutral", "03": "happy", "04": "sad", "05": "angry", "06": "fearful",
@@ -72,7 +72,7 @@ def test_shipped_models_classify_real_speech(manifest: dict) -> None:
 
 
 def _tiny_train(out: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "ser_shared.cli", "train", "--data", str(RAVDESS), "--out", str(out),
+    cmd = [sys.executable, "-m", "ser_cli", "train", "--data", str(RAVDESS), "--out", str(out),
            "--folds", "2", "--epochs", "2", "--trees", "10", "--limit-per-actor", "7",
            "--augment", "telephone,noise", "--conditions", "telephone"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
@@ -95,7 +95,7 @@ def test_training_is_deterministic_and_writes_loadable_artifacts(tmp_path: Path)
     for key in ("cv", "ensemble", "calibration", "cross_corpus"):
         assert first[key] == second[key], key
     assert first["models"]["rf"]["version"] == second["models"]["rf"]["version"]
-    from worker.inference import Ensemble
+    from ser_ml.inference import Ensemble
 
     clips = [speech_clip(decode(ravdess_file(a, "05", "02"), "flac", SAMPLE_RATE, 600)) for a in (1, 2, 3)]
     probs = [Ensemble.load(out).predict_clips(clips) for out in runs]
@@ -107,9 +107,9 @@ def test_training_is_deterministic_and_writes_loadable_artifacts(tmp_path: Path)
 
 
 def test_cli_default_augmentations_are_the_trainers() -> None:
-    from ser_shared.cli import AUGMENTATIONS as cli_default
-    from ser_shared.cli import EVAL_CONDITIONS as cli_conditions
-    from worker.training import EVAL_CONDITIONS, RECIPES
+    from ser_cli.cli import AUGMENTATIONS as cli_default
+    from ser_cli.cli import EVAL_CONDITIONS as cli_conditions
+    from ser_ml.train.training import EVAL_CONDITIONS, RECIPES
 
     assert cli_default.split(",") == list(RECIPES)
     assert cli_conditions.split(",") == list(EVAL_CONDITIONS)

@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from bench.probe import run_probe
+from ser_cli.cli import _web_argv
 from ser_shared import apikeys
-from ser_shared.cli import _web_argv
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.settings import REPO_ROOT, Settings
 from tests.conftest import private_database, settings_env, wait_for

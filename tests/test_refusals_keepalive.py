@@ -26,7 +26,7 @@ import numpy as np
 import redis
 import soundfile as sf
 
-from ser_shared.cli import _web_argv
+from ser_cli.cli import _web_argv
 from ser_shared.settings import REPO_ROOT, Settings
 from tests.conftest import private_database, settings_env, wait_for
 from tests.helpers import stop_process

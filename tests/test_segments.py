@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from ser_ml.features import SAMPLE_RATE
+from ser_ml.segments import MAX_SEGMENT_S, find_segments
 from ser_shared.audio import decode
-from ser_shared.features import SAMPLE_RATE
-from ser_shared.segments import MAX_SEGMENT_S, find_segments
 from ser_shared.settings import REPO_ROOT, Settings
 from tests.conftest import WorkerProcess, ravdess_file, wait_for
 from tests.helpers import multipart
@@ -54,8 +54,8 @@ def test_continuous_speech_is_cut_into_utterance_sized_segments() -> None:
 
 
 def test_stitched_clips_give_one_segment_each_with_their_labels(tmp_path: Path) -> None:
-    from worker.inference import Ensemble
-    from worker.pipeline import JobInput, run
+    from ser_ml.inference import Ensemble
+    from ser_ml.pipeline import JobInput, run
 
     path = tmp_path / "stitched.wav"
     clips = _stitched(path)

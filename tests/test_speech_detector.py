@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from sklearn.pipeline import Pipeline
 
+from ser_ml import speech_detector as sd
+from ser_ml.encoder import WhisperEncoder
+from ser_ml.train import nonspeech_train
+from ser_ml.vad import HAS_SPEECH_S
 from ser_shared.settings import REPO_ROOT
 from tests.conftest import RAVDESS
 from tests.nonspeech import KINDS, make
-from worker import nonspeech_train
-from worker import speech_detector as sd
-from worker.encoder import WhisperEncoder
-from worker.vad import HAS_SPEECH_S
 
 ENCODER = REPO_ROOT / "models" / "encoder-tiny.en-L2.npz"
 TRAIN_ACTORS = [f"{a:02d}" for a in range(1, 13)]

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from ser_ml.inference import Prediction
+from ser_ml.pipeline import Outcome
 from ser_shared.db import make_engine, make_session_factory
+from ser_shared.enqueue import chunks
 from ser_shared.models import Batch, Job, Result
-from ser_shared.queue import chunks
 from ser_shared.settings import REPO_ROOT, Settings
-from worker import store
-from worker.inference import Prediction
-from worker.pipeline import Outcome
+from worker import results
 
 
 @pytest.mark.parametrize("n", [0, 1, 4, 15, 16, 17, 100, 1000])
@@ -45,12 +45,12 @@ def test_persist_writes_a_whole_chunk_and_overwrites_on_redelivery(pg_settings: 
         session.add_all([batch, *jobs])
         session.commit()
     ids = [j.id for j in jobs]
-    store.claim(factory, [str(i) for i in ids], pg_settings)
+    results.claim(factory, [str(i) for i in ids], pg_settings)
     first = [Outcome(ids[0], _prediction("angry", 0.6), timings_ms={"total": 1.0}),
              Outcome(ids[1], _prediction("sad", 0.7), timings_ms={"total": 2.0}),
              Outcome(ids[2], error_code="silent_audio", error_message="the recording is silent")]
-    store.persist(factory, first, {"rf": "a", "lstm": "b"})
-    store.persist(factory, [Outcome(ids[0], _prediction("happy", 0.8)), first[1], first[2]], {"rf": "a", "lstm": "b"})
+    results.persist(factory, first, {"rf": "a", "lstm": "b"})
+    results.persist(factory, [Outcome(ids[0], _prediction("happy", 0.8)), first[1], first[2]], {"rf": "a", "lstm": "b"})
     with factory() as session:
         assert session.scalar(select(func.count()).select_from(Result).where(Result.job_id.in_(ids))) == 2
         rows = {r.job_id: r for r in session.scalars(select(Result).where(Result.job_id.in_(ids)))}

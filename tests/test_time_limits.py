@@ -28,7 +28,7 @@ from ser_shared.db import make_engine, make_session_factory
 from ser_shared.models import Batch, Job
 from ser_shared.settings import Settings
 from tests.conftest import private_database
-from worker.store import ProgressWriter
+from worker.results import ProgressWriter
 from worker.tasks import write_with_retry
 
 

@@ -4,7 +4,7 @@ PocketSphinx decodes speech that espeak-ng synthesises here. For Google, SpeechR
 ``http://www.google.com/speech-api/v2/recognize`` with urllib, and urllib sends plain-http requests
 through ``http_proxy``: a small HTTP server on 127.0.0.1 set as that proxy receives the real request
 (URL, headers, FLAC body) and answers as Google does: success, nothing recognised, 429, 500, a reply
-that never comes. Nothing in worker.transcribe is mocked.
+that never comes. Nothing in ser_ml.transcribe is mocked.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from ser_ml.features import SAMPLE_RATE
+from ser_ml.transcribe import Transcript, split_points, transcribe
 from ser_shared.audio import decode
-from ser_shared.features import SAMPLE_RATE
-from worker.transcribe import Transcript, split_points, transcribe
 
 sr = pytest.importorskip("speech_recognition")
 

@@ -66,11 +66,11 @@ def test_each_segment_of_a_long_recording_gets_its_own_transcript(tmp_path: Path
     import numpy as np
     import soundfile as sf
 
+    from ser_ml.features import SAMPLE_RATE
+    from ser_ml.inference import Ensemble
+    from ser_ml.pipeline import JobInput, run, transcribe_all
     from ser_shared.audio import decode
-    from ser_shared.features import SAMPLE_RATE
     from ser_shared.settings import REPO_ROOT, Settings
-    from worker.inference import Ensemble
-    from worker.pipeline import JobInput, run, transcribe_all
 
     sentences = ["we are going to the market this afternoon", "the weather is cold and windy today",
                  "please open the window in the kitchen"]

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from ser_ml import vad
+from ser_ml.segments import FRAME_S, Segment, frame_energy_db, segments_from_energy
 from ser_shared.errors import AudioError, NoSpeech
-from ser_shared.segments import FRAME_S, Segment, frame_energy_db, segments_from_energy
 from tests.conftest import DATASETS, RAVDESS
 from tests.nonspeech import KINDS, make, with_noise
-from worker import vad
 
 INDIAN = DATASETS / "indian_emospeech"
 
@@ -172,7 +172,7 @@ def test_no_speech_gives_no_segments_while_the_energy_detector_keeps_the_whole()
 
 
 def test_model_loads_lazily_without_importing_faster_whisper() -> None:
-    code = ("import sys, numpy as np; import worker.vad as v; assert 'onnxruntime' not in sys.modules; "
+    code = ("import sys, numpy as np; import ser_ml.vad as v; assert 'onnxruntime' not in sys.modules; "
             "v.speech_probabilities(np.zeros(16000, dtype=np.float32)); "
             "assert 'onnxruntime' in sys.modules and 'faster_whisper' not in sys.modules; "
             "assert v.model_path().name == 'silero_vad_v6.onnx'")

@@ -29,7 +29,7 @@ from ser_shared.models import Batch, Job, WebhookDelivery
 from ser_shared.settings import Settings
 from tests.conftest import WorkerProcess, private_database, ravdess_file, wait_for
 from tests.helpers import multipart, read
-from worker import webhooks as worker_webhooks
+from worker import delivery
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: int = 300) -> bool:
@@ -145,8 +145,8 @@ def test_an_unresolvable_host_is_retried_by_the_worker_not_given_up(pg_settings:
         factory = make_session_factory(make_engine(settings))
         ids = {name: _failed_job_event(factory, url)
                for name, url in (("dns", "http://no-such-host.invalid/hook"), ("private", "http://10.1.2.3/hook"))}
-        assert worker_webhooks.deliver(factory, settings, ids["dns"]) is not None  # a delay: tried again later
-        assert worker_webhooks.deliver(factory, settings, ids["private"]) is None
+        assert delivery.deliver(factory, settings, ids["dns"]) is not None  # a delay: tried again later
+        assert delivery.deliver(factory, settings, ids["private"]) is None
         with factory() as session:
             dns, private = session.get(WebhookDelivery, ids["dns"]), session.get(WebhookDelivery, ids["private"])
             assert dns is not None and private is not None
@@ -253,7 +253,7 @@ def test_delivery_goes_to_the_address_that_was_checked_when_dns_changes(
             settings = settings.model_copy(update={"webhook_allow": "127.0.0.2/32"})
             factory = make_session_factory(make_engine(settings))
             msg_id = _failed_job_event(factory, f"http://rebind.example:{checked.port}/hook?tenant=a")
-            assert worker_webhooks.deliver(factory, settings, msg_id) is None
+            assert delivery.deliver(factory, settings, msg_id) is None
             with factory() as session:
                 row = session.get(WebhookDelivery, msg_id)
                 assert row is not None and row.status == "delivered"
@@ -270,7 +270,7 @@ def test_delivery_goes_to_the_address_that_was_checked_when_dns_changes(
 def test_the_next_checked_address_is_tried_when_one_refuses(receiver: Receiver) -> None:
     target = webhooks.Target(receiver.url, "http", "hooks.test", receiver.port, "/hook",
                              ("127.0.0.3", "127.0.0.1"))  # nothing listens on the first
-    attempt = worker_webhooks.post(target, b'{"type": "job.failed"}', {"content-type": "application/json"}, 5)
+    attempt = delivery.post(target, b'{"type": "job.failed"}', {"content-type": "application/json"}, 5)
     assert attempt.status_code == 200 and attempt.error is None
     assert len(receiver.calls) == 1 and receiver.calls[0]["headers"]["host"] == f"hooks.test:{receiver.port}"
 
@@ -281,7 +281,7 @@ def test_a_redirect_is_recorded_not_followed(receiver: Receiver) -> None:
         receiver.script = {"job.failed": [302]}
         receiver.redirect_to = trap.url
         target = webhooks.resolve(receiver.url, Settings(env="test", webhook_allow="127.0.0.1"))
-        attempt = worker_webhooks.post(target, b'{"type": "job.failed"}', {}, 5)
+        attempt = delivery.post(target, b'{"type": "job.failed"}', {}, 5)
     finally:
         trap.server.shutdown()
     assert attempt.status_code == 302 and attempt.error == "HTTP 302"
@@ -308,10 +308,10 @@ def test_https_to_a_checked_address_verifies_the_certificate_for_the_url_host(tm
     target = webhooks.Target(f"https://hooks.test:{receiver.port}/hook", "https", "hooks.test", receiver.port,
                              "/hook", ("127.0.0.1",))
     try:
-        good = worker_webhooks.post(target, body, {"content-type": "application/json"}, 5, tls=client_tls)
+        good = delivery.post(target, body, {"content-type": "application/json"}, 5, tls=client_tls)
         wrong_name = dataclasses.replace(target, host="other.test", url=f"https://other.test:{receiver.port}/hook")
-        refused = worker_webhooks.post(wrong_name, body, {}, 5, tls=client_tls)
-        untrusted = worker_webhooks.post(target, body, {}, 5, tls=ssl.create_default_context())
+        refused = delivery.post(wrong_name, body, {}, 5, tls=client_tls)
+        untrusted = delivery.post(target, body, {}, 5, tls=ssl.create_default_context())
     finally:
         receiver.server.shutdown()
     assert good.status_code == 200 and good.error is None

@@ -6,12 +6,12 @@ import uuid
 
 from sqlalchemy import func, select
 
+from ser_ml.inference import Prediction
+from ser_ml.pipeline import Outcome
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.models import Batch, Job, Result
 from ser_shared.settings import Settings
-from worker import store
-from worker.inference import Prediction
-from worker.pipeline import Outcome
+from worker import results
 
 
 def _job(factory, **fields) -> uuid.UUID:  # type: ignore[no-untyped-def]
@@ -32,9 +32,9 @@ def _prediction(emotion: str, p: float) -> Prediction:
 def test_persist_twice_keeps_one_result_with_the_latest_values(pg_settings: Settings) -> None:
     factory = make_session_factory(make_engine(pg_settings))
     job_id = _job(factory)
-    assert [i.id for i in store.claim(factory, [str(job_id)], pg_settings)] == [job_id]
-    store.persist(factory, [Outcome(job_id, _prediction("angry", 0.6))], {"rf": "a", "lstm": "b"})
-    store.persist(factory, [Outcome(job_id, _prediction("sad", 0.7))], {"rf": "a", "lstm": "b"})
+    assert [i.id for i in results.claim(factory, [str(job_id)], pg_settings)] == [job_id]
+    results.persist(factory, [Outcome(job_id, _prediction("angry", 0.6))], {"rf": "a", "lstm": "b"})
+    results.persist(factory, [Outcome(job_id, _prediction("sad", 0.7))], {"rf": "a", "lstm": "b"})
     with factory() as session:
         assert session.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id)) == 1
         result = session.get(Result, job_id)
@@ -46,13 +46,13 @@ def test_persist_twice_keeps_one_result_with_the_latest_values(pg_settings: Sett
 def test_claim_skips_finished_and_fails_jobs_out_of_attempts(pg_settings: Settings) -> None:
     factory = make_session_factory(make_engine(pg_settings))
     done = _job(factory)
-    store.claim(factory, [str(done)], pg_settings)
-    store.persist(factory, [Outcome(done, _prediction("happy", 0.5))], {})
+    results.claim(factory, [str(done)], pg_settings)
+    results.persist(factory, [Outcome(done, _prediction("happy", 0.5))], {})
     worn = _job(factory)
     with factory() as session:
         session.get(Job, worn).attempts = pg_settings.max_attempts  # type: ignore[union-attr]
         session.commit()
-    assert store.claim(factory, [str(done), str(worn)], pg_settings) == []
+    assert results.claim(factory, [str(done), str(worn)], pg_settings) == []
     with factory() as session:
         assert session.get(Job, done).attempts == 1  # type: ignore[union-attr]
         failed = session.get(Job, worn)
@@ -62,8 +62,8 @@ def test_claim_skips_finished_and_fails_jobs_out_of_attempts(pg_settings: Settin
 def test_failed_outcome_records_code_and_message(pg_settings: Settings) -> None:
     factory = make_session_factory(make_engine(pg_settings))
     job_id = _job(factory)
-    store.claim(factory, [str(job_id)], pg_settings)
-    store.persist(factory, [Outcome(job_id, error_code="silent_audio", error_message="the recording is silent")], {})
+    results.claim(factory, [str(job_id)], pg_settings)
+    results.persist(factory, [Outcome(job_id, error_code="silent_audio", error_message="the recording is silent")], {})
     with factory() as session:
         job = session.get(Job, job_id)
         assert job is not None and (job.status, job.error_code) == ("failed", "silent_audio")

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
-from typing import Any
-
-from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
+from flask import Blueprint, Response, jsonify, request, stream_with_context
 from sqlalchemy import text
 
 from ser_shared import storage
 from ser_shared.errors import BadRequest, Conflict, Gone, NotFound
-from ser_shared.models import Batch, Job, JobStatus
+from ser_shared.models import Batch, JobStatus
 from web import export as export_rows
 from web import idempotency, limits, media, openapi, queries
 from web.auth import key_id, tenant
 from web.context import db, services
-from web.serialize import batch_dict, iso, job_dict, job_summary
+from web.serialize import batch_dict, iso, job_dict, job_page, upload_accepted
 from web.uploads import create_batch, parse_labels, parse_options, parse_webhook
 
 bp = Blueprint("api", __name__)
@@ -61,21 +58,10 @@ def create_jobs() -> tuple[Response, int]:
         if lease is not None:
             idempotency.release(svc, lease)  # nothing was created: the client may retry with this key
         raise
-    body = _created_body(result.batch.id, result.jobs, result.enqueued)
+    body = upload_accepted(result.batch.id, result.jobs, result.enqueued)
     if key is not None:
         idempotency.complete(svc, key, 202, body)
     return jsonify(body), 202
-
-
-def _created_body(batch_id: uuid.UUID, jobs: list[Job], enqueued: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "batch_id": str(batch_id),
-        "batch_url": url_for("api.batch", batch_id=batch_id, _external=True),
-        "jobs": [job_summary(j) for j in jobs],
-    }
-    if not enqueued:
-        body["warning"] = "queue unavailable: jobs are stored and will be queued when it returns"
-    return body
 
 
 def _bound_reply(key: str, bound: idempotency.Bound) -> idempotency.Stored:
@@ -87,7 +73,7 @@ def _bound_reply(key: str, bound: idempotency.Bound) -> idempotency.Stored:
         raise Conflict("the batch this Idempotency-Key created was deleted; use a new key",
                        code="idempotency_key_reused")
     unsent = any(j.status == JobStatus.QUEUED.value and j.enqueued_at is None for j in found.jobs)
-    body = _created_body(found.id, list(found.jobs), not unsent)
+    body = upload_accepted(found.id, list(found.jobs), not unsent)
     idempotency.complete(services(), key, 202, body)
     return idempotency.Stored(202, body)
 
@@ -99,7 +85,7 @@ def list_jobs() -> Response:
     jobs, next_cursor = queries.list_jobs(db(), f, limit, request.args.get("cursor"))
     # Segments make long recordings' rows large: listed only on request.
     segments = queries.parse_flag(request.args.get("segments"))
-    return jsonify({"jobs": [job_dict(j, segments=segments) for j in jobs], "next_cursor": next_cursor})
+    return jsonify(job_page(jobs, next_cursor, segments))
 
 
 @bp.get(f"{API}/export")

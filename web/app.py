@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ser_shared.db import make_engine, make_session_factory
-from ser_shared.queue import make_celery
+from ser_shared.enqueue import make_celery
 from ser_shared.settings import Settings, get_settings
 
 

@@ -18,17 +18,16 @@ from werkzeug.datastructures import FileStorage, MultiDict
 
 from ser_shared import storage, webhooks
 from ser_shared.audio import check_duration, probe, sniff_format
+from ser_shared.enqueue import enqueue, queue_for
 from ser_shared.errors import AudioError, BadRequest
 from ser_shared.models import Batch, Job, JobStatus
-from ser_shared.queue import enqueue, queue_for
+from ser_shared.schemas import DEVICES, TRANSCRIBE  # the choices the API documents
 from ser_shared.settings import Settings
 from ser_shared.webhooks import record_events
 from web.app import Services
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "gpu")
-TRANSCRIBE = ("none", "google", "sphinx")
 # BCP-47 as the engines take it: a language subtag and optional region/script subtags (en-US, hi-IN).
 LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,2}$")
 

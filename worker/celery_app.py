@@ -14,12 +14,12 @@ from celery.signals import worker_init, worker_process_init, worker_ready, worke
 from sqlalchemy.exc import OperationalError
 
 from ser_shared import logs, webhooks
-from ser_shared.queue import Reconciler, make_celery
-from ser_shared.retention import purge_expired_audio
+from ser_shared.enqueue import make_celery
 from ser_shared.settings import get_settings
-from worker import runtime
-from worker import webhooks as worker_webhooks
+from worker import delivery, runtime
 from worker.heartbeat import Heartbeat
+from worker.reconcile import Reconciler
+from worker.retention import purge_expired_audio
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _start_sweeper(**_: Any) -> None:
                 reconcile(app, runtime.session_factory(), settings,
                           judge_heartbeats=beat.steady_for() >= settings.worker_dead_after_s)
                 # Webhook attempts whose broker message was lost (a Redis restart) are overdue.
-                webhooks.send(app, worker_webhooks.due(runtime.session_factory()))
+                webhooks.send(app, delivery.due(runtime.session_factory()))
                 purge_expired_audio(runtime.session_factory(), get_settings())
             except OperationalError as exc:
                 # An outage is retried next sweep; a traceback every sweep would bury the log.

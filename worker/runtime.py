@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from ser_ml.inference import Ensemble
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.settings import get_settings
-from worker.inference import Ensemble
 
 _factory: sessionmaker[Session] | None = None
 _ensemble: Ensemble | None = None

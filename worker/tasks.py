@@ -16,12 +16,12 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from threadpoolctl import threadpool_limits
 
+from ser_ml import pipeline
+from ser_ml.allocator import tune_malloc
 from ser_shared import webhooks
-from ser_shared.memory import tune_malloc
+from ser_shared.contracts import ANALYZE, DELIVER_WEBHOOK, TRANSCRIBE
 from ser_shared.settings import Settings, get_settings
-from ser_shared.tasks import ANALYZE, DELIVER_WEBHOOK, TRANSCRIBE
-from worker import heartbeat, pipeline, runtime, store
-from worker import webhooks as worker_webhooks
+from worker import delivery, heartbeat, results, runtime
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,9 @@ class AnalyzeTask(Task):  # type: ignore[misc]
         job_ids = [uuid.UUID(i) for i in (args[0] if args else kwargs.get("job_ids", []))]
         log.error("%s jobs=%s", type(exc).__name__, [str(i) for i in job_ids])
         limit = get_settings().task_time_limit_s
-        store.fail_all(runtime.session_factory(), job_ids, "time_limit_exceeded",
+        results.fail_all(runtime.session_factory(), job_ids, "time_limit_exceeded",
                        f"analysis exceeded the {limit} s time limit", _send_webhooks)
-        store.abandon_transcripts(runtime.session_factory(), job_ids, "time_limit",
+        results.abandon_transcripts(runtime.session_factory(), job_ids, "time_limit",
                                   f"the task exceeded the {limit} s time limit before this transcript")
 
 
@@ -99,7 +99,7 @@ def analyze(job_ids: list[str]) -> int:
     settings = get_settings()
     factory = runtime.session_factory()
     notify = _send_webhooks
-    inputs = store.claim(factory, job_ids, settings, notify, heartbeat.node())
+    inputs = results.claim(factory, job_ids, settings, notify, heartbeat.node())
     if len(inputs) < len(job_ids):
         # Some are finished already: a redelivered message, after a kill -9 of the pool child
         # that was making their transcripts. Their emotions stand; the transcripts are owed.
@@ -109,14 +109,14 @@ def analyze(job_ids: list[str]) -> int:
         return 0
     models = runtime.ensemble()
     try:
-        outcomes = pipeline.run(models, inputs, settings, store.ProgressWriter(factory))
+        outcomes = pipeline.run(models, inputs, settings, results.ProgressWriter(factory))
     except SoftTimeLimitExceeded:
         log.error("time limit exceeded jobs=%s", job_ids)
-        write_with_retry(lambda: store.fail_all(factory, [i.id for i in inputs], "time_limit_exceeded",
+        write_with_retry(lambda: results.fail_all(factory, [i.id for i in inputs], "time_limit_exceeded",
                                                 f"analysis took longer than {settings.task_soft_time_limit_s} s",
                                                 notify))
         return 0
-    write_with_retry(lambda: store.persist(factory, outcomes, models.versions, notify))
+    write_with_retry(lambda: results.persist(factory, outcomes, models.versions, notify))
     _transcripts(factory, outcomes, settings)
     log.info("analysed jobs=%d failed=%d", len(outcomes), sum(o.prediction is None for o in outcomes))
     return len(outcomes)
@@ -132,12 +132,12 @@ def _transcripts(factory: sessionmaker[Session], outcomes: list[pipeline.Outcome
         transcripts = pipeline.transcribe_all(outcomes, settings)
         with_segments = {o.job_id: o.segments for o in outcomes
                          if o.job_id in transcripts and o.segments and len(o.segments) > 1}
-        store.save_transcripts(factory, transcripts, with_segments)
+        results.save_transcripts(factory, transcripts, with_segments)
     except SoftTimeLimitExceeded:
         left = {o.job_id: {**(o.transcript or {}), "status": "unavailable", "reason": "time_limit",
                            "message": "the task ran out of time before this transcript"}
                 for o in outcomes if o.audio is not None}
-        store.save_transcripts(factory, left)
+        results.save_transcripts(factory, left)
 
 
 @app.task(name=TRANSCRIBE, base=AnalyzeTask, acks_late=True, autoretry_for=(OperationalError, InterfaceError),
@@ -150,8 +150,8 @@ def transcribe(job_ids: list[str]) -> int:
 
 def _owed_transcripts(factory: sessionmaker[Session], job_ids: list[uuid.UUID], settings: Settings) -> int:
     """Make the transcripts still pending among ``job_ids`` from the stored audio (see
-    ``store.start_transcripts``); the emotion results are not touched."""
-    owed = store.start_transcripts(factory, job_ids, settings, heartbeat.node())
+    ``results.start_transcripts``); the emotion results are not touched."""
+    owed = results.start_transcripts(factory, job_ids, settings, heartbeat.node())
     if not owed:
         return 0
     log.info("transcribing again jobs=%s", [str(o.job.id) for o in owed])
@@ -163,9 +163,9 @@ def _owed_transcripts(factory: sessionmaker[Session], job_ids: list[uuid.UUID], 
             if item.segments and len(item.segments) > 1:
                 segments[item.job.id] = item.segments
     except SoftTimeLimitExceeded:
-        store.abandon_transcripts(factory, [o.job.id for o in owed if o.job.id not in done], "time_limit",
+        results.abandon_transcripts(factory, [o.job.id for o in owed if o.job.id not in done], "time_limit",
                                   "the task ran out of time before this transcript")
-    write_with_retry(lambda: store.save_transcripts(factory, done, segments))
+    write_with_retry(lambda: results.save_transcripts(factory, done, segments))
     return len(done)
 
 
@@ -177,6 +177,6 @@ def _send_webhooks(delivery_ids: list[str]) -> None:
           retry_backoff=2, retry_backoff_max=60, max_retries=8)
 def deliver_webhook(delivery_id: str) -> None:
     """One delivery attempt; the next one, if any, is scheduled with a countdown."""
-    delay = worker_webhooks.deliver(runtime.session_factory(), get_settings(), delivery_id)
+    delay = delivery.deliver(runtime.session_factory(), get_settings(), delivery_id)
     if delay is not None:
         webhooks.send(app, [delivery_id], countdown=delay)

@@ -1,7 +1,7 @@
 """The analysis of a chunk of recordings: decode → speech check (Silero VAD) → speech clips →
 Whisper encoder (batched across the chunk) → one RF pipeline call → batched LSTM.
 
-Pure of database concerns: it takes job inputs and returns outcomes; ``worker.store`` persists them.
+Pure of database concerns: it takes job inputs and returns outcomes; ``worker.results`` persists them.
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from celery.exceptions import SoftTimeLimitExceeded
 
+from ser_ml import vad
+from ser_ml.features import SAMPLE_RATE, SILENCE_DBFS, Features
+from ser_ml.inference import Ensemble, Prediction
+from ser_ml.segments import WHOLE_UP_TO_S, EnergyMeter, Segment, find_segments
+from ser_ml.speech_detector import SURE_SPEECH_S
+from ser_ml.speech_features import speech_clip
+from ser_ml.time_limit import TimeLimit
+from ser_shared import schemas
 from ser_shared.audio import check_duration, decode, probe, stream
 from ser_shared.errors import AudioError, IncompleteAudio, NoSpeech, SilentAudio
-from ser_shared.features import SAMPLE_RATE, SILENCE_DBFS, Features
-from ser_shared.segments import WHOLE_UP_TO_S, EnergyMeter, Segment, find_segments
 from ser_shared.settings import Settings
-from worker import vad
-from worker.inference import Ensemble, Prediction
-from worker.speech_detector import SURE_SPEECH_S
-from worker.speech_features import speech_clip
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Prepared:
     spans: list[Segment] = field(default_factory=list)
     probs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     # Silero's longest speech region: under SURE_SPEECH_S the speech detector, fed the encoder's
-    # vectors of this recording, decides whether it holds speech at all (see worker.speech_detector).
+    # vectors of this recording, decides whether it holds speech at all (see ser_ml.speech_detector).
     silero_longest_s: float = float("inf")
 
     @property
@@ -142,7 +143,7 @@ def prepare(job: JobInput, settings: Settings, ensemble: Ensemble,
         outcome.error_code, outcome.error_message = exc.code, exc.message
     except FileNotFoundError:
         outcome.error_code, outcome.error_message = "audio_missing", "the stored recording is gone"
-    except SoftTimeLimitExceeded:
+    except TimeLimit:
         raise  # the task ran out of time, not this recording: analyze fails the chunk time_limit_exceeded
     except Exception:
         # A bug or an input we did not foresee: fail this recording alone, keep the traceback.
@@ -318,9 +319,10 @@ def _drop_no_speech(ensemble: Ensemble, short: list[Prepared], feats: list[Featu
 
 
 def _segment(prediction: Prediction, span: Segment) -> dict[str, Any]:
-    return {"start": span.start, "end": span.end, "speech_s": span.speech_s, "emotion": prediction.emotion,
-            "confidence": prediction.confidence, "uncertain": prediction.uncertain,
-            "probabilities": prediction.probabilities}
+    """A result's segment as stored and served (``ser_shared.schemas.Segment``)."""
+    return schemas.Segment(start=span.start, end=span.end, speech_s=span.speech_s, emotion=prediction.emotion,
+                           confidence=prediction.confidence, uncertain=prediction.uncertain,
+                           probabilities=prediction.probabilities).to_json()
 
 
 def transcribe_all(outcomes: list[Outcome], settings: Settings) -> dict[uuid.UUID, dict[str, Any]]:
@@ -355,7 +357,7 @@ def transcribe_stored(job: JobInput, transcript: dict[str, Any], segments: list[
 
 def _transcribe(audio: np.ndarray, pending: dict[str, Any], segments: list[dict[str, Any]],
                 settings: Settings) -> dict[str, Any]:
-    from worker.transcribe import transcribe
+    from ser_ml.transcribe import transcribe
 
     engine, language = pending["engine"], pending["language"]
     # Bookkeeping of the stage (how many times it was started) stays with the finished transcript.

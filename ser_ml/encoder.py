@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.whisper_weights import read_artifact, sha256_of
+from ser_ml.whisper_weights import read_artifact, sha256_of
 
 SAMPLE_RATE = 16000
 N_FFT = 400  # 25 ms

@@ -1,6 +1,6 @@
 """Voice-activity detection with a trained model: Silero VAD v6, the ONNX file faster-whisper ships.
 
-"No speech, no emotion": the energy detector in ``ser_shared/segments.py`` finds whatever is
+"No speech, no emotion": the energy detector in ``ser_ml/segments.py`` finds whatever is
 louder than the floor, so a tone, a melody or a dial tone looks like speech to it and gets an
 emotion. Silero VAD was trained to tell speech from everything else; its probabilities decide
 whether a recording holds speech at all (``has_speech``), how much (``speech_seconds``) and where
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ser_shared.segments import FRAME_S, Segment, frame_energy_db, segments_from_flags
+from ser_ml.segments import FRAME_S, Segment, frame_energy_db, segments_from_flags
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -202,7 +202,7 @@ def speech_segments(audio: np.ndarray, *, probabilities: np.ndarray | None = Non
 
     Pauses of ``MIN_GAP_S`` (0.5 s) or more separate segments, runs over 8 s are split at their
     quietest frame 2–8 s in, each segment reaches ``SEGMENT_PAD_S`` into the pauses around it
-    (``ser_shared.segments``); runs shorter than ``HAS_SPEECH_S`` are dropped, so it is non-empty
+    (``ser_ml.segments``); runs shorter than ``HAS_SPEECH_S`` are dropped, so it is non-empty
     whenever ``has_speech`` is true. Unlike ``find_segments`` it cuts recordings of any length
     (keeping a short one whole is the caller's choice) and returns ``[]`` when there is no speech
     rather than the whole recording.

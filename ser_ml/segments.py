@@ -15,7 +15,7 @@ utterances and classify such clips whole). Longer ones are cut where the speech 
    silences belong to no segment, so noise between utterances does not colour them.
 
 Steps 2–4 (``segments_from_flags``) take per-frame speech flags from any detector: the trained one
-in ``worker/vad.py`` sets them from its speech probabilities instead of step 1.
+in ``ser_ml/vad.py`` sets them from its speech probabilities instead of step 1.
 
 Each segment also reports how much speech it holds: a recording's result weights its segments by
 that, so a long silence does not count as a long opinion.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ser_shared.features import HOP, SAMPLE_RATE, WIN
+from ser_ml.features import HOP, SAMPLE_RATE, WIN
 
 WHOLE_UP_TO_S = 10.0
 MIN_GAP_S = 0.5

@@ -1,10 +1,10 @@
 """Speech or not, from the models' own input vector: the second check behind Silero VAD.
 
-Silero VAD (``worker.vad``) alone cannot draw the line: at ``has_speech``'s 0.2 s it refuses some
+Silero VAD (``ser_ml.vad``) alone cannot draw the line: at ``has_speech``'s 0.2 s it refuses some
 shouted speech (1 % of RAVDESS, 12 % of the Indian command words), and any lower setting lets tones,
 melodies and noise through; at 0.2 s the loudest test noises and melodies (peak 1.0) still reach
 0.256 s. The fv4 vector (mean and standard deviation of Whisper tiny.en's second encoder block,
-``worker.speech_features``) is computed for every clip anyway, and the encoder was trained on
+``ser_ml.speech_features``) is computed for every clip anyway, and the encoder was trained on
 speech, so speech and non-speech sit apart in it: a scaler and a logistic regression over those 768
 numbers (26 kB joblib-dumped; 0.25 ms per call, 7 µs per clip in a batch) tell them apart.
 
@@ -23,7 +23,7 @@ no 0.2 s region and the classifier says non-speech"; it lets the two 0.256 s tes
 The vector is that of ``speech_clip(recording)`` (energy-trimmed, as the pipeline feeds a recording
 of up to 10 s to the models); ``build_training_set`` makes the training material the same way:
 RAVDESS speech, clean, degraded, over non-speech backgrounds and as single words in longer faint
-recordings, against the generated non-speech of ``worker.nonspeech_train`` (never
+recordings, against the generated non-speech of ``ser_ml.train.nonspeech_train`` (never
 ``tests/nonspeech.py``, which is the held-out test set). The constants and what they cost are
 measured by ``python -m bench.speech_detector``.
 """
@@ -42,11 +42,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ser_ml import conditions
+from ser_ml.encoder import SAMPLE_RATE, WhisperEncoder
+from ser_ml.speech_features import featurise, speech_clip
+from ser_ml.train import nonspeech_train
+from ser_ml.vad import HAS_SPEECH_S
 from ser_shared.errors import SilentAudio
-from worker import conditions, nonspeech_train
-from worker.encoder import SAMPLE_RATE, WhisperEncoder
-from worker.speech_features import featurise, speech_clip
-from worker.vad import HAS_SPEECH_S
 
 # Decision constants, chosen on training-side measurements of bench/speech_detector.py (speech:
 # GroupKFold by RAVDESS actor; non-speech: leave one generator family out), never on the test sets.

@@ -3,7 +3,6 @@ per worker process, after every artifact's hash has been checked against the man
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -12,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
+from ser_ml import lstm
+from ser_ml.encoder import ArtifactError, WhisperEncoder, file_sha256
+from ser_ml.features import Features
+from ser_ml.metrics import apply_temperature
+from ser_ml.speech_features import FEATURE_VERSION, featurise
 from ser_shared.emotions import EMOTIONS
-from ser_shared.features import Features
-from worker import lstm
-from worker.encoder import ArtifactError, WhisperEncoder, file_sha256
-from worker.metrics import apply_temperature
-from worker.speech_features import FEATURE_VERSION, featurise
+from ser_shared.schemas import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,7 @@ def rf_proba(bundle: dict[str, Any], x: np.ndarray) -> np.ndarray:
     return out
 
 
-def artifacts(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every file the manifest names, with the sha256 it records: the encoder, both models and
-    the speech detector."""
-    return {"encoder": manifest["encoder"], "speech_detector": manifest["speech_detector"], **manifest["models"]}
-
-
-def verify_models(models_dir: Path) -> dict[str, Any]:
+def verify_models(models_dir: Path) -> Manifest:
     """Check that the manifest is for this code and every artifact is present and unaltered.
 
     Run before a worker starts (``ser worker``) and again when a process loads the models, so a
@@ -63,21 +58,25 @@ def verify_models(models_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: train the models with `ser train`")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = Manifest.load(path)
+    except ValidationError as exc:  # a manifest from an older release lacks what this code loads
+        first = exc.errors()[0]
+        raise ArtifactError(f"{path} does not describe models this code can load ({'.'.join(map(str, first['loc']))}: "
+                            f"{first['msg']}): retrain with `ser train`") from exc
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path} is unreadable: {exc}") from exc
-    if manifest.get("feature_version") != FEATURE_VERSION or not {"encoder", "speech_detector"} <= set(manifest):
+    if manifest.feature_version != FEATURE_VERSION:
         raise ArtifactError(
-            f"the models in {models_dir} were trained on features {manifest.get('feature_version')!r}, "
+            f"the models in {models_dir} were trained on features {manifest.feature_version!r}, "
             f"this code computes {FEATURE_VERSION!r}: retrain with `ser train`")
-    for name, info in artifacts(manifest).items():
-        file = models_dir / info["file"]
+    for name, info in manifest.artifacts().items():
+        file = models_dir / info.file
         if not file.is_file():
             raise ArtifactError(f"model artifact {file} ({name}) is missing")
-        if (got := file_sha256(file)) != info["sha256"]:
+        if (got := file_sha256(file)) != info.sha256:
             raise ArtifactError(f"model artifact {file} ({name}) has sha256 {got}, the manifest records "
-                                f"{info['sha256']}: the file is corrupt or from another training run")
-    return manifest  # type: ignore[no-any-return]
+                                f"{info.sha256}: the file is corrupt or from another training run")
+    return manifest
 
 
 class Ensemble:
@@ -124,11 +123,11 @@ class Ensemble:
 
         started = time.perf_counter()
         manifest = verify_models(models_dir)
-        rf_bundle = joblib.load(models_dir / manifest["models"]["rf"]["file"])
-        model = keras.models.load_model(models_dir / manifest["models"]["lstm"]["file"], compile=False)
-        encoder = WhisperEncoder.load(models_dir / manifest["encoder"]["file"])  # hash checked above
-        detector = joblib.load(models_dir / manifest["speech_detector"]["file"])
-        ensemble = cls(manifest, rf_bundle, model, encoder, detector)
+        rf_bundle = joblib.load(models_dir / manifest.models["rf"].file)
+        model = keras.models.load_model(models_dir / manifest.models["lstm"].file, compile=False)
+        encoder = WhisperEncoder.load(models_dir / manifest.encoder.file)  # hash checked above
+        detector = joblib.load(models_dir / manifest.speech_detector.file)
+        ensemble = cls(manifest.model_dump(mode="json", exclude_unset=True), rf_bundle, model, encoder, detector)
         ensemble.predict_clips([_warmup_clip()])  # build the graphs now, not on the first job
 
         gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
@@ -149,7 +148,7 @@ class Ensemble:
     def no_speech(self, silero_longest_s: float, feats: Sequence[Features]) -> bool:
         """The ``no_speech`` rule for one recording: Silero's longest speech region and the speech
         detector's probability on its clips (the most speech-like one counts)."""
-        from worker.speech_detector import is_no_speech, speech_probability
+        from ser_ml.speech_detector import is_no_speech, speech_probability
 
         if not feats:
             return True
@@ -192,7 +191,7 @@ class Ensemble:
 
 
 def _warmup_clip() -> np.ndarray:
-    from worker.encoder import SAMPLE_RATE
+    from ser_ml.encoder import SAMPLE_RATE
 
     t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
     return (0.1 * np.sin(2 * np.pi * 150 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)

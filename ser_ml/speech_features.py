@@ -1,7 +1,7 @@
 """The models' inputs (feature version fv4): a frozen Whisper encoder's frames, pooled two ways.
 
 A clip is trimmed to its speech by energy, encoded by the first ``ENCODER_LAYERS`` blocks of
-Whisper tiny.en's encoder (``worker.encoder``; 20 ms frames of 384 values), and the last kept
+Whisper tiny.en's encoder (``ser_ml.encoder``; 20 ms frames of 384 values), and the last kept
 block's frames become:
 
 - the utterance vector for the RandomForest pipeline: their mean and standard deviation (768);
@@ -20,10 +20,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ser_ml.encoder import HOP, SAMPLE_RATE, WhisperEncoder
+from ser_ml.features import SILENCE_DBFS, TRIM_DB, Features
+from ser_ml.segments import frame_energy_db
 from ser_shared.errors import SilentAudio
-from ser_shared.features import SILENCE_DBFS, TRIM_DB, Features
-from ser_shared.segments import frame_energy_db
-from worker.encoder import HOP, SAMPLE_RATE, WhisperEncoder
 
 FEATURE_VERSION = "fv4"
 WHISPER_MODEL = "tiny.en"

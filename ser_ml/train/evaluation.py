@@ -5,7 +5,7 @@ its calibration and threshold, in chunks like a task), so what it measures is wh
 does. Labels come from file names: RAVDESS (``03-01-05-01-01-01-12.wav``, calm merged into
 neutral) and the Indian EmoSpeech field recordings (``Env__word-condition-emotion-time-user.flac``).
 
-With a condition other than ``clean`` (``worker.conditions``: telephone, noise:10, reverb, ...)
+With a condition other than ``clean`` (``ser_ml.conditions``: telephone, noise:10, reverb, ...)
 each recording is decoded, degraded and written as a float WAV to a temporary folder, and the
 worker's path analyses that copy: a robustness figure measured the same way as the clean one.
 """
@@ -26,15 +26,15 @@ from typing import Any, overload
 import numpy as np
 import soundfile as sf
 
+from ser_ml import conditions, metrics
+from ser_ml.allocator import tune_malloc
+from ser_ml.features import SAMPLE_RATE
+from ser_ml.inference import Ensemble
+from ser_ml.pipeline import JobInput, Outcome, run
 from ser_shared.audio import decode, sniff_format
 from ser_shared.emotions import EMOTIONS, parse_ravdess_name
 from ser_shared.errors import AudioError
-from ser_shared.features import SAMPLE_RATE
-from ser_shared.memory import tune_malloc
 from ser_shared.settings import Settings
-from worker import conditions, metrics
-from worker.inference import Ensemble
-from worker.pipeline import JobInput, Outcome, run
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".webm", ".aiff"}
 # The field recordings' self-reported labels; calm is neutral, as in RAVDESS.
@@ -278,7 +278,7 @@ def evaluate(root: Path, models_dir: Path, settings: Settings, json_path: Path |
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(rep, indent=2) + "\n")
     if plot_path is not None and rep["n"]:
-        from worker.plots import confusion_png
+        from ser_ml.train.plots import confusion_png
 
         confusion_png(np.asarray(rep["confusion"]["matrix"]), list(EMOTIONS), plot_path,
                       title=f"{root.name} ({condition}): accuracy {rep['accuracy']:.3f}, "

@@ -1,7 +1,7 @@
 """The ``ser`` command: the composition root that starts the web tier, the workers, or both.
 
-Web and worker run as separate processes (exec'd), so neither imports the other; only the
-``train`` command imports worker code, lazily.
+Web and worker run as separate processes (exec'd), so neither imports the other; the offline
+commands (``train``, ``evaluate``, ...) import ``ser_ml`` lazily, so ``ser --help`` loads none of it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from ser_shared import keys_cli, logs
-from ser_shared.keys_cli import get_settings  # lazy: client commands never build server settings
+from ser_cli import keys
+from ser_cli.keys import get_settings  # lazy: client commands never build server settings
+from ser_shared import logs
 
 log = logging.getLogger("ser")
 
@@ -73,8 +74,8 @@ def _web(args: argparse.Namespace) -> int:
 def _models_ready(models_dir: Path) -> bool:
     """Refuse to start a worker whose model artifacts are missing, corrupt or for other code:
     one clear message now, not one failed job per recording later."""
-    from worker.encoder import ArtifactError
-    from worker.inference import verify_models
+    from ser_ml.encoder import ArtifactError
+    from ser_ml.inference import verify_models
 
     try:
         verify_models(models_dir)
@@ -152,13 +153,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if stopping else next((c for c in codes if c), 1)
 
 
-# Kept here (not imported from worker.training) so that `ser --help` does not load worker code.
+# Kept here (not imported from ser_ml.train.training) so that `ser --help` does not load ser_ml.
 AUGMENTATIONS = "telephone,noise,reverb,phone-noisy,speed"
 EVAL_CONDITIONS = "telephone,telephone:gsm,noise:20,noise:10,noise:0,reverb:0.6,phone-noisy:10"
 
 
 def _train(args: argparse.Namespace) -> int:
-    from worker.training import TrainConfig, report, train
+    from ser_ml.train.training import TrainConfig, report, train
 
     cfg = TrainConfig(folds=args.folds, seed=args.seed, epochs=args.epochs,
                       limit_per_actor=args.limit_per_actor, rf_trees=args.trees,
@@ -170,7 +171,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_speech_detector(args: argparse.Namespace) -> int:
-    from worker.training import add_speech_detector
+    from ser_ml.train.training import add_speech_detector
 
     manifest = add_speech_detector(Path(args.models), Path(args.data), args.seed)
     info = manifest["speech_detector"]
@@ -180,7 +181,7 @@ def _train_speech_detector(args: argparse.Namespace) -> int:
 
 
 def _build_encoder(args: argparse.Namespace) -> int:
-    from worker.training import build_encoder
+    from ser_ml.train.training import build_encoder
 
     path, digest, meta = build_encoder(Path(args.out))
     print(f"{path}  sha256 {digest}\n  from {meta['packages']} (model.bin sha256 {meta['model_bin_sha256']}), "
@@ -189,8 +190,8 @@ def _build_encoder(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from worker.conditions import parse
-    from worker.evaluation import evaluate, summary
+    from ser_ml.conditions import parse
+    from ser_ml.train.evaluation import evaluate, summary
 
     try:
         parse(args.condition)
@@ -231,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     p.set_defaults(func=_migrate)
 
-    keys_cli.register(sub)
+    keys.register(sub)
     _register_client(sub)
 
     p = sub.add_parser("train", help="train and cross-validate the models, write models/")

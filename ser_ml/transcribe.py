@@ -32,13 +32,9 @@ from urllib.error import HTTPError, URLError
 
 import numpy as np
 
+from ser_ml.features import SAMPLE_RATE
+from ser_ml.time_limit import TimeLimit  # must reach the task, which turns it into a failed job
 from ser_shared.audio import resample
-from ser_shared.features import SAMPLE_RATE
-
-try:  # Celery's soft time limit must reach the task, which turns it into a failed job.
-    from billiard.exceptions import SoftTimeLimitExceeded as _TimeLimit
-except ImportError:  # pragma: no cover - billiard comes with Celery
-    _TimeLimit = ()  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +99,7 @@ def transcribe(audio: np.ndarray, sample_rate: int, engine: str, language: str =
 
     try:
         text = _transcribe(audio, sample_rate, engine, language, deadline, google_key, chunk_s)
-    except _TimeLimit:
+    except TimeLimit:
         raise
     except _Unavailable as exc:
         log.info("transcript unavailable engine=%s language=%s reason=%s: %s", engine, language, exc.reason,

@@ -14,13 +14,13 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ser_ml.pipeline import JobInput, Outcome
 from ser_shared.db import upsert_insert
 from ser_shared.models import BROKER, FINISHED, Job, JobStatus, Result
-from ser_shared.queue import give_up_transcript
 from ser_shared.settings import Settings
 from ser_shared.storage import path_for
 from ser_shared.webhooks import record_events
-from worker.pipeline import JobInput, Outcome
+from worker.reconcile import give_up_transcript
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Non-speech recordings for *training* the speech detector (``worker.speech_detector``).
+"""Non-speech recordings for *training* the speech detector (``ser_ml.speech_detector``).
 
 Deliberately a separate generator from ``tests/nonspeech.py``: that one is the held-out test set,
 and a detector trained on its own functions would be graded on what it memorised. The families

@@ -20,17 +20,17 @@ from typing import Any
 
 import numpy as np
 
+from ser_ml import conditions, lstm
+from ser_ml.allocator import tune_malloc
+from ser_ml.encoder import SAMPLE_RATE, WhisperEncoder, file_sha256
+from ser_ml.features import Features
+from ser_ml.inference import MANIFEST, rf_proba
+from ser_ml.metrics import apply_temperature, classification, fit_temperature, reliability
+from ser_ml.speech_features import ENCODER_LAYERS, FEATURE_VERSION, WHISPER_MODEL, featurise, speech_clip
+from ser_ml.whisper_weights import SOURCES, provenance, read_encoder, write_artifact
 from ser_shared.audio import decode
 from ser_shared.emotions import EMOTIONS, parse_ravdess_name
 from ser_shared.errors import SilentAudio
-from ser_shared.features import Features
-from ser_shared.memory import tune_malloc
-from worker import conditions, lstm
-from worker.encoder import SAMPLE_RATE, WhisperEncoder, file_sha256
-from worker.inference import MANIFEST, rf_proba
-from worker.metrics import apply_temperature, classification, fit_temperature, reliability
-from worker.speech_features import ENCODER_LAYERS, FEATURE_VERSION, WHISPER_MODEL, featurise, speech_clip
-from worker.whisper_weights import SOURCES, provenance, read_encoder, write_artifact
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +185,11 @@ def load_corpus(root: Path, encoder: WhisperEncoder, limit_per_actor: int | None
 def train_speech_detector(out_dir: Path, encoder: WhisperEncoder, data_dir: Path, seed: int,
                           files_per_actor: int | None = None, nonspeech_per_family: int | None = None
                           ) -> dict[str, Any]:
-    """Fit the ``no_speech`` second check (``worker.speech_detector``) on RAVDESS speech against
+    """Fit the ``no_speech`` second check (``ser_ml.speech_detector``) on RAVDESS speech against
     generated non-speech, write ``speech_detector.joblib``; returns its manifest entry."""
     import joblib
 
-    from worker import speech_detector as sd
+    from ser_ml import speech_detector as sd
 
     started = time.perf_counter()
     data = sd.build_training_set(encoder, data_dir, seed, files_per_actor=files_per_actor,
@@ -545,9 +545,9 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
 
 def cross_corpus(root: Path, models_dir: Path) -> dict[str, Any]:
     """The shipped models on a corpus they never saw, through ``ser evaluate``'s path."""
+    from ser_ml.inference import Ensemble
+    from ser_ml.train.evaluation import analyse, labelled_files, report
     from ser_shared.settings import Settings
-    from worker.evaluation import analyse, labelled_files, report
-    from worker.inference import Ensemble
 
     items = labelled_files(root)
     ensemble = Ensemble.load(models_dir)
@@ -562,7 +562,7 @@ def _plots(out_dir: Path, matrix: list[list[int]], curves: dict[str, Any], manif
     try:
         import matplotlib  # noqa: F401
 
-        from worker.plots import confusion_png, reliability_png
+        from ser_ml.train.plots import confusion_png, reliability_png
     except ImportError:
         log.warning("matplotlib not installed: no confusion matrix or reliability diagram written")
         return

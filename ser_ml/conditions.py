@@ -19,7 +19,7 @@ import numpy as np
 import soxr
 from scipy import signal
 
-from ser_shared.features import SAMPLE_RATE
+from ser_ml.features import SAMPLE_RATE
 
 CONDITIONS: dict[str, str] = {
     "clean": "the recording unchanged",
