@@ -3,7 +3,7 @@
 Each descriptor is computed the way a typical SER script does it, by its own library call that
 recomputes its own spectrogram (melspectrogram, mfcc, rms, spectral_centroid, ...), and pitch
 by a per-frame autocorrelation loop. The definitions are the service's (``ser_ml.features``),
-so the two must give the same numbers: ``tests/test_features_reference.py`` checks that, and
+so the two must give the same numbers: ``tests/unit/test_features_reference.py`` checks that, and
 ``python -m bench.features`` times them against each other.
 """
 

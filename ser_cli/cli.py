@@ -59,6 +59,8 @@ def _web_argv(host: str, port: int, workers: int) -> list[str]:
 
 
 def _worker_argv(queues: str, concurrency: int, pool: str, loglevel: str) -> list[str]:
+    # The entry point builds the worker from this environment (create_worker(get_settings()), on
+    # first access of worker.celery_app.app) in the exec'd process, never in this one.
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker",
             "--queues", queues, "--concurrency", str(concurrency), "--pool", pool,
             "--loglevel", loglevel, "--without-gossip", "--without-mingle"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING
 
+from ser_shared.clock import as_utc
 from ser_shared.errors import SERError
 
 if TYPE_CHECKING:
@@ -31,9 +32,8 @@ def _sessions() -> sessionmaker[Session]:
 
 
 def iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat(timespec="seconds")
+    # "+00:00", not the API's "Z": the output `ser keys list` has always printed.
+    return None if value is None else as_utc(value).isoformat(timespec="seconds")
 
 
 def _create(args: argparse.Namespace) -> int:

@@ -105,6 +105,9 @@ def prepare(job: JobInput, settings: Settings, ensemble: Ensemble,
     prepared = Prepared(Outcome(job.id))
     outcome = prepared.outcome
     try:
+        if not job.path.exists():
+            # The decoders report a missing file as undecodable data (decode_failed): say it is gone.
+            raise FileNotFoundError(job.path)
         if _long(job, settings):
             _prepare_streamed(job, settings, ensemble, prepared, on_progress)
             return prepared

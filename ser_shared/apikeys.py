@@ -81,8 +81,6 @@ def by_id(session: Session, key_id: str | uuid.UUID) -> ApiKey | None:
 def touch(session: Session, row: ApiKey) -> None:
     now = datetime.now(UTC)
     last = row.last_used_at
-    if last is not None and last.tzinfo is None:  # SQLite returns naive UTC
-        last = last.replace(tzinfo=UTC)
     if last is None or now - last > TOUCH_EVERY:
         session.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
         session.commit()

@@ -20,10 +20,14 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     Uuid,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from ser_shared.clock import as_utc, utcnow
 
 # JSONB on Postgres (indexable, compact), plain JSON text elsewhere.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
@@ -37,8 +41,35 @@ NAMING = {
 }
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+class UTCDateTime(TypeDecorator[datetime]):
+    """A point in time: aware UTC in Python on every backend, the same DDL as ``DateTime(timezone=True)``.
+
+    Postgres stores ``timestamptz`` and hands back aware values in the session's time zone; SQLite
+    has no time zone type and hands back naive text-parsed values (its driver also drops any offset
+    on the way in, so a non-UTC value would be stored as the wrong instant). Here both directions
+    are normalised: values are converted to UTC on the way in (naive on SQLite, whose stored text
+    must compare as text) and come out aware UTC, so reading code never converts and comparisons in
+    queries bind correctly on both.
+
+    A naive value on the way in is refused (ValueError, raised by SQLAlchemy as a StatementError):
+    whose clock it was read from is unknowable here, and assuming UTC would silently store
+    ``datetime.now()`` local time as the wrong instant. Use ``ser_shared.clock.utcnow()`` or
+    ``clock.as_utc()`` where a naive value is known to be UTC (text from outside).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"a timezone-aware datetime is required, got {value!r}")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
 
 
 class Base(DeclarativeBase):
@@ -73,9 +104,9 @@ class ApiKey(Base):
     # The first characters of the key, so a person can tell keys apart in listings and logs.
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Batch(Base):
@@ -91,7 +122,7 @@ class Batch(Base):
                                         server_default=LOCAL_TENANT)
     # The key that uploaded it; NULL in single-user mode (no keys) and for rows from before keys.
     api_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     options: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     file_count: Mapped[int] = mapped_column(Integer, default=0)
     # Where job.succeeded / job.failed / batch.completed events go (checked against SSRF at upload).
@@ -142,7 +173,7 @@ class Job(Base):
     content_hash: Mapped[str | None] = mapped_column(String(64))
     storage_key: Mapped[str | None] = mapped_column(String(128))
     # Set when retention removed the audio (the result stays); storage_key is then NULL.
-    audio_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    audio_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     format: Mapped[str | None] = mapped_column(String(16))
     duration_s: Mapped[float | None] = mapped_column(Float)
     sample_rate: Mapped[int | None] = mapped_column(Integer)
@@ -159,18 +190,18 @@ class Job(Base):
     # Share of a long recording analysed so far (0..1), written now and then while it runs.
     progress: Mapped[float | None] = mapped_column(Float)
     # NULL while the job waits for the broker (it was down at upload): a sweep enqueues it later.
-    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     enqueue_error: Mapped[str | None] = mapped_column(Text)
     # Who holds the job's unfinished stage (analysis, or the transcript after the emotion is
     # stored), and since when: a worker node (its liveness is in worker_heartbeats), BROKER for a
     # transcript stage the reconciler re-sent, NULL when nothing is outstanding. A job held by a
     # node whose heartbeat stopped is taken back well before the hard time limit would notice.
     worker: Mapped[str | None] = mapped_column(String(200))
-    worker_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     # Denormalised from the result so history filters stay on one indexed table.
     emotion: Mapped[str | None] = mapped_column(String(16))
@@ -197,7 +228,7 @@ class Result(Base):
     model_probabilities: Mapped[dict[str, dict[str, float]]] = mapped_column(JSONType)
     model_versions: Mapped[dict[str, str]] = mapped_column(JSONType)
     timings_ms: Mapped[dict[str, float]] = mapped_column(JSONType)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # A stage of its own: {"status": "pending" | "succeeded" | "unavailable", "engine", "language",
     # "text", "reason", "message", "seconds"}; NULL when no transcript was asked for.
     transcript: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
@@ -217,7 +248,7 @@ class IdempotencyKey(Base):
     key: Mapped[str] = mapped_column(String(330), primary_key=True)
     # SHA-256 over the request (fields and each file's bytes): the same key with another request is a 409.
     fingerprint: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     # NULL while the first request is still being processed.
     status_code: Mapped[int | None] = mapped_column(Integer)
     response: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
@@ -225,7 +256,7 @@ class IdempotencyKey(Base):
     # request keeps extending. A request killed outright stops extending it, and its key is free
     # again once the lease has run out (NULL on rows from before leases: created_at + lease).
     owner: Mapped[str | None] = mapped_column(String(32))
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Set in the transaction that commits the request's batch: from then on the key means that
     # batch, even if the request dies before it stores its response (a retry gets the batch).
     batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
@@ -241,8 +272,8 @@ class WorkerHeartbeat(Base):
     __tablename__ = "worker_heartbeats"
 
     node: Mapped[str] = mapped_column(String(200), primary_key=True)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class WebhookDelivery(Base):
@@ -262,8 +293,8 @@ class WebhookDelivery(Base):
     event: Mapped[str] = mapped_column(String(32))
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # [{"at", "status_code", "latency_ms", "error"}], oldest first.
     attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)

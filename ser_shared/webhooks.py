@@ -2,10 +2,12 @@
 
 Events (``job.succeeded``, ``job.failed``, ``batch.completed``) are rows written in the same
 transaction as the state change they announce (``record_events``), then handed to the
-``ser.deliver_webhook`` task after the commit. Delivery itself is in ``worker.webhooks``.
+``ser.deliver_webhook`` task after the commit. Delivery itself is in ``worker.delivery``.
 
 Signing follows https://www.standardwebhooks.com: headers ``webhook-id``, ``webhook-timestamp``
-and ``webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">``.
+and ``webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">``. The key is derived here
+from the settings alone (the README prints it that way); the signature itself is made by the
+``standardwebhooks`` library in ``worker.delivery``, the only place that sends.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ser_shared.addresses import address_is_public
+from ser_shared.contracts import DELIVER_WEBHOOK, QUEUE_CPU
 from ser_shared.db import upsert_insert
 from ser_shared.errors import BadRequest
 from ser_shared.models import FINISHED, Batch, Job, WebhookDelivery
+from ser_shared.schemas import BatchEvent, JobEvent
 from ser_shared.settings import Settings
-from ser_shared.tasks import DELIVER_WEBHOOK, QUEUE_CPU
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +57,6 @@ def public_secret(settings: Settings) -> str:
     """The secret in the ``whsec_`` form a receiver configures."""
     return "whsec_" + base64.b64encode(secret_bytes(settings)).decode()
 
-
-def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(mac).decode()
-
-
-def headers(key: bytes, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
-    return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(key, msg_id, timestamp, body), "content-type": "application/json",
-            "user-agent": "ser-webhooks/1"}
 
 
 # --- SSRF guard ------------------------------------------------------------------------------
@@ -159,16 +152,12 @@ def check_url(url: str, settings: Settings) -> str:
 
 # --- events ----------------------------------------------------------------------------------
 
-def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _delivery(batch: Batch, job: Job | None, event: str, data: dict[str, Any], now: datetime) -> dict[str, Any]:
+def _delivery(batch: Batch, job: Job | None, event: JobEvent | BatchEvent, now: datetime) -> dict[str, Any]:
+    """The outbox row for one event; its payload is the event's JSON, exactly as it will be POSTed."""
     subject = job.id if job is not None else batch.id
-    msg_id = "msg_" + uuid.uuid5(NAMESPACE, f"{subject}:{event}").hex
-    payload = {"type": event, "timestamp": _iso(now), "data": data}
-    return {"id": msg_id, "batch_id": batch.id, "job_id": job.id if job else None, "event": event,
-            "url": batch.webhook_url, "payload": payload, "created_at": now, "status": "pending",
+    msg_id = "msg_" + uuid.uuid5(NAMESPACE, f"{subject}:{event.type}").hex
+    return {"id": msg_id, "batch_id": batch.id, "job_id": job.id if job else None, "event": event.type,
+            "url": batch.webhook_url, "payload": event.to_json(), "created_at": now, "status": "pending",
             "next_attempt_at": now, "attempts": []}
 
 
@@ -189,10 +178,11 @@ def record_events(session: Session, job_ids: Sequence[uuid.UUID]) -> list[str]:
     for job in jobs:
         if job.status not in FINISHED:
             continue
-        data = {"job_id": str(job.id), "batch_id": str(job.batch_id), "status": job.status,
+        data = {"job_id": job.id, "batch_id": job.batch_id, "status": job.status,
                 "emotion": job.emotion, "confidence": job.confidence, "client_reference": job.client_reference,
                 "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None}
-        rows.append(_delivery(job.batch, job, f"job.{job.status}", data, now))
+        event = JobEvent.build({"type": f"job.{job.status}", "timestamp": now, "data": data})
+        rows.append(_delivery(job.batch, job, event, now))
         batches[job.batch_id] = job.batch
     for batch in batches.values():
         open_jobs = session.scalar(select(Job.id).where(Job.batch_id == batch.id, Job.status.not_in(FINISHED))
@@ -201,8 +191,9 @@ def record_events(session: Session, job_ids: Sequence[uuid.UUID]) -> list[str]:
             counts: dict[str, int] = {}
             for status in session.scalars(select(Job.status).where(Job.batch_id == batch.id)):
                 counts[status] = counts.get(status, 0) + 1
-            rows.append(_delivery(batch, None, "batch.completed",
-                                  {"batch_id": str(batch.id), "file_count": batch.file_count, "counts": counts}, now))
+            completed = BatchEvent.build({"type": "batch.completed", "timestamp": now, "data": {
+                "batch_id": batch.id, "file_count": batch.file_count, "counts": counts}})
+            rows.append(_delivery(batch, None, completed, now))
     if not rows:
         return []
     inserted = session.execute(upsert_insert(session, WebhookDelivery).on_conflict_do_nothing(index_elements=["id"])

@@ -48,17 +48,27 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+@contextmanager
+def new_database() -> Iterator[str]:
+    """The URL of an empty Postgres database of a fresh name, dropped (connections and all) afterwards."""
     name = f"ser_test_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    with new_database() as url:
+        yield url
 
 
 @contextmanager
@@ -71,18 +81,10 @@ def private_database(base: Settings, **changes: object) -> Iterator[Settings]:
     """
     from ser_shared.migrate import upgrade
 
-    name = f"ser_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        settings = base.model_copy(update={"database_url": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}", **changes})
+    with new_database() as url:
+        settings = base.model_copy(update={"database_url": url, **changes})
         upgrade(settings)
         yield settings
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -195,7 +197,8 @@ def wait_for(predicate, timeout: float = 90.0, interval: float = 0.5):  # type: 
 
 @pytest.fixture(scope="session")
 def live_server(pg_settings: Settings):  # type: ignore[no-untyped-def]
-    """The test app served on a free port of 127.0.0.1 (authentication off: one local tenant).
+    """The test app served on a free port of 127.0.0.1 (authentication off: one local tenant), for
+    the client and browser tests.
 
     Without per-minute upload limits: the client tests upload many batches, and in single-user mode
     every test's uploads share the one local key's budget. (Limits are tested on apps of their own.)

@@ -1,7 +1,8 @@
 """A WSGI app served from a thread on a free port, and a forwarding proxy that injects faults.
 
-Used by the client tests (``tests/test_cli_client.py``, ``tests/test_sdk.py``) through the
-``live_server`` and ``auth_server`` fixtures in ``tests/conftest.py``.
+Used by the client tests (``tests/test_cli_client.py``, ``tests/test_sdk.py``) and the browser
+tests (``tests/browser``) through the ``live_server`` and ``auth_server`` fixtures in
+``tests/conftest.py``.
 """
 
 from __future__ import annotations

@@ -171,6 +171,27 @@ def test_single_user_mode_needs_no_key_but_forms_need_csrf(client) -> None:  # t
     assert resp.status_code == 403
 
 
+@pytest.mark.parametrize(("headers", "status"), [
+    ({}, 202),  # a script or the CLI: no browser headers
+    ({"Origin": "http://localhost"}, 202),  # the service's own pages (the test client's host)
+    ({"Sec-Fetch-Site": "same-origin"}, 202),
+    ({"Origin": "https://evil.example"}, 403),  # another site's form POST
+    ({"Origin": "null"}, 403),  # a sandboxed frame or a data: page
+    ({"Sec-Fetch-Site": "cross-site"}, 403),
+    ({"Sec-Fetch-Site": "same-site"}, 403),  # another port of localhost is another program
+])
+def test_single_user_api_refuses_writes_from_other_sites(client, headers: dict[str, str],  # type: ignore[no-untyped-def]
+                                                         status: int) -> None:
+    """Without keys, a page on any site could POST a form to a local service's API: browsers say where
+    a request comes from, and a write from elsewhere is refused."""
+    resp = client.post("/api/v1/jobs", data=multipart([read(ravdess_file(3, "05"))]),
+                       content_type="multipart/form-data", headers=headers)
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    if status == 403:
+        assert resp.get_json()["error"]["code"] == "csrf_failed"
+        assert client.delete("/api/v1/jobs/00000000-0000-0000-0000-000000000000", headers=headers).status_code == 403
+
+
 def _limited_app(pg_settings: Settings, **limits: int):  # type: ignore[no-untyped-def]
     from web import create_app
 

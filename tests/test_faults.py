@@ -308,7 +308,7 @@ class TestKilledWorkers:
         (job_id,) = _upload(_app(idle).test_client(), [_short(4)], webhook_url=WEBHOOK)
         first = results.claim(factory, [job_id], idle)
         second = results.claim(factory, [job_id], idle)
-        assert [i.id for i in first] == [i.id for i in second] == [uuid.UUID(job_id)]
+        assert [i.id for i in first.inputs] == [i.id for i in second.inputs] == [uuid.UUID(job_id)]
         for emotion, confidence in (("angry", 0.6), ("sad", 0.7)):
             probs = {"neutral": round(1 - confidence, 3), emotion: confidence}
             outcome = Outcome(uuid.UUID(job_id), Prediction(emotion, confidence, False, probs,

@@ -40,7 +40,7 @@ from ser_shared.models import Batch, IdempotencyKey, Job
 from ser_shared.settings import Settings
 from tests.conftest import ravdess_file
 from tests.helpers import multipart, read
-from web import create_app, openapi
+from web import create_app, markup, openapi
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
@@ -174,10 +174,10 @@ def test_fuzz_every_operation(api_schema: Any, method: str, path: str, mode: Gen
 def _seed(app: Flask) -> dict[str, Any]:
     """Real jobs in every state the API shows: queued with audio, succeeded with segments, a
     transcript and model versions, failed at upload, with webhook deliveries and an attempt."""
-    from worker.inference import Prediction
-    from worker.pipeline import Outcome
-    from worker.store import persist, save_transcripts
-    from worker.webhooks import deliver
+    from ser_ml.inference import Prediction
+    from ser_ml.pipeline import Outcome
+    from worker.delivery import deliver
+    from worker.results import persist, save_transcripts
 
     client = app.test_client()
     files = [read(ravdess_file(3, "03")), read(ravdess_file(3, "05")), ("noise.wav", b"not audio at all")]
@@ -317,6 +317,24 @@ def test_api_page_lists_every_operation(client) -> None:  # type: ignore[no-unty
     # Nothing is fetched from another site: every src/href is local or an in-page anchor.
     for target in re.findall(r'(?:src|href)="([^"]*)"', html):
         assert target.startswith(("/", "#")), target
+
+
+def test_api_page_renders_the_descriptions_markdown(client) -> None:  # type: ignore[no-untyped-def]
+    html = client.get("/docs/api").get_data(as_text=True)
+    assert "<strong>Authentication.</strong>" in html and "<strong>Errors</strong>" in html
+    assert "<code>Authorization: Bearer &lt;key&gt;</code>" in html  # the document's own <key>, escaped
+    assert "<code>bytes=0-99</code>" in html  # a parameter's description, in its table cell
+    assert "<code>file</code> part becomes a job" in html  # an operation's description
+    prose = re.sub(r"<(pre|code)\b[^>]*>.*?</\1>", "", html, flags=re.S)
+    assert "**" not in prose and "`" not in prose
+
+
+def test_markdown_source_html_is_escaped_not_run() -> None:
+    out = markup.block("Hi <script>alert(1)</script> **bold** [x](javascript:alert(1)) <img src=x onerror=y>")
+    assert "<script" not in out and "&lt;script&gt;alert(1)&lt;/script&gt;" in out
+    assert "<img" not in out and 'href="javascript' not in out
+    assert "<strong>bold</strong>" in out
+    assert markup.inline("`<b>` <style>p{}</style>") == "<code>&lt;b&gt;</code> &lt;style&gt;p{}&lt;/style&gt;"
 
 
 def test_nav_links_to_api_page(client) -> None:  # type: ignore[no-untyped-def]

@@ -62,17 +62,31 @@ def test_persist_writes_a_whole_chunk_and_overwrites_on_redelivery(pg_settings: 
                       ids[2]: ("failed", None, "silent_audio")}
 
 
-def _blas_threads_after_importing_tasks(tmp_path: Path, extra: dict[str, str]) -> str:
+def _blas_threads_before_and_after_worker_init(tmp_path: Path, extra: dict[str, str]) -> tuple[str, str]:
+    """BLAS thread counts in a fresh process: after importing the worker's modules and building
+    its app (nothing tuned yet), and after a worker is set up from that app (``worker_init``)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("SER_") and k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env.update({"SER_DATA_DIR": str(tmp_path)}, **extra)
-    code = ("import worker.tasks, threadpoolctl; "
-            "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas'}))")
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-                          check=True, timeout=120).stdout.strip()
+    code = ("import threadpoolctl, worker.tasks\n"
+            "from ser_shared.settings import get_settings\n"
+            "from worker.celery_app import create_worker\n"
+            "def blas(): return sorted({i['num_threads'] for i in threadpoolctl.threadpool_info() "
+            "if i['user_api'] == 'blas'})\n"
+            "app = create_worker(get_settings())\n"
+            "before = blas()\n"
+            "app.WorkController(pool='threads', hostname='blas@test', without_heartbeat=True, "
+            "without_mingle=True, without_gossip=True)\n"
+            "print(before, blas(), sep='|')\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.strip().splitlines()[-1]
+    before, after = out.split("|")
+    return before, after
 
 
 def test_worker_processes_run_blas_single_threaded_unless_told_otherwise(tmp_path: Path) -> None:
-    assert _blas_threads_after_importing_tasks(tmp_path, {}) == "[1]"
+    before, after = _blas_threads_before_and_after_worker_init(tmp_path, {})
+    assert after == "[1]"
     if (os.cpu_count() or 1) > 1:
-        assert _blas_threads_after_importing_tasks(tmp_path, {"OPENBLAS_NUM_THREADS": "2"}) == "[2]"
+        assert before != "[1]"  # importing the worker and building its app tune nothing
+        assert _blas_threads_before_and_after_worker_init(tmp_path, {"OPENBLAS_NUM_THREADS": "2"})[1] == "[2]"

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from celery import Celery
 from flask import Flask, g
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
+from ser_shared import schemas
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.enqueue import make_celery
 from ser_shared.settings import Settings, get_settings
-
-
-@dataclass
-class Services:
-    settings: Settings
-    engine: Engine
-    sessions: sessionmaker[Session]
-    celery: Celery
+from web.context import Services
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app; ``settings`` defaults to the environment's."""
     settings = settings or get_settings()
+    schemas.set_strict(settings.env != "production")
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=settings.flask_secret,

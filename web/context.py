@@ -1,11 +1,29 @@
-"""Request-scoped access to the app's services and database session."""
+"""The app's services and request-scoped access to them and to the database session.
+
+``Services`` lives here, not in ``web/app.py``: every module that needs it would otherwise import
+the app factory, which imports every blueprint, which import those modules again (an import cycle).
+"""
 
 from __future__ import annotations
 
-from flask import current_app, g
-from sqlalchemy.orm import Session
+from dataclasses import dataclass
 
-from web.app import Services
+from celery import Celery
+from flask import current_app, g
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ser_shared.settings import Settings
+
+
+@dataclass
+class Services:
+    """What ``create_app`` builds once per app, kept in ``app.extensions["ser"]``."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    celery: Celery
 
 
 def services() -> Services:

@@ -16,27 +16,33 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ser_shared.emotions import EMOTIONS
 from ser_shared.models import Job
+from ser_shared.schemas import EXPORT_COLUMNS, ExportRow, Segment
 from web import queries
-from web.serialize import iso
 
 PAGE = 500
-COLUMNS = ["job_id", "batch_id", "filename", "client_reference", "status", "created_at", "duration_s",
-           "segment", "start_s", "end_s", "emotion", "confidence", "uncertain",
-           *[f"p_{e}" for e in EMOTIONS], "error_code", "transcript"]
+COLUMNS = list(EXPORT_COLUMNS)  # ExportRow's fields, in its order
 
 
 def _rows(job: Job, segments: bool) -> Iterator[dict[str, Any]]:
+    """The job's rows, each checked against ``ExportRow`` (a column it does not declare is an error)."""
+    for row in _raw_rows(job, segments):
+        yield ExportRow.build(row).to_json()
+
+
+def _raw_rows(job: Job, segments: bool) -> Iterator[dict[str, Any]]:
     result = job.result
     base = {"job_id": str(job.id), "batch_id": str(job.batch_id), "filename": job.filename,
-            "client_reference": job.client_reference, "status": job.status, "created_at": iso(job.created_at),
+            "client_reference": job.client_reference, "status": job.status, "created_at": job.created_at,
             "duration_s": job.duration_s, "error_code": job.error_code,
             "transcript": (result.transcript or {}).get("text") if result else None}
     if segments and result and result.segments:
-        for k, seg in enumerate(result.segments):
-            yield {**base, "segment": k, "start_s": seg["start"], "end_s": seg["end"], "emotion": seg["emotion"],
-                   "confidence": seg["confidence"], "uncertain": seg["uncertain"],
-                   **{f"p_{e}": seg["probabilities"].get(e) for e in EMOTIONS},
-                   "transcript": seg.get("transcript", base["transcript"])}
+        for k, seg in enumerate(Segment.build(s) for s in result.segments):
+            # A segment without its own transcript (not transcribed segment-wise) shows the job's.
+            own = "transcript" in seg.model_fields_set
+            yield {**base, "segment": k, "start_s": seg.start, "end_s": seg.end, "emotion": seg.emotion,
+                   "confidence": seg.confidence, "uncertain": seg.uncertain,
+                   **{f"p_{e}": seg.probabilities.get(e) for e in EMOTIONS},
+                   "transcript": seg.transcript if own else base["transcript"]}
         return
     probs = result.probabilities if result else {}
     yield {**base, "segment": None, "start_s": None, "end_s": None,

@@ -34,7 +34,7 @@ from werkzeug.datastructures import FileStorage, MultiDict
 
 from ser_shared.errors import BadRequest, Conflict
 from ser_shared.models import IdempotencyKey
-from web.app import Services
+from web.context import Services
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
@@ -71,10 +71,6 @@ def fingerprint(form: MultiDict[str, str], files: list[FileStorage]) -> str:
             digest.update(block)
         upload.stream.seek(start)
     return digest.hexdigest()
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value  # SQLite returns naive UTC
 
 
 class InProgress(Conflict):
@@ -139,7 +135,7 @@ def _expired(row: IdempotencyKey, now: datetime, lease: timedelta) -> bool:
     if row.status_code is not None or row.batch_id is not None:
         return False
     # Rows from before leases have none: their claim lasts one lease from its creation.
-    until = _aware(row.lease_until) if row.lease_until is not None else _aware(row.created_at) + lease
+    until = row.lease_until if row.lease_until is not None else row.created_at + lease
     return until < now
 
 
@@ -186,7 +182,7 @@ def claim(svc: Services, key: str, print_: str) -> Stored | Bound | Lease:
             return Stored(row.status_code, row.response)
         if row.batch_id is not None:
             return Bound(row.batch_id)
-        until = _aware(row.lease_until) if row.lease_until is not None else _aware(row.created_at) + span
+        until = row.lease_until if row.lease_until is not None else row.created_at + span
         raise InProgress((until - now).total_seconds())
 
 

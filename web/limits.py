@@ -6,6 +6,12 @@ one local user has the budget. The windows are counted from the batches and jobs
 (indexed on key and creation time), so every web process sees the same counts without another
 store, in the embedded SQLite mode too. Two requests racing at the edge of a limit can both pass;
 the limits are meant to stop floods and runaway scripts, not to meter to the exact file.
+
+Why not Flask-Limiter: it counts requests in a store of its own, and the embedded mode has no Redis
+(its in-memory store is per process, so each gunicorn worker would grant a full budget). It would
+also count refused and failed requests, where these windows count only uploads that were taken; a
+per-file cost needs the file count, which is known only after the body is read; and the queued-jobs
+cap is not a rate at all but the database's state. Two of the three checks would stay here anyway.
 """
 
 from __future__ import annotations
@@ -15,27 +21,20 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from ser_shared.errors import TooManyRequests
 from ser_shared.models import Batch, Job, JobStatus
-from web.app import Services
+from web.context import Services
 
 WINDOW = timedelta(minutes=1)
 # Nothing says when queued work will drain; half a minute is a polite first retry.
 QUEUED_RETRY_S = 30
 
 
-def _naive_if_sqlite(session: Session, value: datetime) -> datetime:
-    return value.replace(tzinfo=None) if session.get_bind().dialect.name == "sqlite" else value
-
-
 def _retry_after(oldest: datetime | None, now: datetime) -> int:
     """Seconds until the oldest counted request leaves the window."""
     if oldest is None:
         return 1
-    if oldest.tzinfo is None:
-        oldest = oldest.replace(tzinfo=UTC)
     return max(1, math.ceil((oldest + WINDOW - now).total_seconds()))
 
 
@@ -52,9 +51,9 @@ def check(svc: Services, tenant: str, key_id: uuid.UUID | None, files: int = 0) 
     jobs_of = Job.api_key_id == key_id if key_id is not None else Job.tenant == tenant
     per, of = (" per API key", " of this API key") if key_id is not None else ("", "")
     with svc.sessions() as session:
-        since = _naive_if_sqlite(session, now - WINDOW)
+        # min() keeps the column's type, so ``oldest`` comes back aware UTC on SQLite too.
         recent = select(func.count(), func.coalesce(func.sum(Batch.file_count), 0), func.min(Batch.created_at)).where(
-            batches_of, Batch.created_at >= since)
+            batches_of, Batch.created_at >= now - WINDOW)
         uploads, uploaded_files, oldest = session.execute(recent).one()
         if files == 0:
             if uploads >= settings.rate_limit_uploads_per_minute:

@@ -1,9 +1,10 @@
-"""The OpenAPI 3.1 description of the JSON API, as data.
+"""The OpenAPI 3.1 description of the JSON API.
 
 It is served at ``/api/v1/openapi.json``, rendered as the readable page at ``/docs/api``, and
-tests/test_openapi.py fuzzes the running app from it (schemathesis), so it has to say exactly what
-the code does: the shapes follow ``web.serialize`` field for field, nullable where those can be
-None. Change a response there, change its schema here.
+tests/test_openapi.py fuzzes the running app from it (schemathesis). The paths, parameters and
+request bodies are declared here; every component schema is generated from the models of
+``ser_shared.schemas``, the same models ``web.serialize`` builds the responses with, so a response
+shape is changed in one place.
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ from functools import cache
 from importlib import metadata
 from typing import Any
 
+from ser_shared import schemas
 from ser_shared.emotions import EMOTIONS
-from ser_shared.models import JobStatus
+from ser_shared.schemas import EXPORT_COLUMNS, STATUSES
 from web import idempotency
-from web.export import COLUMNS
 from web.queries import DEFAULT_SORT, MAX_IDS, MAX_LIMIT, SORT_CHOICES
 from web.uploads import DEVICES, LANGUAGE, MAX_METADATA_BYTES, MAX_REFERENCE, TRANSCRIBE
 
 Schema = dict[str, Any]
 
-STATUSES = [s.value for s in JobStatus]
 AUDIO_TYPES = ["audio/wav", "audio/flac", "audio/ogg", "audio/mpeg", "audio/aiff", "audio/mp4", "audio/aac",
                "audio/webm", "application/octet-stream"]
 
@@ -47,13 +47,6 @@ def ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def nullable(schema: Schema) -> Schema:
-    """``schema`` or JSON null (OpenAPI 3.1 spells nullability the JSON Schema way)."""
-    if "$ref" in schema:
-        return {"anyOf": [schema, {"type": "null"}]}
-    return {**schema, "type": [schema["type"], "null"]}
-
-
 def obj(properties: dict[str, Schema], required: list[str] | None = None, **extra: Any) -> Schema:
     """An object; every property is required unless ``required`` names the ones that are."""
     return {"type": "object", "properties": properties,
@@ -61,110 +54,9 @@ def obj(properties: dict[str, Schema], required: list[str] | None = None, **extr
 
 
 STRING: Schema = {"type": "string"}
-DATETIME: Schema = {"type": "string", "format": "date-time"}
 URI: Schema = {"type": "string", "format": "uri"}
 UUID: Schema = {"type": "string", "format": "uuid"}
-NUMBER: Schema = {"type": "number"}
-INTEGER: Schema = {"type": "integer"}
 BOOLEAN: Schema = {"type": "boolean"}
-PROBABILITIES: Schema = {"type": "object", "description": "Probability per emotion (they sum to 1).",
-                         "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1}}
-
-
-def _schemas() -> dict[str, Schema]:
-    return {
-        "Error": obj({"error": obj({"code": {**STRING, "description": "Stable, machine-readable."},
-                                    "message": {**STRING, "description": "For people."}})}),
-        "JobError": obj({"code": STRING, "message": nullable(STRING)},
-                        description="Why a job failed (a stable code and a human message)."),
-        "JobSummary": obj({"id": UUID, "filename": STRING, "status": {"type": "string", "enum": STATUSES},
-                           "client_reference": nullable(STRING), "url": URI, "error": ref("JobError")},
-                          required=["id", "filename", "status", "client_reference", "url"],
-                          description="A job as an upload answers it; `error` only for a file refused at upload."),
-        "UploadAccepted": obj({"batch_id": UUID, "batch_url": URI,
-                               "jobs": {"type": "array", "items": ref("JobSummary")},
-                               "warning": {**STRING, "description": "Only when the queue was unreachable: the "
-                                           "jobs are stored and will be queued when it returns."}},
-                              required=["batch_id", "batch_url", "jobs"]),
-        "Options": obj({"device": {"type": "string", "enum": list(DEVICES)},
-                        "transcribe": {"type": "string", "enum": [t for t in TRANSCRIBE if t != "none"]},
-                        "language": STRING}, required=[],
-                       description="The batch's options: `device` on every upload since the first release; "
-                                   "`transcribe` and `language` only when a transcript was asked for."),
-        "Transcript": obj({
-            "status": {"type": "string", "enum": ["pending", "succeeded", "unavailable"]},
-            "engine": {"type": "string", "enum": [t for t in TRANSCRIBE if t != "none"]},
-            "language": STRING, "text": nullable(STRING),
-            "reason": nullable({**STRING, "description": "Why it is unavailable: network_error, rate_limited, "
-                                "http_error, no_speech, timeout, engine_missing, engine_error, worker_lost, ..."}),
-            "message": nullable(STRING), "seconds": NUMBER,
-            "segments": {**BOOLEAN, "description": "True when transcribed segment by segment."},
-            "attempts": {"type": "integer", "description": "How many times the transcript stage was started: "
-                         "more than 1 after a worker was killed during it (then `worker_lost` ends it)."}},
-            required=["status", "engine", "language"],
-            description="The transcript stage: only status, engine and language while it is pending."),
-        "Segment": obj({"start": NUMBER, "end": NUMBER,
-                        "speech_s": {**NUMBER, "description": "Seconds of speech in the segment."},
-                        "emotion": {"type": "string", "enum": list(EMOTIONS)}, "confidence": NUMBER,
-                        "uncertain": BOOLEAN, "probabilities": PROBABILITIES,
-                        "transcript": nullable({**STRING, "description": "Only with a segment-wise transcript."})},
-                       required=["start", "end", "emotion", "confidence", "uncertain", "probabilities"],
-                       description="One speech segment (times in seconds) with its own prediction."),
-        "Result": obj({
-            "emotion": {"type": "string", "enum": list(EMOTIONS)}, "confidence": NUMBER, "uncertain": BOOLEAN,
-            "probabilities": PROBABILITIES,
-            "models": {"type": "object", "description": "Each model's own probabilities and version.",
-                       "additionalProperties": obj({"probabilities": PROBABILITIES, "version": nullable(STRING)})},
-            "timings_ms": {"type": "object", "additionalProperties": NUMBER},
-            "transcript": nullable(ref("Transcript")),
-            "segments": {"type": "array", "items": ref("Segment"),
-                         "description": "In time order; left out of job lists unless `segments=true`."}},
-            required=["emotion", "confidence", "uncertain", "probabilities", "models", "timings_ms", "transcript"]),
-        "WebhookAttempt": obj({"at": DATETIME, "status_code": nullable(INTEGER), "latency_ms": NUMBER,
-                               "error": nullable(STRING)}),
-        "WebhookDelivery": obj({"id": STRING, "event": STRING, "url": STRING,
-                                "status": {"type": "string", "enum": ["pending", "delivered", "failed"]},
-                                "created_at": nullable(DATETIME), "next_attempt_at": nullable(DATETIME),
-                                "attempts": {"type": "array", "items": ref("WebhookAttempt")}}),
-        "Job": obj({
-            "id": UUID, "batch_id": UUID, "filename": STRING, "status": {"type": "string", "enum": STATUSES},
-            "error": nullable(ref("JobError")), "result": nullable(ref("Result")),
-            "size_bytes": INTEGER, "content_hash": nullable(STRING), "format": nullable(STRING),
-            "duration_s": nullable(NUMBER), "sample_rate": nullable(INTEGER), "channels": nullable(INTEGER),
-            "options": ref("Options"), "client_reference": nullable(STRING),
-            "metadata": nullable({"type": "object"}), "attempts": INTEGER,
-            "progress": {"type": "integer", "minimum": 0, "maximum": 100},
-            "queue": obj({"enqueued": BOOLEAN, "enqueued_at": nullable(DATETIME), "error": nullable(STRING)}),
-            "created_at": nullable(DATETIME), "started_at": nullable(DATETIME), "finished_at": nullable(DATETIME),
-            "url": URI, "audio_url": nullable(URI), "audio_deleted_at": nullable(DATETIME),
-            "webhooks": {"type": "array", "items": ref("WebhookDelivery")}}),
-        "JobPage": obj({"jobs": {"type": "array", "items": ref("Job")}, "next_cursor": nullable(STRING)}),
-        "Batch": obj({
-            "id": UUID, "created_at": nullable(DATETIME), "file_count": INTEGER, "options": ref("Options"),
-            "counts": obj({s: INTEGER for s in STATUSES}, description="Jobs per status."),
-            "done": {**BOOLEAN, "description": "Every job has succeeded or failed."}, "url": URI,
-            "webhook_url": nullable(STRING),
-            "webhooks": {"type": "array", "items": ref("WebhookDelivery")},
-            "jobs": {"type": "array", "items": ref("Job")}}),
-        "ExportRow": obj({c: _export_column(c) for c in COLUMNS}),
-        "Health": obj({"status": {"type": "string", "enum": ["ok"]}}),
-        "Ready": obj({"status": {"type": "string", "enum": ["ready", "unavailable"]},
-                      "checks": obj({"database": STRING, "broker": STRING})}),
-    }
-
-
-def _export_column(name: str) -> Schema:
-    if name in ("job_id", "batch_id", "filename", "status"):
-        return STRING
-    if name in ("created_at",):
-        return nullable(DATETIME)
-    if name == "segment":
-        return nullable(INTEGER)
-    if name == "uncertain":
-        return nullable(BOOLEAN)
-    if name in ("duration_s", "start_s", "end_s", "confidence") or name.startswith("p_"):
-        return nullable(NUMBER)
-    return nullable(STRING)
 
 
 def _error(description: str, headers: dict[str, Any] | None = None) -> Schema:
@@ -204,7 +96,7 @@ def _query(name: str, schema: Schema, description: str, **extra: Any) -> Schema:
 def _filters() -> list[Schema]:
     text = {"type": "string", "maxLength": 200}
     return [
-        _query("status", {"type": "string", "enum": STATUSES}, "Only jobs in this state."),
+        _query("status", {"type": "string", "enum": list(STATUSES)}, "Only jobs in this state."),
         _query("emotion", {"type": "string", "enum": list(EMOTIONS)}, "Only jobs whose result is this emotion."),
         _query("batch_id", UUID, "Only this batch's jobs."),
         _query("batch", UUID, "Old name of `batch_id`.", deprecated=True),
@@ -288,7 +180,7 @@ def _export() -> Schema:
     return {
         "operationId": "exportJobs", "tags": ["jobs"], "summary": "Export jobs as CSV or JSON (streamed)",
         "description": f"The jobs the list filters select, newest first, as a download. CSV columns: "
-                       f"{', '.join(COLUMNS)}.",
+                       f"{', '.join(EXPORT_COLUMNS)}.",
         "parameters": [*_filters(), _query("format", {"type": "string", "enum": ["csv", "json"], "default": "csv"},
                                            "Output format.")],
         "responses": {"200": {"description": "The rows (an attachment).",
@@ -355,6 +247,17 @@ def _probes() -> dict[str, Schema]:
     }
 
 
+def _webhooks() -> dict[str, Schema]:
+    """What a batch's ``webhook_url`` receives (signed per Standard Webhooks, retried with backoff)."""
+    def event(name: str, summary: str, schema: str) -> Schema:
+        return {"post": {"operationId": name, "tags": ["webhooks"], "summary": summary,
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": ref(schema)}}},
+                         "responses": {"2XX": {"description": "Received: any 2xx ends the retries."}}}}
+    return {"jobFinished": event("jobFinished", "`job.succeeded` or `job.failed`: a job has finished", "JobEvent"),
+            "batchCompleted": event("batchCompleted", "`batch.completed`: every job of a batch has finished",
+                                    "BatchEvent")}
+
+
 def _version() -> str:
     try:
         return metadata.version("ser-service")
@@ -369,7 +272,8 @@ def _document() -> Schema:
         "info": {"title": "SER: speech emotion recognition", "version": _version(), "description": DESCRIPTION,
                  "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"}},
         "tags": [{"name": "jobs", "description": "Uploads, results and exports."},
-                 {"name": "operations", "description": "Probes and this description (no key needed)."}],
+                 {"name": "operations", "description": "Probes and this description (no key needed)."},
+                 {"name": "webhooks", "description": "Events POSTed to a batch's `webhook_url`."}],
         "security": [{"bearerAuth": []}, {"apiKeyHeader": []}],
         "paths": {
             "/api/v1/jobs": {"post": _create_jobs(), "get": _list_jobs()},
@@ -379,6 +283,7 @@ def _document() -> Schema:
             "/api/v1/export": {"get": _export()},
             **_probes(),
         },
+        "webhooks": _webhooks(),
         "components": {
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer",
@@ -386,7 +291,7 @@ def _document() -> Schema:
                 "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key",
                                  "description": "The same key in its own header."},
             },
-            "schemas": _schemas(),
+            "schemas": schemas.components(),
             "responses": _responses(),
         },
     }

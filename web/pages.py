@@ -12,7 +12,7 @@ from ser_shared import storage
 from ser_shared.emotions import EMOTIONS
 from ser_shared.errors import Gone
 from ser_shared.models import Job
-from web import images, limits, media, openapi, queries
+from web import images, limits, markup, media, openapi, queries
 from web.auth import key_id, tenant
 from web.context import db, services
 from web.serialize import iso
@@ -92,7 +92,7 @@ def api_docs() -> str:
     doc = openapi.document()
     return render_template("api.html", doc=doc, operations=openapi.operations(doc), type_label=openapi.type_label,
                            response_content=openapi.response_content, curl_example=openapi.curl_example,
-                           base=request.url_root.rstrip("/"))
+                           markdown=markup.block, markdown_inline=markup.inline, base=request.url_root.rstrip("/"))
 
 
 @bp.get("/history")

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.orm import Session, selectinload
 
+from ser_shared.clock import as_utc
 from ser_shared.emotions import EMOTIONS
 from ser_shared.errors import BadRequest, NotFound
 from ser_shared.models import Batch, Job, JobStatus, WebhookDelivery
@@ -59,8 +60,7 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
     if not value:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        return as_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
     except ValueError as exc:
         raise BadRequest(f"{name} must be an ISO 8601 date or time", code="invalid_parameter") from exc
     except OverflowError as exc:  # 9999-12-31T23:59-14:00 is after the last UTC time Python has
@@ -134,12 +134,7 @@ def _parse_ids(value: str | None) -> tuple[uuid.UUID, ...] | None:
         raise BadRequest("ids must be comma-separated job UUIDs", code="invalid_parameter") from exc
 
 
-def _db_time(session: Session, value: datetime) -> datetime:
-    # SQLite stores naive UTC; Postgres compares aware timestamps.
-    return value.replace(tzinfo=None) if session.get_bind().dialect.name == "sqlite" else value
-
-
-def _apply(session: Session, stmt: Select, f: JobFilter) -> Select:
+def _apply(stmt: Select, f: JobFilter) -> Select:
     stmt = stmt.where(Job.tenant == f.tenant)
     if f.status:
         stmt = stmt.where(Job.status == f.status)
@@ -150,9 +145,9 @@ def _apply(session: Session, stmt: Select, f: JobFilter) -> Select:
     if f.client_reference:
         stmt = stmt.where(Job.client_reference == f.client_reference)
     if f.since:
-        stmt = stmt.where(Job.created_at >= _db_time(session, f.since))
+        stmt = stmt.where(Job.created_at >= f.since)
     if f.until:
-        stmt = stmt.where(Job.created_at < _db_time(session, f.until))
+        stmt = stmt.where(Job.created_at < f.until)
     if f.q:
         escaped = f.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         stmt = stmt.where(Job.filename.ilike(f"%{escaped}%", escape="\\"))
@@ -183,7 +178,7 @@ def _decode_cursor(cursor: str, sort: str) -> tuple[Any, uuid.UUID]:
             raise ValueError("cursor of another sort")
         key = sort.lstrip("-")
         if key == "created_at":
-            value = datetime.fromisoformat(value)
+            value = as_utc(datetime.fromisoformat(value))  # naive: a cursor from before UTCDateTime
         elif value is not None and not (isinstance(value, str) if key == "filename" else
                                         isinstance(value, int | float) and not isinstance(value, bool)):
             raise ValueError("cursor value of the wrong type")
@@ -222,7 +217,7 @@ def list_jobs(session: Session, f: JobFilter, limit: int, cursor: str | None) ->
     key = f.sort.lstrip("-")
     desc, column = f.sort.startswith("-"), SORTS[key]
     after = _decode_cursor(cursor, f.sort) if cursor else None
-    base = _apply(session, select(Job).options(selectinload(Job.result)), f)
+    base = _apply(select(Job).options(selectinload(Job.result)), f)
     rows: list[Job] = []
     if after is None or after[0] is not None:
         stmt = base.where(column.is_not(None)) if key in NULLABLE_SORTS else base
@@ -253,7 +248,7 @@ class Summary:
 
 def summarize(session: Session, f: JobFilter) -> Summary:
     """Counts per status and per emotion and the mean confidence, in one GROUP BY query."""
-    stmt = _apply(session, select(Job.status, Job.emotion, func.count(), func.count(Job.confidence),
+    stmt = _apply(select(Job.status, Job.emotion, func.count(), func.count(Job.confidence),
                                   func.sum(Job.confidence)), f).group_by(Job.status, Job.emotion)
     by_status, by_emotion = dict.fromkeys(STATUSES, 0), dict.fromkeys(EMOTIONS, 0)
     rated, confidence_sum = 0, 0.0

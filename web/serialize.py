@@ -1,57 +1,73 @@
-"""JSON shapes of jobs and batches (the API contract)."""
+"""The API's JSON for jobs, batches and uploads, built as the models of ``ser_shared.schemas``.
+
+Each builder validates what it builds, so a field the models do not declare fails here (and in
+the tests) rather than reaching clients undocumented. The ``*_dict`` functions give the JSON
+(``Emitted.to_json``: a field left out stays out, a None is a null).
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from flask import url_for
 
+from ser_shared import schemas
 from ser_shared.models import Batch, Job, Result, WebhookDelivery
+from ser_shared.schemas import iso
 from web.media import never_decoded
 
-
-def iso(value: datetime | None) -> str | None:
-    """UTC ISO 8601 with a Z; SQLite hands back naive UTC, which is treated as such."""
-    if value is None:
-        return None
-    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    return value.isoformat().replace("+00:00", "Z")
+__all__ = ["batch_dict", "delivery_dict", "iso", "job_dict", "job_page", "job_summary", "result_dict",
+           "upload_accepted"]
 
 
-def result_dict(result: Result | None, segments: bool = True) -> dict[str, Any] | None:
+def result_model(result: Result | None, segments: bool = True) -> schemas.Result | None:
+    """A job's result; ``segments=False`` leaves its segments out (job lists, unless asked)."""
     if result is None:
         return None
-    out: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "emotion": result.emotion,
         "confidence": result.confidence,
         "uncertain": result.uncertain,
         "probabilities": result.probabilities,
-        "models": {
-            name: {"probabilities": probs, "version": result.model_versions.get(name)}
-            for name, probs in result.model_probabilities.items()
-        },
+        "models": {name: {"probabilities": probs, "version": result.model_versions.get(name)}
+                   for name, probs in result.model_probabilities.items()},
         "timings_ms": result.timings_ms,
         "transcript": result.transcript,
     }
     if segments:
-        out["segments"] = result.segments or []
-    return out
+        fields["segments"] = result.segments or []
+    return schemas.Result.build(fields)
+
+
+def result_dict(result: Result | None, segments: bool = True) -> dict[str, Any] | None:
+    model = result_model(result, segments)
+    return None if model is None else model.to_json()
+
+
+def _error(job: Job) -> dict[str, Any] | None:
+    return {"code": job.error_code, "message": job.error_message} if job.error_code else None
 
 
 def job_summary(job: Job) -> dict[str, Any]:
-    """The short form returned by uploads."""
-    out: dict[str, Any] = {"id": str(job.id), "filename": job.filename, "status": job.status,
-                           "client_reference": job.client_reference,
-                           "url": url_for("api.job", job_id=job.id, _external=True)}
+    """The short form returned by uploads (``error`` only for a file refused at upload)."""
+    fields: dict[str, Any] = {"id": job.id, "filename": job.filename, "status": job.status,
+                              "client_reference": job.client_reference,
+                              "url": url_for("api.job", job_id=job.id, _external=True)}
     if job.error_code:
-        out["error"] = {"code": job.error_code, "message": job.error_message}
-    return out
+        fields["error"] = _error(job)
+    return schemas.JobSummary.build(fields).to_json()
+
+
+def delivery_model(d: WebhookDelivery) -> schemas.WebhookDelivery:
+    return schemas.WebhookDelivery.build(
+        {"id": d.id, "event": d.event, "url": d.url, "status": d.status, "created_at": d.created_at,
+         "next_attempt_at": d.next_attempt_at, "attempts": d.attempts})
 
 
 def delivery_dict(d: WebhookDelivery) -> dict[str, Any]:
-    return {"id": d.id, "event": d.event, "url": d.url, "status": d.status, "created_at": iso(d.created_at),
-            "next_attempt_at": iso(d.next_attempt_at), "attempts": d.attempts}
+    return delivery_model(d).to_json()
 
 
 def _percent(job: Job) -> int:
@@ -69,14 +85,14 @@ def _audio_url(job: Job) -> str | None:
     return url_for("api.job_audio", job_id=job.id, _external=True)
 
 
-def job_dict(job: Job, deliveries: list[WebhookDelivery] | None = None, segments: bool = True) -> dict[str, Any]:
-    return {
-        "id": str(job.id),
-        "batch_id": str(job.batch_id),
+def job_model(job: Job, deliveries: Sequence[WebhookDelivery] = (), segments: bool = True) -> schemas.Job:
+    return schemas.Job.build({
+        "id": job.id,
+        "batch_id": job.batch_id,
         "filename": job.filename,
         "status": job.status,
-        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
-        "result": result_dict(job.result, segments),
+        "error": _error(job),
+        "result": result_model(job.result, segments),
         "size_bytes": job.size_bytes,
         "content_hash": job.content_hash,
         "format": job.format,
@@ -88,30 +104,49 @@ def job_dict(job: Job, deliveries: list[WebhookDelivery] | None = None, segments
         "metadata": job.meta,
         "attempts": job.attempts,
         "progress": _percent(job),
-        "queue": {"enqueued": job.enqueued_at is not None, "enqueued_at": iso(job.enqueued_at),
+        "queue": {"enqueued": job.enqueued_at is not None, "enqueued_at": job.enqueued_at,
                   "error": job.enqueue_error},
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
         "url": url_for("api.job", job_id=job.id, _external=True),
         "audio_url": _audio_url(job),
-        "audio_deleted_at": iso(job.audio_deleted_at),
-        "webhooks": [delivery_dict(d) for d in deliveries or []],
-    }
+        "audio_deleted_at": job.audio_deleted_at,
+        "webhooks": [delivery_model(d) for d in deliveries],
+    })
+
+
+def job_dict(job: Job, deliveries: Sequence[WebhookDelivery] | None = None, segments: bool = True) -> dict[str, Any]:
+    return job_model(job, deliveries or (), segments).to_json()
+
+
+def job_page(jobs: Sequence[Job], next_cursor: str | None, segments: bool) -> dict[str, Any]:
+    """One page of the job list."""
+    return schemas.JobPage(jobs=[job_model(j, segments=segments) for j in jobs], next_cursor=next_cursor).to_json()
 
 
 def batch_dict(batch: Batch, counts: dict[str, int],
-               deliveries: list[WebhookDelivery] | None = None) -> dict[str, Any]:
+               deliveries: Sequence[WebhookDelivery] | None = None) -> dict[str, Any]:
     done = counts.get("succeeded", 0) + counts.get("failed", 0)
-    return {
-        "id": str(batch.id),
-        "created_at": iso(batch.created_at),
+    return schemas.Batch.build({
+        "id": batch.id,
+        "created_at": batch.created_at,
         "file_count": batch.file_count,
         "options": batch.options,
         "counts": counts,
         "done": done == batch.file_count,
         "url": url_for("api.batch", batch_id=batch.id, _external=True),
         "webhook_url": batch.webhook_url,
-        "webhooks": [delivery_dict(d) for d in deliveries or [] if d.job_id is None],
-        "jobs": [job_dict(j) for j in batch.jobs],
-    }
+        "webhooks": [delivery_model(d) for d in deliveries or () if d.job_id is None],
+        "jobs": [job_model(j) for j in batch.jobs],
+    }).to_json()
+
+
+def upload_accepted(batch_id: uuid.UUID, jobs: Sequence[Job], enqueued: bool) -> dict[str, Any]:
+    """The answer to an upload; ``warning`` only when the queue could not be reached."""
+    fields: dict[str, Any] = {"batch_id": batch_id,
+                              "batch_url": url_for("api.batch", batch_id=batch_id, _external=True),
+                              "jobs": [job_summary(j) for j in jobs]}
+    if not enqueued:
+        fields["warning"] = "queue unavailable: jobs are stored and will be queued when it returns"
+    return schemas.UploadAccepted.build(fields).to_json()

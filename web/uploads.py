@@ -24,7 +24,7 @@ from ser_shared.models import Batch, Job, JobStatus
 from ser_shared.schemas import DEVICES, TRANSCRIBE  # the choices the API documents
 from ser_shared.settings import Settings
 from ser_shared.webhooks import record_events
-from web.app import Services
+from web.context import Services
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
+from standardwebhooks import Webhook
 
-from ser_shared import webhooks
+from ser_shared import clock, webhooks
 from ser_shared.errors import BadRequest
 from ser_shared.models import WebhookDelivery
 from ser_shared.settings import Settings
@@ -33,6 +34,18 @@ log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=60)  # an attempt in flight: nobody else sends this event meanwhile
 _MAX_ANSWER = 64 * 1024
+
+
+def signed_headers(key: bytes, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The request headers of one attempt, signed by the Standard Webhooks reference library.
+
+    The library signs text: the body is our own compact JSON (ASCII), so decoding and its
+    re-encoding give back the exact bytes that are sent.
+    """
+    sent_at = datetime.fromtimestamp(timestamp, UTC)
+    signature = Webhook(key).sign(msg_id, sent_at, body.decode())
+    return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp), "webhook-signature": signature,
+            "content-type": "application/json", "user-agent": "ser-webhooks/1"}
 
 
 @dataclass(frozen=True)
@@ -141,20 +154,19 @@ def deliver(factory: sessionmaker[Session], settings: Settings, msg_id: str) -> 
             attempt = Attempt(None, 0.0, exc.message)
             refused = True
         else:
-            head = webhooks.headers(webhooks.secret_bytes(settings), row.id, int(time.time()), body)
+            head = signed_headers(webhooks.secret_bytes(settings), row.id, int(time.time()), body)
             attempt = post(target, body, head, settings.webhook_timeout_s)
             refused = False
-        record: dict[str, Any] = {"at": now.isoformat().replace("+00:00", "Z"), "status_code": attempt.status_code,
+        record: dict[str, Any] = {"at": clock.iso(now), "status_code": attempt.status_code,
                                   "latency_ms": attempt.latency_ms, "error": attempt.error}
         row.attempts = [*row.attempts, record]
         code = attempt.status_code
-        created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
         delay: float | None = None
         if code is not None and 200 <= code < 300:
             row.status, row.next_attempt_at = "delivered", None
         elif refused or (code is not None and 400 <= code < 500 and code not in (408, 429)):
             row.status, row.next_attempt_at = "failed", None  # the receiver (or our guard) says no
-        elif now - created >= timedelta(seconds=settings.webhook_max_age_s):
+        elif now - row.created_at >= timedelta(seconds=settings.webhook_max_age_s):
             row.status, row.next_attempt_at = "failed", None
         else:
             delay = retry_delay(len(row.attempts), settings)

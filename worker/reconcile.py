@@ -171,10 +171,6 @@ def requeue_lost(celery: Celery, factory: sessionmaker[Session], settings: Setti
     return _send_again(celery, factory, settings, rows)
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value  # SQLite: naive UTC
-
-
 def live_nodes(session: Session, settings: Settings, now: datetime) -> set[str]:
     """Worker nodes whose heartbeat is younger than ``worker_dead_after_s``."""
     cutoff = now - timedelta(seconds=settings.worker_dead_after_s)
@@ -244,7 +240,7 @@ def resend_transcripts(celery: Celery, factory: sessionmaker[Session], settings:
             .with_for_update(of=Job, skip_locked=True)).all()
         live = live_nodes(session, settings, now) if held else set()
         for job, transcript in held:
-            at = _aware(job.worker_at)
+            at = job.worker_at
             if (transcript or {}).get("status") != "pending":
                 job.worker = job.worker_at = None  # nothing owed (should not happen): release it
                 continue

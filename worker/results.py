@@ -1,11 +1,17 @@
-"""The worker's database writes: claiming jobs and persisting outcomes, both idempotent."""
+"""The worker's database writes: claiming jobs and persisting outcomes, both idempotent.
+
+Writes that finish jobs also record their webhook events (rows in ``webhook_deliveries``, in the
+same transaction) and return those rows' ids: the caller hands them to the broker after the
+commit (``ser_shared.webhooks.send``). Enqueueing is the task's business, not this module's; a
+send that never happens is caught by the delivery sweeper, which finds the pending rows.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,16 +32,17 @@ log = logging.getLogger(__name__)
 
 PENDING = "pending"  # a transcript's status while its stage is owed
 
-Notify = Callable[[list[str]], None]  # receives the webhook deliveries a commit created
 
+@dataclass(frozen=True)
+class Claimed:
+    """What ``claim`` took on, and the webhook deliveries of the jobs it failed instead."""
 
-def _notify(notify: Notify | None, events: list[str]) -> None:
-    if notify is not None and events:
-        notify(events)
+    inputs: list[JobInput]
+    deliveries: list[str]
 
 
 def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Settings,
-          notify: Notify | None = None, holder: str | None = None) -> list[JobInput]:
+          holder: str | None = None) -> Claimed:
     """Mark jobs as processing by ``holder`` (this worker node) and count the attempt.
 
     Finished or deleted jobs are skipped (a redelivered message does nothing here; its transcript
@@ -64,10 +71,9 @@ def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Sett
             options = job.options or {}
             inputs.append(JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format,
                                    options.get("transcribe"), options.get("language", "en-US"), job.duration_s))
-        events = record_events(session, failed)
+        deliveries = record_events(session, failed)
         session.commit()
-    _notify(notify, events)
-    return inputs
+    return Claimed(inputs, deliveries)
 
 
 def _fail(job: Job, code: str, message: str, now: datetime) -> None:
@@ -77,9 +83,9 @@ def _fail(job: Job, code: str, message: str, now: datetime) -> None:
     job.worker = job.worker_at = None  # nothing is outstanding: a failed job has no transcript stage
 
 
-def fail_all(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], code: str, message: str,
-             notify: Notify | None = None) -> None:
-    """Fail jobs still running (used when the task as a whole cannot finish, e.g. a time limit)."""
+def fail_all(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], code: str, message: str) -> list[str]:
+    """Fail jobs still running (used when the task as a whole cannot finish, e.g. a time limit).
+    Returns the webhook deliveries to send."""
     now = datetime.now(UTC)
     failed: list[uuid.UUID] = []
     with factory() as session:
@@ -88,9 +94,9 @@ def fail_all(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], code:
                 _fail(job, code, message, now)
                 failed.append(job.id)
         # Only the jobs this call finished: a job finished earlier already had its event.
-        events = record_events(session, failed)
+        deliveries = record_events(session, failed)
         session.commit()
-    _notify(notify, events)
+    return deliveries
 
 
 def _upsert_results(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -107,9 +113,9 @@ def _upsert_results(session: Session, rows: list[dict[str, Any]]) -> None:
     session.execute(stmt, rows)
 
 
-def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], versions: dict[str, str],
-            notify: Notify | None = None) -> None:
+def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], versions: dict[str, str]) -> list[str]:
     """Write all outcomes of a chunk, and the webhook events they imply, in one transaction.
+    Returns the webhook deliveries to send.
 
     A job delivered twice (a message re-sent while the first delivery was still running) keeps one
     result row, the later one, and gets its webhook event once: only jobs this call finishes get one.
@@ -148,9 +154,9 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
                 # or the reconciler to take up (see start_transcripts).
                 outcome.transcript = results[-1]["transcript"] = {**outcome.transcript, "attempts": 1}
         _upsert_results(session, results)
-        events = record_events(session, finished)
+        deliveries = record_events(session, finished)
         session.commit()
-    _notify(notify, events)
+    return deliveries
 
 
 def save_transcripts(factory: sessionmaker[Session], transcripts: dict[uuid.UUID, dict[str, Any]],

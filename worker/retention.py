@@ -30,8 +30,6 @@ def purge_expired_audio(factory: sessionmaker[Session], settings: Settings, now:
     cutoff = now - timedelta(days=settings.audio_retention_days)
     purged = 0
     with factory() as session:
-        if session.get_bind().dialect.name == "sqlite":
-            cutoff = cutoff.replace(tzinfo=None)
         while True:
             rows = session.execute(
                 select(Job.id, Job.storage_key).where(Job.status.in_(FINISHED), Job.storage_key.is_not(None),

@@ -1,48 +1,48 @@
-"""Celery tasks: thin wrappers that load ids, call the pipeline and persist."""
+"""The worker's Celery tasks: thin wrappers that load ids, call the pipeline and persist.
+
+``register(app)`` defines the tasks on one worker app, as closures over that app, when
+``create_worker`` builds it; nothing is registered or tuned at import. Why closures rather than
+module-level ``@app.task`` or ``shared_task``:
+
+- a module-level ``@app.task`` needs the app at import, which is what tied the worker to the
+  environment: importing this module built the environment's app;
+- ``shared_task`` registers on *every* app of the process (a sending-only app as well) through an
+  import-time side effect, and a task would find its settings through whichever app is current:
+  with two worker apps in one process, that is whichever started last.
+
+A closure gets its app, and through it the app's ``Runtime`` (settings, session factory, models),
+from the factory call, so two apps with different settings each run their own tasks. Task names
+come from ``ser_shared.contracts`` (the web tier sends by name); ``AnalyzeTask`` is the base
+class of the analysis tasks, and it finds its runtime through ``self.app``. The task bodies
+below the closures take a ``Runtime`` and are plain functions.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from billiard.einfo import ExceptionInfo
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-from threadpoolctl import threadpool_limits
 
 from ser_ml import pipeline
-from ser_ml.allocator import tune_malloc
 from ser_shared import webhooks
 from ser_shared.contracts import ANALYZE, DELIVER_WEBHOOK, TRANSCRIBE
-from ser_shared.settings import Settings, get_settings
-from worker import delivery, heartbeat, results, runtime
-from worker.celery_app import app
+from ser_shared.settings import Settings
+from worker import delivery, heartbeat, results
+from worker.runtime import Runtime, runtime_of
 
 log = logging.getLogger(__name__)
 
-BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def limit_blas_threads() -> None:
-    """One BLAS thread per worker process, unless the operator set a thread count explicitly.
-
-    The pool already runs one process per core. With OpenBLAS's default of one thread per core on
-    top, busy worker processes fight over the cores: feature extraction (small numpy matrix
-    products) took about twice the CPU time per recording. Called at import, i.e. in the pool's
-    parent before it forks, so every child inherits the limit (and a solo pool has it too).
-    """
-    if not any(name in os.environ for name in BLAS_THREAD_VARIABLES):
-        threadpool_limits(1, user_api="blas")
-
-
-limit_blas_threads()
-tune_malloc()  # before the pool forks: children inherit the allocator settings
+# Lost connections are transient (a database restart, a failover): retried with backoff.
+RETRY_DB: dict[str, Any] = {"acks_late": True, "autoretry_for": (OperationalError, InterfaceError),
+                            "retry_backoff": 2, "retry_backoff_max": 60, "max_retries": 8}
 
 
 T = TypeVar("T")
@@ -84,44 +84,68 @@ class AnalyzeTask(Task):  # type: ignore[misc]
             return
         job_ids = [uuid.UUID(i) for i in (args[0] if args else kwargs.get("job_ids", []))]
         log.error("%s jobs=%s", type(exc).__name__, [str(i) for i in job_ids])
-        limit = get_settings().task_time_limit_s
-        results.fail_all(runtime.session_factory(), job_ids, "time_limit_exceeded",
-                       f"analysis exceeded the {limit} s time limit", _send_webhooks)
-        results.abandon_transcripts(runtime.session_factory(), job_ids, "time_limit",
-                                  f"the task exceeded the {limit} s time limit before this transcript")
+        rt = runtime_of(self.app)
+        limit = rt.settings.task_time_limit_s
+        webhooks.send(self.app, results.fail_all(rt.session_factory(), job_ids, "time_limit_exceeded",
+                                                 f"analysis exceeded the {limit} s time limit"))
+        results.abandon_transcripts(rt.session_factory(), job_ids, "time_limit",
+                                    f"the task exceeded the {limit} s time limit before this transcript")
 
 
-# Lost connections are transient (a database restart, a failover): retry with backoff.
-@app.task(name=ANALYZE, base=AnalyzeTask, acks_late=True, autoretry_for=(OperationalError, InterfaceError),
-          retry_backoff=2, retry_backoff_max=60, retry_jitter=True, max_retries=8)
-def analyze(job_ids: list[str]) -> int:
-    """Analyse a chunk of jobs; returns how many were processed. Database hiccups are retried."""
-    settings = get_settings()
-    factory = runtime.session_factory()
-    notify = _send_webhooks
-    inputs = results.claim(factory, job_ids, settings, notify, heartbeat.node())
+def register(app: Celery) -> None:
+    """Define the worker's tasks on ``app``, which must carry a ``Runtime`` (see the module doc)."""
+    rt = runtime_of(app)
+
+    def send_webhooks(delivery_ids: list[str]) -> None:
+        webhooks.send(app, delivery_ids)
+
+    # shared=False: Celery's default (shared) also registers a task on every app created later
+    # in the process, where this closure, bound to this app's runtime, would shadow that app's own.
+    @app.task(name=ANALYZE, base=AnalyzeTask, retry_jitter=True, shared=False, **RETRY_DB)
+    def analyze(job_ids: list[str]) -> int:
+        """Analyse a chunk of jobs; returns how many were processed. Database hiccups are retried."""
+        return analyze_jobs(rt, job_ids, send_webhooks)
+
+    @app.task(name=TRANSCRIBE, base=AnalyzeTask, retry_jitter=True, shared=False, **RETRY_DB)
+    def transcribe(job_ids: list[str]) -> int:
+        """The transcript stage alone, for finished jobs whose transcript a dead worker left
+        pending (sent by the reconciler). Returns how many transcripts were made."""
+        return _owed_transcripts(rt.session_factory(), [uuid.UUID(i) for i in job_ids], rt.settings)
+
+    @app.task(name=DELIVER_WEBHOOK, shared=False, **RETRY_DB)
+    def deliver_webhook(delivery_id: str) -> None:
+        """One delivery attempt; the next one, if any, is scheduled with a countdown."""
+        delay = delivery.deliver(rt.session_factory(), rt.settings, delivery_id)
+        if delay is not None:
+            webhooks.send(app, [delivery_id], countdown=delay)
+
+
+def analyze_jobs(rt: Runtime, job_ids: list[str], send_webhooks: Callable[[list[str]], None]) -> int:
+    """The ``analyze`` task's body: claim, run the pipeline, persist, then the transcript stage."""
+    settings, factory = rt.settings, rt.session_factory()
+    claimed = results.claim(factory, job_ids, settings, heartbeat.node())
+    send_webhooks(claimed.deliveries)  # jobs failed instead of claimed (attempts used up, audio gone)
+    inputs = claimed.inputs
     if len(inputs) < len(job_ids):
         # Some are finished already: a redelivered message, after a kill -9 of the pool child
         # that was making their transcripts. Their emotions stand; the transcripts are owed.
-        claimed = {i.id for i in inputs}
-        _owed_transcripts(factory, [u for i in job_ids if (u := uuid.UUID(i)) not in claimed], settings)
+        taken = {i.id for i in inputs}
+        _owed_transcripts(factory, [u for i in job_ids if (u := uuid.UUID(i)) not in taken], settings)
     if not inputs:
         return 0
-    models = runtime.ensemble()
+    models = rt.ensemble()
     try:
         outcomes = pipeline.run(models, inputs, settings, results.ProgressWriter(factory))
     except SoftTimeLimitExceeded:
         log.error("time limit exceeded jobs=%s", job_ids)
-        write_with_retry(lambda: results.fail_all(factory, [i.id for i in inputs], "time_limit_exceeded",
-                                                f"analysis took longer than {settings.task_soft_time_limit_s} s",
-                                                notify))
+        send_webhooks(write_with_retry(lambda: results.fail_all(
+            factory, [i.id for i in inputs], "time_limit_exceeded",
+            f"analysis took longer than {settings.task_soft_time_limit_s} s")))
         return 0
-    write_with_retry(lambda: results.persist(factory, outcomes, models.versions, notify))
+    send_webhooks(write_with_retry(lambda: results.persist(factory, outcomes, models.versions)))
     _transcripts(factory, outcomes, settings)
     log.info("analysed jobs=%d failed=%d", len(outcomes), sum(o.prediction is None for o in outcomes))
     return len(outcomes)
-
-
 
 
 def _transcripts(factory: sessionmaker[Session], outcomes: list[pipeline.Outcome], settings: Settings) -> None:
@@ -140,14 +164,6 @@ def _transcripts(factory: sessionmaker[Session], outcomes: list[pipeline.Outcome
         results.save_transcripts(factory, left)
 
 
-@app.task(name=TRANSCRIBE, base=AnalyzeTask, acks_late=True, autoretry_for=(OperationalError, InterfaceError),
-          retry_backoff=2, retry_backoff_max=60, retry_jitter=True, max_retries=8)
-def transcribe(job_ids: list[str]) -> int:
-    """The transcript stage alone, for finished jobs whose transcript a dead worker left pending
-    (sent by the reconciler). Returns how many transcripts were made."""
-    return _owed_transcripts(runtime.session_factory(), [uuid.UUID(i) for i in job_ids], get_settings())
-
-
 def _owed_transcripts(factory: sessionmaker[Session], job_ids: list[uuid.UUID], settings: Settings) -> int:
     """Make the transcripts still pending among ``job_ids`` from the stored audio (see
     ``results.start_transcripts``); the emotion results are not touched."""
@@ -164,19 +180,6 @@ def _owed_transcripts(factory: sessionmaker[Session], job_ids: list[uuid.UUID], 
                 segments[item.job.id] = item.segments
     except SoftTimeLimitExceeded:
         results.abandon_transcripts(factory, [o.job.id for o in owed if o.job.id not in done], "time_limit",
-                                  "the task ran out of time before this transcript")
+                                    "the task ran out of time before this transcript")
     write_with_retry(lambda: results.save_transcripts(factory, done, segments))
     return len(done)
-
-
-def _send_webhooks(delivery_ids: list[str]) -> None:
-    webhooks.send(app, delivery_ids)
-
-
-@app.task(name=DELIVER_WEBHOOK, acks_late=True, autoretry_for=(OperationalError, InterfaceError),
-          retry_backoff=2, retry_backoff_max=60, max_retries=8)
-def deliver_webhook(delivery_id: str) -> None:
-    """One delivery attempt; the next one, if any, is scheduled with a countdown."""
-    delay = delivery.deliver(runtime.session_factory(), get_settings(), delivery_id)
-    if delay is not None:
-        webhooks.send(app, [delivery_id], countdown=delay)

@@ -65,6 +65,7 @@ class Transcript(Model):
     message: str | None = None
     seconds: float | None = None
     segments: bool | None = None
+    attempts: int | None = None  # more than 1 after a worker was killed during the transcript
 
 
 class Segment(Model):

@@ -1,4 +1,7 @@
-"""Browser fixtures: the Flask app served on a free port, a real worker, and Debian's Chromium.
+"""Browser fixtures: Debian's Chromium, a real worker, and analysed jobs to look at.
+
+The pages are served by the root conftest's ``live_server`` (authentication off) and
+``auth_server`` (authentication on, with a key), the same servers the client tests use.
 
 Chromium is the system one (``/usr/bin/chromium``, which CI installs); Playwright's own browser
 downloads are never used. Its fake media flags make ``getUserMedia`` capture a known WAV file, so
@@ -9,16 +12,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
-from werkzeug.serving import make_server
 
 from ser_shared.settings import Settings
 from tests.conftest import WorkerProcess, ravdess_file
@@ -32,40 +31,6 @@ def _need_chromium() -> None:
     # Session-scoped and autouse, so the skip comes before the server and worker start.
     if not CHROMIUM.exists():
         pytest.skip(f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium)")
-
-
-@contextmanager
-def serve(app: Flask) -> Iterator[str]:
-    """Serve ``app`` on a free port of 127.0.0.1 (a secure context, so pages may use the microphone)."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def live_server(app: Flask) -> Iterator[str]:
-    """The test app (authentication off: one local tenant)."""
-    with serve(app) as url:
-        yield url
-
-
-@pytest.fixture(scope="session")
-def auth_server(pg_settings: Settings) -> Iterator[tuple[str, str]]:
-    """The same database served with authentication on; yields its URL and a fresh API key."""
-    from ser_shared import apikeys
-    from web import create_app
-
-    secured = create_app(pg_settings.model_copy(update={"auth": True}))
-    with secured.extensions["ser"].sessions() as session:
-        key = apikeys.create(session, "browser-tests")
-        session.commit()
-    with serve(secured) as url:
-        yield url, key.key
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,485 @@
+"""The service's outward shapes, typed once: what the API answers, what webhooks send, what the
+export writes, and the model manifest the worker loads.
+
+Everything else comes from these models: ``web.serialize`` builds them, the OpenAPI document's
+component schemas are their JSON schemas (``components()``), the webhook payloads are ``JobEvent``
+and ``BatchEvent``, and the export's columns are ``ExportRow``'s fields. Docstrings and field
+descriptions become the OpenAPI descriptions.
+
+What the server emits forbids unknown fields (``extra="forbid"``): a key written without a field
+here fails validation, so it fails the tests instead of reaching clients undocumented. Fields that
+may be left out (rather than sent as null) default to None and are dumped with
+``exclude_unset=True``; ``SkipJsonSchema[None]`` keeps that None out of the documented schema.
+The manifest is read, not emitted, and its training reports are open-ended: it allows extras.
+
+Strictness is for the tests, not for users: ``build`` raises on a mismatch when ``strict`` (the
+default, and every setting but ``SER_ENV=production``), while a production server logs the mismatch
+and serves what it has (``model_construct``, unvalidated). A row written by an older worker with a
+key this version does not know must not turn yesterday's history into 500s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+from uuid import UUID
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    WithJsonSchema,
+    create_model,
+)
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, SkipJsonSchema
+from pydantic_core import core_schema
+
+from ser_shared.clock import as_utc, iso  # the one UTC convention; re-exported
+from ser_shared.emotions import EMOTIONS
+
+__all__ = [
+    "API_MODELS", "DEVICES", "EXPORT_COLUMNS", "REF_TEMPLATE", "STATUSES", "TRANSCRIBE", "Batch", "BatchEvent",
+    "Error", "ErrorInfo", "ExportRow", "Health", "Job", "JobError", "JobEvent", "JobPage", "JobSummary", "Manifest",
+    "Options", "Ready", "Result", "Segment", "Transcript", "UploadAccepted", "WebhookAttempt", "WebhookDelivery",
+    "components", "iso", "json_schema",
+]
+
+# ``ser_shared.models.JobStatus``'s values, written out so that this module (which the numeric
+# package imports for the manifest) does not pull in SQLAlchemy; tests/test_schemas.py keeps them equal.
+STATUSES = ("queued", "processing", "succeeded", "failed")
+DEVICES = ("auto", "cpu", "gpu")
+TRANSCRIBE = ("none", "google", "sphinx")  # "none": no transcript (an upload's default)
+ENGINES = tuple(t for t in TRANSCRIBE if t != "none")
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+# --- field types -----------------------------------------------------------------------------
+
+def _one_of(allowed: Sequence[str]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+    return check
+
+
+def _enum(allowed: Sequence[str]) -> dict[str, Any]:
+    return {"type": "string", "enum": list(allowed)}
+
+
+# Plain strings on the wire and in Python (the ORM stores strings), checked against their lists.
+Emotion = Annotated[str, AfterValidator(_one_of(EMOTIONS)), WithJsonSchema(_enum(EMOTIONS))]
+Status = Annotated[str, AfterValidator(_one_of(STATUSES)), WithJsonSchema(_enum(STATUSES))]
+Device = Annotated[str, AfterValidator(_one_of(DEVICES)), WithJsonSchema(_enum(DEVICES))]
+Engine = Annotated[str, AfterValidator(_one_of(ENGINES)), WithJsonSchema(_enum(ENGINES))]
+UtcDateTime = Annotated[datetime, AfterValidator(as_utc), PlainSerializer(iso, return_type=str, when_used="json"),
+                        WithJsonSchema({"type": "string", "format": "date-time"})]
+Uri = Annotated[str, WithJsonSchema({"type": "string", "format": "uri"})]
+Probability = Annotated[float, Field(ge=0, le=1)]
+Probabilities = Annotated[dict[str, Probability], Field(description="Probability per emotion (they sum to 1).")]
+
+
+log = logging.getLogger(__name__)
+_strict = True
+
+
+def set_strict(strict: bool) -> None:
+    """Raise on a shape mismatch (tests, development) or log it and serve unvalidated (production)."""
+    global _strict
+    _strict = strict
+
+
+class Emitted(BaseModel):
+    """Base of every shape the server sends: unknown fields are an error, not an addition."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def build(cls, fields: dict[str, Any]) -> Self:
+        """``model_validate(fields)``; outside strict mode a mismatch is logged and served as is."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError:
+            if _strict:
+                raise
+            log.exception("%s does not match its schema; serving it unvalidated", cls.__name__)
+            return cls.model_construct(**fields)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object as sent: fields left unset are left out, fields set to None are null."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+class ErrorInfo(Emitted):
+    code: str = Field(description="Stable, machine-readable.")
+    message: str = Field(description="For people.")
+
+
+class Error(Emitted):
+    """Every API error: `{"error": {"code": ..., "message": ...}}`."""
+
+    error: ErrorInfo
+
+
+class JobError(Emitted):
+    """Why a job failed (a stable code and a human message)."""
+
+    code: str
+    message: str | None
+
+
+# --- results ---------------------------------------------------------------------------------
+
+class Transcript(Emitted):
+    """The transcript stage: only status, engine and language while it is pending."""
+
+    status: Literal["pending", "succeeded", "unavailable"]
+    engine: Engine
+    language: str
+    text: str | None = None
+    reason: str | None = Field(
+        default=None, description="Why it is unavailable: network_error, rate_limited, http_error, no_speech, "
+                                  "timeout, engine_missing, engine_error, worker_lost, ...")
+    message: str | None = None
+    seconds: float | SkipJsonSchema[None] = None
+    segments: bool | SkipJsonSchema[None] = Field(default=None,
+                                                  description="True when transcribed segment by segment.")
+    attempts: int | SkipJsonSchema[None] = Field(
+        default=None, description="How many times the transcript stage was started: more than 1 after a worker "
+                                  "was killed during it (then `worker_lost` ends it).")
+
+
+class Segment(Emitted):
+    """One speech segment (times in seconds) with its own prediction."""
+
+    start: float
+    end: float
+    speech_s: float | SkipJsonSchema[None] = Field(default=None, description="Seconds of speech in the segment.")
+    emotion: Emotion
+    confidence: float
+    uncertain: bool
+    probabilities: Probabilities
+    transcript: str | None = Field(default=None, description="Only with a segment-wise transcript.")
+
+
+class ModelPrediction(Emitted):
+    """One model's own probabilities and the version of that model."""
+
+    probabilities: Probabilities
+    version: str | None
+
+
+class Result(Emitted):
+    """A finished job's prediction (for the whole recording), per model, and its segments."""
+
+    emotion: Emotion
+    confidence: float
+    uncertain: bool
+    probabilities: Probabilities
+    models: dict[str, ModelPrediction] = Field(description="Each model's own probabilities and version.")
+    timings_ms: dict[str, float]
+    transcript: Transcript | None
+    segments: list[Segment] | SkipJsonSchema[None] = Field(
+        default=None, description="In time order; left out of job lists unless `segments=true`.")
+
+
+# --- jobs and batches ------------------------------------------------------------------------
+
+class Options(Emitted):
+    """The batch's options: `device` on every upload since the first release; `transcribe` and
+    `language` only when a transcript was asked for."""
+
+    device: Device | SkipJsonSchema[None] = None
+    transcribe: Engine | SkipJsonSchema[None] = None
+    language: str | SkipJsonSchema[None] = None
+
+
+class WebhookAttempt(Emitted):
+    at: UtcDateTime
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+
+
+class WebhookDelivery(Emitted):
+    id: str
+    event: str
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    created_at: UtcDateTime | None
+    next_attempt_at: UtcDateTime | None
+    attempts: list[WebhookAttempt]
+
+
+class QueueState(Emitted):
+    """Whether the job was handed to the queue (and when), or why that failed."""
+
+    enqueued: bool
+    enqueued_at: UtcDateTime | None
+    error: str | None
+
+
+class Job(Emitted):
+    """One recording: its status, what is known of the file, and once analysed its result."""
+
+    id: UUID
+    batch_id: UUID
+    filename: str
+    status: Status
+    error: JobError | None
+    result: Result | None
+    size_bytes: int
+    content_hash: str | None
+    format: str | None
+    duration_s: float | None
+    sample_rate: int | None
+    channels: int | None
+    options: Options
+    client_reference: str | None
+    metadata: dict[str, Any] | None
+    attempts: int
+    progress: int = Field(ge=0, le=100)
+    queue: QueueState
+    created_at: UtcDateTime | None
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
+    url: Uri
+    audio_url: Uri | None
+    audio_deleted_at: UtcDateTime | None
+    webhooks: list[WebhookDelivery]
+
+
+class JobSummary(Emitted):
+    """A job as an upload answers it; `error` only for a file refused at upload."""
+
+    id: UUID
+    filename: str
+    status: Status
+    client_reference: str | None
+    url: Uri
+    error: JobError | SkipJsonSchema[None] = None
+
+
+class UploadAccepted(Emitted):
+    """The answer to an upload: the batch and one job per file, in the order they were sent."""
+
+    batch_id: UUID
+    batch_url: Uri
+    jobs: list[JobSummary]
+    warning: str | SkipJsonSchema[None] = Field(
+        default=None, description="Only when the queue was unreachable: the jobs are stored and will be "
+                                  "queued when it returns.")
+
+
+class JobPage(Emitted):
+    """One page of the job list; `next_cursor` is null on the last page."""
+
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+class JobCounts(Emitted):
+    """Jobs per status."""
+
+    queued: int
+    processing: int
+    succeeded: int
+    failed: int
+
+
+class Batch(Emitted):
+    """The jobs of one upload, with counts per status and the batch's own webhook deliveries."""
+
+    id: UUID
+    created_at: UtcDateTime | None
+    file_count: int
+    options: Options
+    counts: JobCounts
+    done: bool = Field(description="Every job has succeeded or failed.")
+    url: Uri
+    webhook_url: str | None
+    webhooks: list[WebhookDelivery]
+    jobs: list[Job]
+
+
+class Health(Emitted):
+    status: Literal["ok"]
+
+
+class ReadyChecks(Emitted):
+    database: str
+    broker: str
+
+
+class Ready(Emitted):
+    status: Literal["ready", "unavailable"]
+    checks: ReadyChecks
+
+
+# --- webhook events --------------------------------------------------------------------------
+
+class JobEventData(Emitted):
+    job_id: UUID
+    batch_id: UUID
+    status: Literal["succeeded", "failed"]
+    emotion: Emotion | None
+    confidence: float | None
+    client_reference: str | None
+    error: JobError | None
+
+
+class JobEvent(Emitted):
+    """The body of a `job.succeeded` or `job.failed` webhook (signed, Standard Webhooks)."""
+
+    type: Literal["job.succeeded", "job.failed"]
+    timestamp: UtcDateTime
+    data: JobEventData
+
+
+class BatchEventData(Emitted):
+    batch_id: UUID
+    file_count: int
+    counts: dict[str, int] = Field(description="Jobs per final status (only the statuses that occur).")
+
+
+class BatchEvent(Emitted):
+    """The body of a `batch.completed` webhook: every job of the batch has finished."""
+
+    type: Literal["batch.completed"]
+    timestamp: UtcDateTime
+    data: BatchEventData
+
+
+# --- export ----------------------------------------------------------------------------------
+
+def _export_row() -> type[Emitted]:
+    """The export's row, column by column in the order the CSV writes them."""
+    number = (float | None, ...)
+    fields: dict[str, Any] = {
+        "job_id": (str, ...), "batch_id": (str, ...), "filename": (str, ...), "client_reference": (str | None, ...),
+        "status": (str, ...), "created_at": (UtcDateTime | None, ...), "duration_s": number,
+        "segment": (int | None, ...), "start_s": number, "end_s": number, "emotion": (str | None, ...),
+        "confidence": number, "uncertain": (bool | None, ...), **{f"p_{e}": number for e in EMOTIONS},
+        "error_code": (str | None, ...), "transcript": (str | None, ...)}
+    model: type[Emitted] = create_model(
+        "ExportRow", __base__=Emitted, __module__=__name__, __doc__="One exported row: a job, or with "
+        "`segments=true` one speech segment of it (then `segment`, `start_s` and `end_s` are set).", **fields)
+    return model
+
+
+ExportRow = _export_row()
+EXPORT_COLUMNS: tuple[str, ...] = tuple(ExportRow.model_fields)
+
+
+# --- the OpenAPI components ------------------------------------------------------------------
+
+# In the document's order (its readable page lists them so).
+API_MODELS: tuple[type[BaseModel], ...] = (
+    Error, ErrorInfo, JobError, JobSummary, UploadAccepted, Options, Transcript, Segment, ModelPrediction, Result,
+    WebhookAttempt, WebhookDelivery, QueueState, Job, JobPage, JobCounts, Batch, ExportRow, Health, ReadyChecks,
+    Ready, JobEventData, JobEvent, BatchEventData, BatchEvent,
+)
+
+
+class OpenAPISchema(GenerateJsonSchema):
+    """Pydantic's JSON schema, trimmed for a published API document.
+
+    No titles (the component names say it), no defaults (an omitted field is left out, not
+    defaulted), and no ``additionalProperties: false``: the server never sends an unknown field
+    (the models forbid them), but the contract lets later versions add fields, and a client
+    generated from the document must not reject those.
+    """
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def model_schema(self, schema: core_schema.ModelSchema) -> JsonSchemaValue:
+        out = super().model_schema(schema)
+        out.pop("title", None)
+        if out.get("additionalProperties") is False:
+            del out["additionalProperties"]
+        return out
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        return self.generate_inner(schema["schema"])
+
+
+def json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema as the OpenAPI document has it (nested models as ``$defs``)."""
+    return model.model_json_schema(ref_template=REF_TEMPLATE, schema_generator=OpenAPISchema)
+
+
+def components() -> dict[str, dict[str, Any]]:
+    """Every API model's schema by name: the document's ``components.schemas``."""
+    out: dict[str, dict[str, Any]] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for model in API_MODELS:
+        schema = json_schema(model)
+        nested |= schema.pop("$defs", {})
+        out[model.__name__] = schema
+    for name, schema in nested.items():
+        if out.get(name, schema) != schema:
+            raise RuntimeError(f"two different schemas are named {name}")
+        out.setdefault(name, schema)
+    return out
+
+
+# --- the model manifest ----------------------------------------------------------------------
+
+class Artifact(BaseModel):
+    """A file of the models folder and the sha256 recorded when it was written."""
+
+    model_config = ConfigDict(extra="allow")
+
+    file: str
+    sha256: str
+
+
+class ModelArtifact(Artifact):
+    """One of the ensemble's models (its own settings, the LSTM's normalisation, are extras)."""
+
+    version: str
+
+
+class EnsembleRule(BaseModel):
+    """How the models' probabilities are combined, as fitted at training time."""
+
+    model_config = ConfigDict(extra="allow")
+
+    weights: dict[str, float]
+    temperature: float = 1.0  # models from before calibration have none
+    uncertain_threshold: float
+
+
+class Manifest(BaseModel):
+    """``models/manifest.json``: what the worker checks and loads. The training reports it also
+    holds (data, cv, calibration, cross-corpus results) are kept as they are, untyped."""
+
+    model_config = ConfigDict(extra="allow")
+
+    feature_version: str
+    sample_rate: int
+    classes: list[str]
+    encoder: Artifact
+    speech_detector: Artifact
+    models: dict[str, ModelArtifact]
+    ensemble: EnsembleRule
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        """Read and validate a manifest; raises OSError, or ValueError when it is not valid JSON or
+        not a manifest (pydantic's ValidationError is a ValueError)."""
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def artifacts(self) -> dict[str, Artifact]:
+        """Every file the manifest names: the encoder, the speech detector and each model."""
+        return {"encoder": self.encoder, "speech_detector": self.speech_detector, **self.models}
