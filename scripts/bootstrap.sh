@@ -10,7 +10,7 @@ ser_system_packages() {
     # ffmpeg decodes M4A/AAC and WebM (and probes them at upload); flac encodes audio for Google's
     # speech API (SpeechRecognition bundles no encoder for ARM); espeak-ng and sox make test audio;
     # chromium runs the browser tests headless (with an emoji font for the emotion badges); nginx is
-    # the production proxy, which tests/test_slow_clients.py runs in front of gunicorn.
+    # the production proxy, which tests/system/test_slow_clients.py runs in front of gunicorn.
     local wanted=(ffmpeg libsndfile1 flac)
     [ "$ser_extras" = test ] && wanted+=(espeak-ng sox chromium fonts-noto-color-emoji nginx)
     local missing=()

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 # ``ser_shared.models.JobStatus``'s values, written out so that this module (which the numeric
-# package imports for the manifest) does not pull in SQLAlchemy; tests/test_schemas.py keeps them equal.
+# package imports for the manifest) does not pull in SQLAlchemy; tests/integration/test_schemas.py keeps them equal.
 STATUSES = ("queued", "processing", "succeeded", "failed")
 DEVICES = ("auto", "cpu", "gpu")
 TRANSCRIBE = ("none", "google", "sphinx")  # "none": no transcript (an upload's default)

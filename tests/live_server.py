@@ -1,7 +1,7 @@
 """A WSGI app served from a thread on a free port, and a forwarding proxy that injects faults.
 
-Used by the client tests (``tests/test_cli_client.py``, ``tests/test_sdk.py``) and the browser
-tests (``tests/browser``) through the ``live_server`` and ``auth_server`` fixtures in
+Used by the client tests (``tests/system/test_cli_client.py``, ``tests/system/test_sdk.py``) and the browser
+tests (``tests/system/browser``) through the ``live_server`` and ``auth_server`` fixtures in
 ``tests/conftest.py``.
 """
 

@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 description of the JSON API.
 
 It is served at ``/api/v1/openapi.json``, rendered as the readable page at ``/docs/api``, and
-tests/test_openapi.py fuzzes the running app from it (schemathesis). The paths, parameters and
+tests/integration/test_openapi.py fuzzes the running app from it (schemathesis). The paths, parameters and
 request bodies are declared here; every component schema is generated from the models of
 ``ser_shared.schemas``, the same models ``web.serialize`` builds the responses with, so a response
 shape is changed in one place.

@@ -18,7 +18,7 @@ __all__ = [
     "QueueState", "Result", "Segment", "Transcript", "UploadAccepted", "WebhookDelivery",
 ]
 
-# The emotion classes, in the API's order (tests/test_sdk.py checks them against the server's list).
+# The emotion classes, in the API's order (tests/system/test_sdk.py checks them against the server's list).
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgust", "surprised")
 # Job statuses after which a job no longer changes (its transcript aside, see ``Job.finished``).
 FINISHED = ("succeeded", "failed")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 # Import name -> folder. bench is checked too: nothing may import it, and its own cycles count.
 PACKAGES = {"ser_shared": "ser_shared", "web": "web", "worker": "worker", "ser_ml": "ser_ml",
             "ser_cli": "ser_cli", "bench": "bench", "ser_client": "client/ser_client"}

@@ -1,7 +1,7 @@
 """One typed schema (``ser_shared.schemas``) for every outward shape.
 
 What the API serves, what webhooks send and what the export writes, for a database seeded with a
-job of every shape (tests/test_openapi.py's seed), validates against the models and is exactly
+job of every shape (tests/integration/test_openapi.py's seed), validates against the models and is exactly
 their JSON; the OpenAPI document's components are the models' JSON schemas; a key the models do
 not declare fails; the client's types declare every field the server sends; the manifest loads typed.
 """
@@ -28,7 +28,7 @@ from ser_shared import schemas
 from ser_shared.emotions import EMOTIONS
 from ser_shared.models import JobStatus, Result, WebhookDelivery
 from ser_shared.settings import REPO_ROOT, Settings
-from tests.test_openapi import _delete_since, _queue_purge, _seed
+from tests.integration.test_openapi import _delete_since, _queue_purge, _seed
 from web import create_app, openapi, serialize
 
 MODELS = REPO_ROOT / "models"

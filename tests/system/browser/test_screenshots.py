@@ -3,7 +3,7 @@
 They are written to a temporary folder on every run (so the pages are checked to render), and to
 docs/screenshots/ only with SER_SCREENSHOTS=1, so CI never rewrites the committed images:
 
-    SER_SCREENSHOTS=1 pytest tests/browser/test_screenshots.py
+    SER_SCREENSHOTS=1 pytest tests/system/browser/test_screenshots.py
 """
 
 from __future__ import annotations

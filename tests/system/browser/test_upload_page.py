@@ -13,8 +13,8 @@ import pytest
 from playwright.sync_api import expect
 
 from ser_shared.emotions import EMOTIONS
-from tests.browser.conftest import wait_jobs
 from tests.conftest import WorkerProcess, ravdess_file
+from tests.system.browser.conftest import wait_jobs
 
 pytestmark = pytest.mark.slow  # a live server, a real worker and Chromium
 
