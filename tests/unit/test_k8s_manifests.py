@@ -51,8 +51,8 @@ WORKERS = {"ser-worker": QUEUE_CPU, "ser-worker-gpu": QUEUE_GPU}
 @pytest.fixture(scope="module")
 def objects() -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl (for `kubectl kustomize`) is not installed")
+    # A failure, not a skip: a missing renderer must not pass the manifests unchecked.
+    assert kubectl is not None, "kubectl (for `kubectl kustomize`) is not installed: install kubectl to run these tests"
     out = subprocess.run([kubectl, "kustomize", str(DEPLOY)], check=True, capture_output=True,
                          text=True, timeout=120).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
