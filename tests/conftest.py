@@ -213,18 +213,25 @@ def live_server(pg_settings: Settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def auth_server(pg_settings: Settings) -> Iterator[tuple[str, str]]:
-    """The same database served with authentication on; yields its URL and a fresh API key."""
-    from ser_shared import apikeys
-    from ser_shared.db import make_engine, make_session_factory
+def auth_server_url(pg_settings: Settings) -> Iterator[str]:
+    """The same database served with authentication on, once per session."""
     from tests.live_server import serve
     from web import create_app
 
-    secured = create_app(pg_settings.model_copy(update={"auth": True}))
+    with serve(create_app(pg_settings.model_copy(update={"auth": True}))) as url:
+        yield url
+
+
+@pytest.fixture
+def auth_server(auth_server_url: str, pg_settings: Settings) -> tuple[str, str]:
+    """The authenticated server's URL and a fresh API key: a new tenant for each test, so what one
+    test uploads is never in another's view."""
+    from ser_shared import apikeys
+    from ser_shared.db import make_engine, make_session_factory
+
     engine = make_engine(pg_settings)
     with make_session_factory(engine)() as session:
         key = apikeys.create(session, "live-server-tests").key
         session.commit()
     engine.dispose()
-    with serve(secured) as url:
-        yield url, key
+    return auth_server_url, key
