@@ -27,7 +27,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     engine = make_engine(settings)
     app.extensions["ser"] = Services(settings, engine, make_session_factory(engine), make_celery(settings))
-    settings.upload_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.storage_url:
+        settings.upload_dir.mkdir(parents=True, exist_ok=True)
 
     @app.teardown_appcontext
     def _close_session(_: BaseException | None) -> None:
