@@ -19,12 +19,13 @@ recording, bounded on disk by ``max_file_mb`` per recording in flight.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,8 @@ from ser_shared.errors import EmptyFile, FileTooLarge
 
 if TYPE_CHECKING:
     from ser_shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 PART_SIZE = 8 << 20  # S3 multipart threshold and part size; parts are read from the spooled file
@@ -120,11 +123,14 @@ def delete(root: Path, key: str | None) -> bool:
 class Storage(Protocol):
     """What the web tier, the workers and the sweeps need of a store."""
 
-    def receive(self, stream: IO[bytes], max_bytes: int) -> Any:
-        """A context manager giving (StoredFile, local path): stored on a clean exit, nothing kept on error."""
+    def receive(self, stream: IO[bytes], max_bytes: int) -> AbstractContextManager[tuple[StoredFile, Path]]:
+        """(StoredFile, a local copy to check): stored on a clean exit, nothing kept on an error.
+        Raises EmptyFile and FileTooLarge before anything is stored."""
+        ...
 
-    def local_copy(self, key: str) -> Any:
-        """A context manager giving a local file holding ``key`` (FileNotFoundError when absent)."""
+    def local_copy(self, key: str) -> AbstractContextManager[Path]:
+        """A local file holding ``key`` for the block (FileNotFoundError when absent)."""
+        ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -281,6 +287,15 @@ class S3Storage:
     def remove_partial(self, entry: Entry) -> None:
         key, upload_id = entry.key.split("\0")
         self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.name(key), UploadId=upload_id)
+
+
+def discard(store: Storage, key: str | None) -> None:
+    """Delete ``key`` after its row is gone, never raising: should the store be out, the object is
+    an orphan like a crash's, and the worker's orphan sweep removes it later."""
+    try:
+        store.delete(key)
+    except Exception:
+        log.warning("stored file not deleted, left to the orphan sweep key=%s", key, exc_info=True)
 
 
 def _missing(exc: Exception) -> bool:

@@ -141,7 +141,7 @@ def delete_job(job_id: str) -> tuple[str, int]:
     key = found.storage_key
     session.delete(found)
     session.commit()
-    storage.store_for(services().settings).delete(key)
+    storage.discard(storage.store_for(services().settings), key)
     return "", 204
 
 

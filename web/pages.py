@@ -158,7 +158,7 @@ def delete_job(job_id: str) -> str | Response:
     batch_id, key = found.batch_id, found.storage_key
     session.delete(found)
     session.commit()
-    storage.store_for(services().settings).delete(key)
+    storage.discard(storage.store_for(services().settings), key)
     flash(f"Deleted {found.filename}.")
     return redirect(url_for("pages.batch", batch_id=batch_id), code=303)
 

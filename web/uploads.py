@@ -201,7 +201,7 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
                 claim.keep()
             except Exception:  # the claim was lost: this request creates nothing, keeps nothing
                 for stored in jobs:
-                    store.delete(stored.storage_key)
+                    storage.discard(store, stored.storage_key)
                 raise
         job = Job(id=uuid.uuid4(), batch_id=batch.id, tenant=tenant, api_key_id=api_key_id, position=position,
                   options=options,
@@ -212,6 +212,10 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
             _ingest(svc, store, job, upload)
         except AudioError as exc:
             _reject(svc, job, exc)
+        except Exception:  # the store failed (S3 unreachable): keep none of this request's files
+            for stored in jobs:
+                storage.discard(store, stored.storage_key)
+            raise
         jobs.append(job)
     try:
         with svc.sessions() as session:
@@ -225,7 +229,7 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
     except Exception:
         # Nothing half-written: without the rows, the stored files would be orphans.
         for job in jobs:
-            store.delete(job.storage_key)
+            storage.discard(store, job.storage_key)
         raise
     webhooks.send(svc.celery, events)
     queued = [j.id for j in jobs if j.status == JobStatus.QUEUED.value]

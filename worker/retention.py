@@ -41,7 +41,7 @@ def purge_expired_audio(factory: sessionmaker[Session], settings: Settings, now:
             session.commit()
             store = storage.store_for(settings)
             for _, key in rows:
-                store.delete(key)
+                storage.discard(store, key)
             purged += len(rows)
     if purged:
         log.info("retention deleted audio jobs=%d older_than_days=%s", purged, settings.audio_retention_days)

@@ -158,3 +158,26 @@ def test_sweep_on_the_folder_store(pg_settings: Settings, tmp_path: Path) -> Non
         left = sorted(p.relative_to(settings.upload_dir).as_posix()
                       for p in settings.upload_dir.rglob("*") if p.is_file())
         assert left == [keys[0]]
+
+
+def test_the_reconciler_runs_the_sweep_at_most_once_per_grace(s3_settings: Settings,
+                                                               s3_bucket: tuple[Any, str]) -> None:
+    """The worker's sweeper pass (``Reconciler``) includes the orphan sweep, throttled: listing
+    a whole store every ``sweep_interval_s`` would be waste."""
+    from worker.reconcile import Reconciler
+
+    client, bucket = s3_bucket
+    settings = s3_settings.model_copy(update={"orphan_grace_s": 3600.0})
+    store = storage.store_for(settings)
+    with store.receive(io.BytesIO(b"abc"), MiB) as (stored, _):
+        pass
+    reconcile = Reconciler()
+    factory = make_session_factory(make_engine(settings))
+    assert reconcile.orphans(factory, settings) == 0  # within the grace: kept
+    assert reconcile.orphans_swept_at is not None
+    reconcile.orphans_swept_at -= 3601  # an hour on: the next pass sweeps again
+    later = settings.model_copy(update={"orphan_grace_s": 0.001})
+    # With a grace of 1 ms the object is old now; the throttle is min(grace, 1 h).
+    assert reconcile.orphans(factory, later) == 1
+    assert _objects(client, bucket) == {} and not store.exists(stored.key)
+    assert reconcile.orphans(factory, later) == 0  # swept just now: nothing more to find
