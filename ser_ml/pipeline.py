@@ -53,6 +53,7 @@ class JobInput:
     transcribe: str | None = None  # "google" | "sphinx" when a transcript was asked for
     language: str = "en-US"
     duration_s: float | None = None  # from the upload's header probe, when it told
+    key: str | None = None  # the storage key ``path`` was made from (the worker spools it, see worker.spool)
 
 
 @dataclass

@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     database_url: str | None = None
     broker_url: str | None = None
     storage_dir: Path | None = None
+    # Where uploads are stored: unset, the folder storage_dir (default <data_dir>/uploads), which web
+    # and workers must then share; "s3://bucket/prefix", an S3-compatible store (credentials from
+    # boto3's standard chain: AWS_* variables, shared files, instance roles).
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None  # MinIO or another S3-compatible store; unset: AWS
+    # Stored files and objects with no job row (an upload killed mid-request) are removed by the
+    # worker's sweep once this old: longer than the slowest upload request ever takes.
+    orphan_grace_s: float = Field(default=6 * 3600.0, gt=0)
     models_dir: Path = REPO_ROOT / "models"
     secret_key: str | None = None
     log_level: str = "INFO"
@@ -110,7 +118,16 @@ class Settings(BaseSettings):
     # job and audio URLs, the API page's examples) are built from it, never from the request's Host.
     public_url: str | None = None
 
-    @field_validator("database_url", "broker_url", "public_url", mode="before")
+    @field_validator("storage_url")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme != "s3" or not parts.netloc:
+                raise ValueError("SER_STORAGE_URL must be s3://bucket/prefix (unset: the local folder)")
+        return value
+
+    @field_validator("database_url", "broker_url", "public_url", "storage_url", "s3_endpoint_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value

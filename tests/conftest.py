@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -42,6 +44,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "SER_WEBHOOK_ALLOW": settings.webhook_allow, "SER_WEBHOOK_RETRY_BASE_S": str(settings.webhook_retry_base_s),
         "SER_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s), "SER_SECRET_KEY": settings.secret_key,
         "SER_TRANSCRIBE_TIMEOUT_S": str(settings.transcribe_timeout_s),
+        "SER_STORAGE_URL": settings.storage_url, "SER_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "SER_ORPHAN_GRACE_S": str(settings.orphan_grace_s),
     }
     env.update({k: v for k, v in values.items() if v is not None})
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -120,6 +124,40 @@ def app(pg_settings: Settings):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def client(app):  # type: ignore[no-untyped-def]
     return app.test_client()
+
+
+# Credentials for the S3 test server (moto accepts any); boto3 reads them from the environment,
+# as it would real ones, and worker subprocesses inherit them.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 HTTP server on this machine (moto's server mode), for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    for name, value in S3_ENV.items():
+        os.environ.setdefault(name, value)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> tuple[Any, str]:
+    """A fresh, empty bucket on the S3 server and a boto3 client to look into it."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    name = f"ser-test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    return client, name
 
 
 class WorkerProcess:

@@ -120,9 +120,16 @@ def job_audio(job_id: str) -> Response:
     media.refuse_undecodable(found)
     if not found.storage_key:
         raise NotFound("this job has no stored audio")
-    path = storage.path_for(services().settings.upload_dir, found.storage_key)
-    if not path.exists():
-        raise NotFound("this job's audio is gone")
+    store = storage.store_for(services().settings)
+    try:
+        if not isinstance(store, storage.LocalStorage):
+            assert isinstance(store, storage.S3Storage)
+            return media.stream_audio(found, store, found.storage_key)
+        path = store.path(found.storage_key)
+        if not path.exists():
+            raise FileNotFoundError(found.storage_key)
+    except FileNotFoundError:
+        raise NotFound("this job's audio is gone") from None
     return media.send_audio(found, path)
 
 
@@ -134,7 +141,7 @@ def delete_job(job_id: str) -> tuple[str, int]:
     key = found.storage_key
     session.delete(found)
     session.commit()
-    storage.delete(services().settings.upload_dir, key)
+    storage.discard(storage.store_for(services().settings), key)
     return "", 204
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from flask import Flask, g
 
-from ser_shared import schemas
+from ser_shared import schemas, storage
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.enqueue import make_celery
 from ser_shared.settings import Settings, get_settings
@@ -27,7 +29,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     engine = make_engine(settings)
     app.extensions["ser"] = Services(settings, engine, make_session_factory(engine), make_celery(settings))
-    settings.upload_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.storage_url:
+        settings.upload_dir.mkdir(parents=True, exist_ok=True)
+    # Upload copies a killed web process left in its own spool (the workers' sweep cannot reach
+    # this disk when web runs elsewhere); only ones past the grace, so no live request's.
+    storage.clear_spool(settings, datetime.now(UTC) - timedelta(seconds=settings.orphan_grace_s))
 
     @app.teardown_appcontext
     def _close_session(_: BaseException | None) -> None:

@@ -5,17 +5,24 @@ served is typed from the format the server sniffed from the content (``Job.forma
 the upload, is sent as an attachment under a name ending in that format's extension, and carries a
 policy that sandboxes it should a browser open it anyway. ``<audio src>`` plays an attachment all
 the same. A file the service never decoded is not served at all: it was never shown to be audio.
+
+From an S3 store the bytes are streamed through the app, Range requests answered with ranged
+GETs, rather than redirected to a presigned URL: the tenant check, the typing and the policy
+above then apply to every byte served, the store need not be reachable by clients, and a
+browser's seek costs one ranged GET of what it asked for.
 """
 
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from flask import Response, send_file
+from flask import Response, request, send_file
+from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
 from ser_shared.audio import MIME_TYPES
 from ser_shared.errors import Conflict
 from ser_shared.models import Job
+from ser_shared.storage import S3Storage
 
 # Job error codes meaning the stored bytes were never decoded as audio (the upload check or the
 # worker gave up on the container, or on header values no recording has). A file only partly
@@ -64,6 +71,37 @@ def send_audio(job: Job, path: Path) -> Response:
     refuse_undecodable(job)
     response = send_file(path, mimetype=media_type(job), as_attachment=True, download_name=download_name(job),
                          conditional=True)
+    return _guarded(response)
+
+
+def _guarded(response: Response) -> Response:
     response.headers["Content-Security-Policy"] = AUDIO_POLICY
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response
+
+
+def stream_audio(job: Job, store: S3Storage, key: str) -> Response:
+    """``send_audio`` for an object in S3: streamed in chunks, one ``Range`` answered with a ranged GET.
+
+    Raises Conflict for a file never decoded, FileNotFoundError when the object is gone, and
+    416 for a range outside the object.
+    """
+    refuse_undecodable(job)
+    size = store.size(key)
+    start, stop, status = 0, size, 200
+    wanted = request.range
+    if wanted is not None and wanted.units == "bytes" and len(wanted.ranges) == 1:
+        bounds = wanted.range_for_length(size)
+        if bounds is None:
+            raise RequestedRangeNotSatisfiable(length=size)
+        (start, stop), status = bounds, 206
+    # An empty answer needs no GET (S3 refuses the range "bytes=0--1").
+    body = store.get_range(key, start, stop) if stop > start else iter(())
+    response = Response(body, status=status, mimetype=media_type(job), direct_passthrough=True)
+    response.headers["Content-Length"] = str(stop - start)
+    response.headers["Accept-Ranges"] = "bytes"
+    if status == 206:
+        response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    response.headers.set("Content-Disposition", "attachment", filename=download_name(job))
+    response.headers["Cache-Control"] = "private, no-cache"
+    return _guarded(response)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, flash, make_response, redirect, render_template, request, url_for
@@ -115,16 +114,15 @@ def job(job_id: str) -> str:
     undecodable = media.never_decoded(found)
     return render_template("job.html", job=found, result=found.result,
                            deliveries=queries.deliveries_for_job(session, found.id),
-                           audio_available=not undecodable and _audio_path(found) is not None,
+                           audio_available=not undecodable and _audio_stored(found),
                            audio_undecodable=undecodable, error_words=ERROR_WORDS)
 
 
-def _audio_path(found: Job) -> Path | None:
-    """The job's stored recording, or None when there is none (deleted by retention or by hand)."""
+def _audio_stored(found: Job) -> bool:
+    """Whether the job's recording is still stored (not deleted by retention or by hand)."""
     if not found.storage_key or found.audio_deleted_at is not None:
-        return None
-    path = storage.path_for(services().settings.upload_dir, found.storage_key)
-    return path if path.exists() else None
+        return False
+    return storage.store_for(services().settings).exists(found.storage_key)
 
 
 @bp.get("/jobs/<job_id>/<any(waveform, spectrogram):kind>.png")
@@ -134,10 +132,15 @@ def job_image(job_id: str, kind: str) -> Response:
     Loaded through ``queries.get_job`` like the page, so the same access rules apply.
     """
     found = queries.get_job(db(), job_id, tenant())
-    path = _audio_path(found)
-    if path is None:
-        raise Gone("this job's recording is no longer stored, so it cannot be drawn", code="audio_deleted")
-    response = make_response(images.render(path, found.format, kind))
+    gone = Gone("this job's recording is no longer stored, so it cannot be drawn", code="audio_deleted")
+    if not found.storage_key or found.audio_deleted_at is not None:
+        raise gone
+    try:
+        with storage.store_for(services().settings).local_copy(found.storage_key) as path:
+            picture = images.render(path, found.format, kind)
+    except FileNotFoundError:
+        raise gone from None
+    response = make_response(picture)
     response.mimetype = "image/png"
     # The audio of a job never changes, so neither does its picture: the browser may keep it.
     response.headers["Cache-Control"] = "private, max-age=86400"
@@ -155,7 +158,7 @@ def delete_job(job_id: str) -> str | Response:
     batch_id, key = found.batch_id, found.storage_key
     session.delete(found)
     session.commit()
-    storage.delete(services().settings.upload_dir, key)
+    storage.discard(storage.store_for(services().settings), key)
     flash(f"Deleted {found.filename}.")
     return redirect(url_for("pages.batch", batch_id=batch_id), code=303)
 

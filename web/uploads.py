@@ -10,7 +10,6 @@ import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
@@ -146,19 +145,23 @@ def parse_labels(form: MultiDict[str, str], n_files: int) -> Labels:
     return Labels([r or None for r in references], metadata)
 
 
-def _ingest(svc: Services, root: Path, job: Job, upload: FileStorage) -> None:
-    """Store one file under ``root`` and fill in what its header says; raises AudioError for a bad file."""
+def _ingest(svc: Services, store: storage.Storage, job: Job, upload: FileStorage) -> None:
+    """Store one file and fill in what its header says; raises AudioError for a bad file.
+
+    The header is checked on the local copy ``receive`` gives, before the file reaches the store:
+    a file refused here is never stored (see ser_shared.storage)."""
     settings = svc.settings
-    stored = storage.save_stream(root, upload.stream, int(settings.max_file_mb * (1 << 20)))
-    job.storage_key, job.size_bytes, job.content_hash = stored.key, stored.size, stored.sha256
-    job.format = sniff_format(stored.head)
-    info = probe(storage.path_for(root, stored.key), job.format, settings.max_duration_s)
-    job.sample_rate, job.channels, job.duration_s = info.sample_rate, info.channels, info.duration_s
-    check_duration(info.duration_s, settings.min_duration_s, settings.max_duration_s)
+    with store.receive(upload.stream, int(settings.max_file_mb * (1 << 20))) as (stored, local):
+        job.size_bytes, job.content_hash = stored.size, stored.sha256
+        job.format = sniff_format(stored.head)
+        info = probe(local, job.format, settings.max_duration_s)
+        job.sample_rate, job.channels, job.duration_s = info.sample_rate, info.channels, info.duration_s
+        check_duration(info.duration_s, settings.min_duration_s, settings.max_duration_s)
+    job.storage_key = stored.key
 
 
 def _reject(svc: Services, job: Job, exc: AudioError) -> None:
-    storage.delete(svc.settings.upload_dir, job.storage_key)
+    storage.store_for(svc.settings).delete(job.storage_key)
     job.storage_key = None
     job.status, job.error_code, job.error_message = JobStatus.FAILED.value, exc.code, exc.message
     job.finished_at = datetime.now(UTC)
@@ -191,14 +194,14 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
     batch = Batch(id=uuid.uuid4(), tenant=tenant, api_key_id=api_key_id, options=options, file_count=len(files),
                   webhook_url=webhook_url)
     jobs: list[Job] = []
-    root = svc.settings.upload_dir  # resolved once per request, not twice per file (it is a realpath walk)
+    store = storage.store_for(svc.settings)
     for position, upload in enumerate(files):
         if claim is not None:
             try:
                 claim.keep()
             except Exception:  # the claim was lost: this request creates nothing, keeps nothing
                 for stored in jobs:
-                    storage.delete(svc.settings.upload_dir, stored.storage_key)
+                    storage.discard(store, stored.storage_key)
                 raise
         job = Job(id=uuid.uuid4(), batch_id=batch.id, tenant=tenant, api_key_id=api_key_id, position=position,
                   options=options,
@@ -206,9 +209,13 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
                   filename=clean_filename(upload.filename), status=JobStatus.QUEUED.value, attempts=0,
                   size_bytes=0, client_reference=labels.references[position], meta=labels.metadata)
         try:
-            _ingest(svc, root, job, upload)
+            _ingest(svc, store, job, upload)
         except AudioError as exc:
             _reject(svc, job, exc)
+        except Exception:  # the store failed (S3 unreachable): keep none of this request's files
+            for stored in jobs:
+                storage.discard(store, stored.storage_key)
+            raise
         jobs.append(job)
     try:
         with svc.sessions() as session:
@@ -222,7 +229,7 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
     except Exception:
         # Nothing half-written: without the rows, the stored files would be orphans.
         for job in jobs:
-            storage.delete(svc.settings.upload_dir, job.storage_key)
+            storage.discard(store, job.storage_key)
         raise
     webhooks.send(svc.celery, events)
     queued = [j.id for j in jobs if j.status == JobStatus.QUEUED.value]

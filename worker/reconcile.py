@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from ser_shared.contracts import ANALYZE, TRANSCRIBE
 from ser_shared.enqueue import chunks, enqueue, queue_for
 from ser_shared.models import BROKER, FINISHED, Job, JobStatus, Result, WorkerHeartbeat
 from ser_shared.settings import Settings
+from worker.orphans import sweep_orphans
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +302,20 @@ class Reconciler:
 
     def __init__(self) -> None:
         self.suspects: set[uuid.UUID] = set()
+        self.orphans_swept_at: float | None = None
+
+    def orphans(self, factory: sessionmaker[Session], settings: Settings) -> int:
+        """The orphan sweep (worker.orphans), at most once per grace period and at least hourly:
+        it lists the whole store, which is cheap for a bucket but not every sweep_interval_s."""
+        now = time.monotonic()
+        if self.orphans_swept_at is not None and now - self.orphans_swept_at < min(settings.orphan_grace_s, 3600):
+            return 0
+        self.orphans_swept_at = now
+        try:
+            return sweep_orphans(factory, settings)
+        except Exception:  # the store being out must not stop the requeues above
+            log.exception("orphan sweep failed")
+            return 0
 
     def __call__(self, celery: Celery, factory: sessionmaker[Session], settings: Settings,
                  judge_heartbeats: bool = True) -> dict[str, int]:
@@ -307,6 +323,7 @@ class Reconciler:
                   "orphaned": requeue_orphaned(celery, factory, settings) if judge_heartbeats else 0,
                   "stuck": requeue_stuck(celery, factory, settings),
                   "lost": requeue_lost(celery, factory, settings, self.suspects),
-                  "transcripts": resend_transcripts(celery, factory, settings, judge_heartbeats)}
+                  "transcripts": resend_transcripts(celery, factory, settings, judge_heartbeats),
+                  "orphans": self.orphans(factory, settings)}
         prune_heartbeats(factory)
         return counts

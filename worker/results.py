@@ -70,7 +70,8 @@ def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Sett
                 continue
             options = job.options or {}
             inputs.append(JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format,
-                                   options.get("transcribe"), options.get("language", "en-US"), job.duration_s))
+                                   options.get("transcribe"), options.get("language", "en-US"), job.duration_s,
+                                   job.storage_key))
         deliveries = record_events(session, failed)
         session.commit()
     return Claimed(inputs, deliveries)
@@ -227,7 +228,8 @@ def start_transcripts(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUI
             options = job.options or {}
             taken.append(TranscriptInput(
                 JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format,
-                         options.get("transcribe"), options.get("language", "en-US"), job.duration_s),
+                         options.get("transcribe"), options.get("language", "en-US"), job.duration_s,
+                         job.storage_key),
                 result.transcript, result.segments))
         session.commit()
     return taken

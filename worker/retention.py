@@ -39,8 +39,9 @@ def purge_expired_audio(factory: sessionmaker[Session], settings: Settings, now:
             ids = [job_id for job_id, _ in rows]
             session.execute(update(Job).where(Job.id.in_(ids)).values(storage_key=None, audio_deleted_at=now))
             session.commit()
+            store = storage.store_for(settings)
             for _, key in rows:
-                storage.delete(settings.upload_dir, key)
+                storage.discard(store, key)
             purged += len(rows)
     if purged:
         log.info("retention deleted audio jobs=%d older_than_days=%s", purged, settings.audio_retention_days)

@@ -35,7 +35,7 @@ from ser_ml import pipeline
 from ser_shared import webhooks
 from ser_shared.contracts import ANALYZE, DELIVER_WEBHOOK, TRANSCRIBE
 from ser_shared.settings import Settings
-from worker import delivery, heartbeat, results
+from worker import delivery, heartbeat, results, spool
 from worker.runtime import Runtime, runtime_of
 
 log = logging.getLogger(__name__)
@@ -134,16 +134,18 @@ def analyze_jobs(rt: Runtime, job_ids: list[str], send_webhooks: Callable[[list[
     if not inputs:
         return 0
     models = rt.ensemble()
-    try:
-        outcomes = pipeline.run(models, inputs, settings, results.ProgressWriter(factory))
-    except SoftTimeLimitExceeded:
-        log.error("time limit exceeded jobs=%s", job_ids)
-        send_webhooks(write_with_retry(lambda: results.fail_all(
-            factory, [i.id for i in inputs], "time_limit_exceeded",
-            f"analysis took longer than {settings.task_soft_time_limit_s} s")))
-        return 0
-    send_webhooks(write_with_retry(lambda: results.persist(factory, outcomes, models.versions)))
-    _transcripts(factory, outcomes, settings)
+    # The spool copies (S3) live until the transcript stage, which reads the recordings again.
+    with spool.local_inputs(settings, inputs) as local:
+        try:
+            outcomes = pipeline.run(models, local, settings, results.ProgressWriter(factory))
+        except SoftTimeLimitExceeded:
+            log.error("time limit exceeded jobs=%s", job_ids)
+            send_webhooks(write_with_retry(lambda: results.fail_all(
+                factory, [i.id for i in inputs], "time_limit_exceeded",
+                f"analysis took longer than {settings.task_soft_time_limit_s} s")))
+            return 0
+        send_webhooks(write_with_retry(lambda: results.persist(factory, outcomes, models.versions)))
+        _transcripts(factory, outcomes, settings)
     log.info("analysed jobs=%d failed=%d", len(outcomes), sum(o.prediction is None for o in outcomes))
     return len(outcomes)
 
@@ -175,7 +177,8 @@ def _owed_transcripts(factory: sessionmaker[Session], job_ids: list[uuid.UUID], 
     segments: dict[uuid.UUID, list[dict[str, Any]]] = {}
     try:
         for item in owed:
-            done[item.job.id] = pipeline.transcribe_stored(item.job, item.transcript, item.segments, settings)
+            with spool.local_inputs(settings, [item.job]) as (local,):
+                done[item.job.id] = pipeline.transcribe_stored(local, item.transcript, item.segments, settings)
             if item.segments and len(item.segments) > 1:
                 segments[item.job.id] = item.segments
     except SoftTimeLimitExceeded:

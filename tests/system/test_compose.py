@@ -28,9 +28,10 @@ APP_SERVICES = ("migrate", "web", "worker", "worker-gpu")
 LONG_RUNNING_APP_SERVICES = ("web", "worker", "worker-gpu")
 WORKERS = ("worker", "worker-gpu")
 PROXY = "proxy"
-ALL_SERVICES = ("postgres", "redis", PROXY, *APP_SERVICES)
+STORE = "minio"
+ALL_SERVICES = ("postgres", "redis", STORE, "minio-init", PROXY, *APP_SERVICES)
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "ser.conf.template"
-REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "SER_SECRET_KEY")
+REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "SER_SECRET_KEY", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
 
 # ${NAME:?message} -- the whole value must be exactly one required reference.
 REQUIRED_REF = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*:\?[^}]*\}$")
@@ -203,7 +204,7 @@ def test_images_are_built_with_the_right_extras(services, name, extras):
     assert build_args_of(services[name]).get("EXTRAS") == extras
 
 
-@pytest.mark.parametrize("name", ["postgres", "redis", PROXY, "web", "worker", "worker-gpu"])
+@pytest.mark.parametrize("name", ["postgres", "redis", STORE, PROXY, "web", "worker", "worker-gpu"])
 def test_healthchecks_present(services, name):
     hc = services[name].get("healthcheck")
     assert isinstance(hc, dict) and hc.get("test"), f"{name}: no healthcheck"
@@ -267,7 +268,7 @@ def test_app_services_wait_for_migrations_and_redis(services, name):
     assert deps.get("redis", {}).get("condition") == "service_healthy"
 
 
-@pytest.mark.parametrize("name", ["postgres", "redis", PROXY, *LONG_RUNNING_APP_SERVICES])
+@pytest.mark.parametrize("name", ["postgres", "redis", STORE, PROXY, *LONG_RUNNING_APP_SERVICES])
 def test_long_running_services_restart(services, name):
     assert services[name].get("restart") == "unless-stopped"
 
@@ -360,21 +361,42 @@ def test_only_the_gpu_worker_is_profiled(services):
 # --------------------------------------------------------------------------- storage
 
 
-def test_uploads_volume_shared_at_storage_dir(services, compose):
-    assert "uploads" in (compose.get("volumes") or {}), "uploads must be a top-level named volume"
-    targets = {}
-    for name in LONG_RUNNING_APP_SERVICES:
+def test_uploads_live_in_minio_not_a_shared_volume(services, compose):
+    """Web and workers share no disk (they may run on different hosts): uploads go to MinIO."""
+    assert "uploads" not in (compose.get("volumes") or {}), "the shared uploads volume is gone"
+    for name in APP_SERVICES:
         svc = services[name]
-        storage = env_of(svc).get("SER_STORAGE_DIR")
-        assert storage, f"{name}: SER_STORAGE_DIR not set"
-        mounted = [t for s, t in volume_mounts(svc) if s == "uploads"]
-        assert len(mounted) == 1, f"{name}: uploads volume not mounted exactly once"
-        target = mounted[0].rstrip("/")
-        assert storage == target or storage.startswith(target + "/"), (
-            f"{name}: SER_STORAGE_DIR={storage} is not on the uploads volume ({target})"
-        )
-        targets[name] = (target, storage)
-    assert len(set(targets.values())) == 1, f"web and workers disagree: {targets}"
+        assert not svc.get("volumes"), f"{name}: mounts a volume; app containers share none"
+        env = env_of(svc)
+        assert "SER_STORAGE_DIR" not in env, name
+        assert env.get("SER_STORAGE_URL") == "s3://${SER_S3_BUCKET:-ser-audio}/uploads", name
+        assert env.get("SER_S3_ENDPOINT_URL") == "http://minio:9000", name
+        # boto3's standard chain reads these; both by reference to the store's own account.
+        assert env.get("AWS_ACCESS_KEY_ID", "").startswith("${MINIO_ROOT_USER:?"), name
+        assert env.get("AWS_SECRET_ACCESS_KEY", "").startswith("${MINIO_ROOT_PASSWORD:?"), name
+    for name in LONG_RUNNING_APP_SERVICES:
+        assert depends_on(services[name]).get("minio-init", {}).get("condition") == (
+            "service_completed_successfully"), f"{name} must wait for the bucket"
+
+
+def test_minio_is_pinned_persistent_and_healthy(services, compose):
+    minio = services[STORE]
+    assert re.fullmatch(r"minio/minio:RELEASE\.\d{4}-\d\d-\d\dT[\d-]+Z", str(minio.get("image", ""))), minio
+    assert ("miniodata", "/data") in volume_mounts(minio) and "miniodata" in compose["volumes"]
+    assert command_of(minio)[:2] == ["server", "/data"]
+    assert "mc ready local" in healthcheck_text(minio)
+    assert not minio.get("ports"), "the store is reached on the compose network only"
+
+
+def test_minio_init_creates_the_bucket_once(services):
+    init = services["minio-init"]
+    assert re.fullmatch(r"minio/mc:RELEASE\.\d{4}-\d\d-\d\dT[\d-]+Z", str(init.get("image", ""))), init
+    assert init.get("restart") == "no"
+    assert depends_on(init).get(STORE, {}).get("condition") == "service_healthy"
+    script = " ".join(command_of(init))
+    assert "mc alias set ser http://minio:9000" in script
+    assert 'mc mb --ignore-existing "ser/$$SER_S3_BUCKET"' in script
+    assert env_of(init).get("SER_S3_BUCKET") == "${SER_S3_BUCKET:-ser-audio}"
 
 
 # --------------------------------------------------------------------------- settings

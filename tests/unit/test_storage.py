@@ -196,3 +196,47 @@ def test_delete_refuses_escaping_key(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         delete(root, "../victim")
     assert victim.read_bytes() == b"keep me"
+
+
+# --- the Storage backends' choice and the folder backend's protocol ----------------------------
+
+
+def test_store_for_picks_the_folder_unless_an_s3_url_is_set(tmp_path: Path) -> None:
+    from ser_shared.settings import Settings
+    from ser_shared.storage import LocalStorage, S3Storage, store_for
+
+    folder = store_for(Settings(data_dir=tmp_path, storage_dir=tmp_path / "up"))
+    assert isinstance(folder, LocalStorage) and folder.root == (tmp_path / "up").resolve()
+    s3 = store_for(Settings(data_dir=tmp_path, storage_url="s3://bucket/some/prefix/",
+                            s3_endpoint_url="http://127.0.0.1:9"))
+    assert isinstance(s3, S3Storage) and (s3.bucket, s3.prefix) == ("bucket", "some/prefix")
+    assert s3.name("ab/cd/ef") == "some/prefix/ab/cd/ef"
+    with pytest.raises(ValueError):
+        s3.name("../escape")
+
+
+@pytest.mark.parametrize("url", ["s3://", "http://bucket/x", "bucket/prefix", "file:///data"])
+def test_a_storage_url_that_is_not_s3_is_refused_at_start(url: str) -> None:
+    from pydantic import ValidationError
+
+    from ser_shared.settings import Settings
+
+    with pytest.raises(ValidationError, match="SER_STORAGE_URL"):
+        Settings(storage_url=url)
+
+
+def test_folder_receive_keeps_on_success_and_removes_on_error(tmp_path: Path) -> None:
+    from ser_shared.storage import LocalStorage
+
+    store = LocalStorage(tmp_path)
+    with store.receive(io.BytesIO(b"abc"), 10) as (kept, local):
+        assert local.read_bytes() == b"abc"
+    assert store.exists(kept.key) and store.size(kept.key) == 3
+    with pytest.raises(RuntimeError), store.receive(io.BytesIO(b"xyz"), 10) as (refused, _):
+        raise RuntimeError("the header check refused it")
+    assert not store.exists(refused.key)
+    part = path_for(tmp_path, new_key() + ".part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"half")
+    entries = {(e.key, e.partial) for e in store.entries()}
+    assert entries == {(kept.key, False), (part.relative_to(tmp_path).as_posix().removesuffix(".part"), True)}
