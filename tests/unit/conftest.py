@@ -29,7 +29,8 @@ from ser_ml.inference import Ensemble
 from ser_shared.settings import REPO_ROOT, Settings
 
 # Root-conftest fixtures that reach a service (Postgres, Redis, a subprocess worker, a live server).
-SERVICE_FIXTURES = frozenset({"pg_url", "pg_settings", "redis_url", "pg_worker", "live_server", "auth_server", "auth_server_url"})
+SERVICE_FIXTURES = frozenset({"pg_url", "pg_settings", "redis_url", "pg_worker", "live_server", "auth_server",
+                              "auth_server_url"})
 
 
 @pytest.hookimpl(tryfirst=True)
