@@ -106,6 +106,7 @@ def _authenticate() -> Response | None:
         return None
     api = request.blueprint == "api"
     if not services().settings.auth_enabled:
+        logs.bind_fields(tenant=LOCAL_TENANT)
         if api:
             _refuse_cross_site()
         else:
