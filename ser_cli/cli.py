@@ -96,23 +96,27 @@ def _worker(args: argparse.Namespace) -> int:
         return _worker_check(args.node)
     if not _models_ready(settings.models_dir):
         return 2
-    if settings.worker_metrics_port is not None:
-        # The port: no other live worker on this host holds it (see web/gunicorn_conf.py).
-        _metrics_dir(Path(tempfile.gettempdir()) / "ser-metrics" / f"worker-{settings.worker_metrics_port}")
     concurrency = args.concurrency or settings.worker_concurrency
-    os.execv(sys.executable, _worker_argv(args.queues, concurrency, args.pool, settings.log_level))
+    os.execve(sys.executable, _worker_argv(args.queues, concurrency, args.pool, settings.log_level),
+              _worker_env(settings.worker_metrics_port, os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
     return 1  # not reached
 
 
-def _metrics_dir(default: Path) -> None:
-    """Multiprocess metrics for the exec'd worker (see worker/metrics.py): the folder named in the
-    environment before anything imports prometheus_client, emptied of a previous run's values."""
+def _worker_env(metrics_port: int | None, metrics_dir: str | None = None) -> dict[str, str]:
+    """The worker's environment: with a metrics port, multiprocess metrics (see worker/metrics.py),
+    the folder named before anything imports prometheus_client and emptied of a previous run's
+    values. By default the folder is named after the port, which no other live worker on this
+    host holds (see web/gunicorn_conf.py)."""
     import shutil
 
-    folder = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or default)
+    env = dict(os.environ)
+    if metrics_port is None:
+        return env
+    folder = Path(metrics_dir or Path(tempfile.gettempdir()) / "ser-metrics" / f"worker-{metrics_port}")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return env
 
 
 def _worker_check(node: str | None) -> int:
@@ -175,7 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
                  "for Postgres and Redis)", settings.db_url, settings.queue_url)
     procs = [
         subprocess.Popen(_worker_argv(args.queues, args.concurrency or settings.worker_concurrency,
-                                      "prefork", settings.log_level)),
+                                      "prefork", settings.log_level), env=_worker_env(settings.worker_metrics_port)),
         subprocess.Popen(_web_argv(args.host, args.port, args.web_workers)),
     ]
     mode = "" if settings.auth_enabled else " in single-user mode (no authentication, local only)"

@@ -125,13 +125,12 @@ def client(app):  # type: ignore[no-untyped-def]
 class WorkerProcess:
     """A real Celery worker in a subprocess, started through the `ser worker` command."""
 
-    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None,
-                 queues: str = "cpu") -> None:
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
         env = settings_env(settings) | (extra_env or {})
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ser_cli", "worker", "--concurrency", "1", "--queues", queues],
+            [sys.executable, "-m", "ser_cli", "worker", "--concurrency", "1"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
 
     def wait_ready(self, timeout: float = 120) -> None:

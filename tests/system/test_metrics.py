@@ -8,10 +8,12 @@ as ``ser worker`` (prefork: the pool child counts, the main process serves).
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,15 +21,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from ser_shared.db import make_engine, make_session_factory
-from ser_shared.models import Job
+from ser_shared.models import Job, WebhookDelivery
 from ser_shared.settings import Settings
 from tests.conftest import WorkerProcess, private_database, ravdess_file, wait_for
+from tests.fault_tools import RedisServer
 from tests.proxy_tools import Gunicorn, free_port
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "metrics-test-token"
-QUEUE = "metrics-test"  # a queue of its own: the session's shared worker must not take these jobs
+QUEUE = "cpu"
 GOOD = [(1, "05"), (2, "03"), (3, "04"), (4, "01")]
 REQUEST_ID = "req-metrics-test-0001"
 
@@ -39,6 +42,29 @@ class Stack:
     worker: WorkerProcess
     worker_port: int
     batch: dict[str, object]
+    during: dict[str, dict]  # type: ignore[type-arg]  # scrapes taken while the batch was running
+    hooks: list[bytes] = field(default_factory=list)  # webhook bodies the receiver got
+
+
+class Hooks:
+    """A webhook receiver that answers 204 to every POST and keeps the bodies."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        bodies = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                bodies.append(self.rfile.read(int(self.headers.get("content-length", 0))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
 
 
 def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None
@@ -51,9 +77,11 @@ def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | N
         return exc.code, exc.read(), dict(exc.headers)
 
 
-def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+def _multipart(files: list[tuple[str, bytes]], **fields: str) -> tuple[bytes, str]:
     boundary = "metricsboundary7d3"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields.items()]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
              f"Content-Type: application/octet-stream\r\n\r\n".encode() + body + b"\r\n" for name, body in files]
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
@@ -61,21 +89,28 @@ def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
 @pytest.fixture(scope="module")
 def stack(pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("metrics")
-    with private_database(pg_settings, default_queue=QUEUE) as settings:
-        env = {"SER_METRICS_TOKEN": TOKEN, "SER_LOG_FORMAT": "json", "SER_DEFAULT_QUEUE": QUEUE}
+    # A broker of its own: the session's shared worker must take none of these jobs or webhooks,
+    # and this worker none of other tests' messages.
+    broker = RedisServer(workdir)
+    broker.start()
+    with private_database(pg_settings, broker_url=broker.url) as settings:
+        env = {"SER_METRICS_TOKEN": TOKEN, "SER_LOG_FORMAT": "json"}
         port = free_port()
-        worker = WorkerProcess(settings, workdir / "worker.log",
-                               env | {"SER_WORKER_METRICS_PORT": str(port)}, queues=QUEUE)
+        worker = WorkerProcess(settings, workdir / "worker.log", env | {"SER_WORKER_METRICS_PORT": str(port)})
         web = Gunicorn(settings, workdir, env, workers=2)
+        hooks = Hooks()
         try:
             worker.wait_ready()
             base = f"http://127.0.0.1:{web.port}"
             body, ctype = _multipart([(p.name, p.read_bytes()) for p in (ravdess_file(a, e) for a, e in GOOD)]
-                                     + [("notes.wav", b"not audio at all\n" * 40)])
+                                     + [("notes.wav", b"not audio at all\n" * 40)], webhook_url=hooks.url)
             status, raw, _ = _request(f"{base}/api/v1/jobs", data=body,
                                       headers={"Content-Type": ctype, "X-Request-ID": REQUEST_ID})
             assert status == 202, raw
             batch_id = json.loads(raw)["batch_id"]
+            # While the batch runs: both endpoints answer, and the upload is counted already (the
+            # web tier counts before it answers).
+            during = {"web": _scrape(f"{base}/metrics", TOKEN), "worker": _scrape(f"http://127.0.0.1:{port}/metrics")}
             # A whole upload refused: no file at all.
             empty, ectype = _multipart([])
             assert _request(f"{base}/api/v1/jobs", data=empty, headers={"Content-Type": ectype})[0] == 400
@@ -85,10 +120,19 @@ def stack(pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> It
                 return got if got["done"] else None
 
             batch = wait_for(finished, 240)
-            yield Stack(settings, web, worker, port, batch)
+            factory = make_session_factory(make_engine(settings))
+
+            def delivered() -> bool:
+                with factory() as session:
+                    return not session.scalar(select(func.count()).where(WebhookDelivery.status == "pending"))
+
+            wait_for(delivered, 120)
+            yield Stack(settings, web, worker, port, batch, during, hooks.bodies)
         finally:
+            hooks.server.shutdown()
             web.stop()
             worker.stop()
+            broker.kill()
 
 
 def _scrape(url: str, token: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -115,6 +159,13 @@ def test_web_metrics_count_what_was_sent(stack: Stack) -> None:
     assert polls >= 1
     assert not any(str(stack.batch["id"]) in dict(labels).get("route", "") for _, labels in web)
     assert _value(web, "ser_http_request_duration_seconds_count", method="POST", route="/api/v1/jobs") == 2
+
+
+def test_scrapes_during_the_batch(stack: Stack) -> None:
+    assert _value(stack.during["web"], "ser_uploads_total", outcome="accepted", code="") == 1
+    assert _value(stack.during["web"], "ser_upload_files_total", outcome="accepted", code="") == len(GOOD)
+    assert ("ser_queue_depth", (("queue", QUEUE),)) in stack.during["worker"]
+    assert sum(v for (name, _), v in stack.during["worker"].items() if name == "ser_jobs_finished_total") <= len(GOOD)
 
 
 def test_metrics_need_the_token_when_set(stack: Stack) -> None:
@@ -147,6 +198,20 @@ def test_worker_metrics_match_the_database(stack: Stack) -> None:
     assert _value(worker, "ser_chunk_recordings_sum") == len(GOOD)
     assert (("ser_queue_depth", (("queue", QUEUE),))) in worker
     assert _value(worker, "ser_queue_depth", queue=QUEUE) == 0  # all done
+
+
+def test_webhook_deliveries_match_the_database_and_the_receiver(stack: Stack) -> None:
+    worker = _scrape(f"http://127.0.0.1:{stack.worker_port}/metrics")
+    factory = make_session_factory(make_engine(stack.settings))
+    with factory() as session:
+        by_status = dict(session.execute(select(WebhookDelivery.status, func.count())
+                                         .group_by(WebhookDelivery.status)).all())
+    # One event per job (the refused file's included) and batch.completed, each delivered at its
+    # first attempt: the receiver got every one once.
+    assert len(stack.hooks) == len(GOOD) + 2
+    assert by_status == {"delivered": len(stack.hooks)}
+    assert _value(worker, "ser_webhook_deliveries_total", outcome="delivered") == len(stack.hooks)
+    assert _value(worker, "ser_webhook_deliveries_total", outcome="pending") == 0
 
 
 def _json_lines(path: Path) -> list[dict[str, object]]:
