@@ -103,7 +103,8 @@ def stack(pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> It
             worker.wait_ready()
             base = f"http://127.0.0.1:{web.port}"
             body, ctype = _multipart([(p.name, p.read_bytes()) for p in (ravdess_file(a, e) for a, e in GOOD)]
-                                     + [("notes.wav", b"not audio at all\n" * 40)], webhook_url=hooks.url)
+                                     + [("notes.wav", b"not audio at all\n" * 40)], webhook_url=hooks.url,
+                                     transcribe="sphinx")
             status, raw, _ = _request(f"{base}/api/v1/jobs", data=body,
                                       headers={"Content-Type": ctype, "X-Request-ID": REQUEST_ID})
             assert status == 202, raw
@@ -117,7 +118,10 @@ def stack(pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> It
 
             def finished() -> dict[str, object] | None:
                 got = json.loads(_request(f"{base}/api/v1/batches/{batch_id}")[1])
-                return got if got["done"] else None
+                # Done, transcripts too (they follow the emotions).
+                owed = [j for j in got["jobs"] if ((j["result"] or {}).get("transcript") or {}).get("status")
+                        in (None, "pending") and j["status"] == "succeeded"]
+                return got if got["done"] and not owed else None
 
             batch = wait_for(finished, 240)
             factory = make_session_factory(make_engine(settings))
@@ -193,7 +197,7 @@ def test_worker_metrics_match_the_database(stack: Stack) -> None:
     assert in_db == {("succeeded", ""): len(GOOD)}
     assert {k: v for k, v in counted.items() if v} == in_db
     assert refused_at_upload == 1
-    for stage in ("decode", "features", "inference"):
+    for stage in ("decode", "features", "inference", "transcript"):
         assert _value(worker, "ser_stage_duration_seconds_count", stage=stage) == len(GOOD), stage
     assert _value(worker, "ser_chunk_recordings_sum") == len(GOOD)
     assert (("ser_queue_depth", (("queue", QUEUE),))) in worker
