@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def _migrate(_: argparse.Namespace) -> int:
 
 
 def _web_argv(host: str, port: int, workers: int) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--bind", f"{host}:{port}",
+    # web/gunicorn_conf.py: the multiprocess metrics folder (cleared at start, dead workers marked).
+    return [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--config", "python:web.gunicorn_conf",
+            "--bind", f"{host}:{port}",
             "--workers", str(workers), "--threads", "4", "--timeout", "300",
             # Trust no client's X-Forwarded-* here: web/proxy.py honours SER_TRUSTED_PROXIES hops.
             "--access-logfile", "-", "--forwarded-allow-ips", ""]
@@ -89,11 +92,61 @@ def _models_ready(models_dir: Path) -> bool:
 
 def _worker(args: argparse.Namespace) -> int:
     settings = get_settings()
+    if args.check:
+        return _worker_check(args.node)
     if not _models_ready(settings.models_dir):
         return 2
     concurrency = args.concurrency or settings.worker_concurrency
-    os.execv(sys.executable, _worker_argv(args.queues, concurrency, args.pool, settings.log_level))
+    os.execve(sys.executable, _worker_argv(args.queues, concurrency, args.pool, settings.log_level),
+              _worker_env(settings.worker_metrics_port, os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
     return 1  # not reached
+
+
+def _worker_env(metrics_port: int | None, metrics_dir: str | None = None) -> dict[str, str]:
+    """The worker's environment: with a metrics port, multiprocess metrics (see worker/metrics.py),
+    the folder named before anything imports prometheus_client and emptied of a previous run's
+    values. By default the folder is named after the port, which no other live worker on this
+    host holds (see web/gunicorn_conf.py)."""
+    import shutil
+
+    env = dict(os.environ)
+    if metrics_port is None:
+        return env
+    folder = Path(metrics_dir or Path(tempfile.gettempdir()) / "ser-metrics" / f"worker-{metrics_port}")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return env
+
+
+def _worker_check(node: str | None) -> int:
+    """Liveness without the broker: 0 when a worker node on this host (or ``node``, a node id or
+    its start) wrote its heartbeat within SER_WORKER_DEAD_AFTER_S, else 1. ``celery inspect ping``
+    is itself a message to the worker, unanswered while every pool child is busy."""
+    from datetime import UTC, datetime
+
+    from ser_shared.clock import as_utc
+    from ser_shared.db import make_engine, make_session_factory
+    from worker.heartbeat import host_prefix, last_seen
+
+    settings = get_settings()
+    engine = make_engine(settings)
+    try:
+        seen = last_seen(make_session_factory(engine), node or host_prefix())
+    except Exception as exc:  # an unreachable database is an unhealthy worker: it cannot claim jobs
+        print(f"worker check: database unavailable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    if seen is None:
+        print(f"worker check: no heartbeat from {node or host_prefix()}", file=sys.stderr)
+        return 1
+    age = (datetime.now(UTC) - as_utc(seen)).total_seconds()
+    if age > settings.worker_dead_after_s:
+        print(f"worker check: last heartbeat {age:.0f} s ago", file=sys.stderr)
+        return 1
+    print(f"worker check: heartbeat {age:.0f} s ago")
+    return 0
 
 
 def _loopback(host: str) -> bool:
@@ -126,7 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
                  "for Postgres and Redis)", settings.db_url, settings.queue_url)
     procs = [
         subprocess.Popen(_worker_argv(args.queues, args.concurrency or settings.worker_concurrency,
-                                      "prefork", settings.log_level)),
+                                      "prefork", settings.log_level), env=_worker_env(settings.worker_metrics_port)),
         subprocess.Popen(_web_argv(args.host, args.port, args.web_workers)),
     ]
     mode = "" if settings.auth_enabled else " in single-user mode (no authentication, local only)"
@@ -229,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    p.add_argument("--check", action="store_true",
+                   help="liveness probe: exit 0 if a worker on this host wrote its heartbeat lately, 1 if not")
+    p.add_argument("--node", help="with --check: the node id (or its start) to check instead of this host's")
     p.set_defaults(func=_worker)
 
     p = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     models_dir: Path = REPO_ROOT / "models"
     secret_key: str | None = None
     log_level: str = "INFO"
+    # "json": one JSON object per log line (request, job, batch ids and tenant as fields).
+    log_format: Literal["text", "json"] = "text"
+    # Prometheus: a bearer token /metrics requires when set (None: open, like /healthz); the port
+    # each worker node's main process serves its metrics on (None: no metrics server).
+    metrics_token: str | None = None
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     # Upload limits. The request limit is enforced by werkzeug before the body is parsed.
     max_request_mb: float = Field(default=2048, gt=0)
@@ -127,7 +133,8 @@ class Settings(BaseSettings):
                 raise ValueError("SER_STORAGE_URL must be s3://bucket/prefix (unset: the local folder)")
         return value
 
-    @field_validator("database_url", "broker_url", "public_url", "storage_url", "s3_endpoint_url", mode="before")
+    @field_validator("database_url", "broker_url", "public_url", "storage_url", "s3_endpoint_url", "metrics_token",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value

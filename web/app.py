@@ -41,10 +41,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         if session is not None:
             session.close()
 
-    from web import api, auth, drain, errors, pages, proxy, security
+    from web import api, auth, drain, errors, metrics, pages, proxy, security
 
     # Forwarded headers and the public URL: see web/proxy.py (gunicorn itself trusts none).
     app.wsgi_app = proxy.wrap(app.wsgi_app, settings)  # type: ignore[method-assign,assignment]
+    metrics.register(app)  # before auth: refused requests are counted and carry a request id
     auth.register(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)

@@ -29,7 +29,7 @@ from flask import Blueprint, Flask, g, redirect, render_template, request, sessi
 from markupsafe import Markup
 from werkzeug.wrappers import Response
 
-from ser_shared import apikeys
+from ser_shared import apikeys, logs
 from ser_shared.errors import Forbidden, Unauthorized
 from ser_shared.models import LOCAL_TENANT
 from web.context import db, services
@@ -40,7 +40,9 @@ CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 # Reachable without signing in: probes, the sign-in page itself, static files, the API description.
-PUBLIC_ENDPOINTS = {"api.healthz", "api.readyz", "static", "auth.login", "auth.login_submit", "pages.api_docs"}
+# /metrics has a check of its own (SER_METRICS_TOKEN, see web/metrics.py): a scraper has no API key.
+PUBLIC_ENDPOINTS = {"api.healthz", "api.readyz", "static", "auth.login", "auth.login_submit", "pages.api_docs",
+                    "metrics.metrics"}
 PUBLIC_PATHS = {"/api/v1/openapi.json"}
 
 
@@ -104,6 +106,7 @@ def _authenticate() -> Response | None:
         return None
     api = request.blueprint == "api"
     if not services().settings.auth_enabled:
+        logs.bind_fields(tenant=LOCAL_TENANT)
         if api:
             _refuse_cross_site()
         else:
@@ -115,6 +118,7 @@ def _authenticate() -> Response | None:
         if row is None:
             raise Unauthorized("the API key is unknown or revoked")
         g.tenant, g.key_name, g.key_id = row.tenant, row.name, row.id
+        logs.bind_fields(tenant=row.tenant)  # unbound with the request id, at teardown
         return None
     key_id = session.get("key_id")
     row = apikeys.by_id(db(), key_id) if key_id else None
@@ -125,6 +129,7 @@ def _authenticate() -> Response | None:
             raise Unauthorized("send an API key: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
     g.tenant, g.key_name, g.key_id = row.tenant, row.name, row.id
+    logs.bind_fields(tenant=row.tenant)
     _check_csrf()
     return None
 

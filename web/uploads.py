@@ -24,6 +24,7 @@ from ser_shared.schemas import DEVICES, TRANSCRIBE  # the choices the API docume
 from ser_shared.settings import Settings
 from ser_shared.webhooks import record_events
 from web.context import Services
+from web.metrics import count_files
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,7 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
         for job in jobs:
             storage.discard(store, job.storage_key)
         raise
+    count_files(jobs)
     webhooks.send(svc.celery, events)
     queued = [j.id for j in jobs if j.status == JobStatus.QUEUED.value]
     ok = enqueue(svc.celery, svc.sessions, queued, queue_for(options, svc.settings.default_queue),

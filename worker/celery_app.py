@@ -24,7 +24,7 @@ from ser_ml.inference import Ensemble
 from ser_shared import logs, schemas, webhooks
 from ser_shared.enqueue import make_celery
 from ser_shared.settings import Settings, get_settings
-from worker import delivery, tasks
+from worker import delivery, metrics, tasks
 from worker.heartbeat import Heartbeat
 from worker.reconcile import Reconciler
 from worker.retention import purge_expired_audio
@@ -81,17 +81,20 @@ class _Lifecycle:
         if not self._mine(sender):
             return
         self.hostnames.add(sender.hostname)
+        settings = self.runtime.settings
+        logs.configure(settings.log_level, settings.log_format)  # Celery's handlers, our format
         tune_process()
         self.heartbeat = Heartbeat(self.runtime.settings)
         self.heartbeat.beat_once()
         self.heartbeat.close_connections()
         log.info("worker node=%s", self.heartbeat.node)
+        metrics.serve(settings)  # the server thread is the main process's: children only count
 
     def on_process_init(self, sender: Any = None, **_: Any) -> None:
         """In each pool child (or the solo pool's process): logging, own connections, the models."""
         if sender not in self.hostnames:
             return
-        logs.configure(self.runtime.settings.log_level)
+        logs.configure(self.runtime.settings.log_level, self.runtime.settings.log_format)
         self.runtime.reset_after_fork()
         self.runtime.ensemble()
 

@@ -29,6 +29,7 @@ from ser_shared import clock, webhooks
 from ser_shared.errors import BadRequest
 from ser_shared.models import WebhookDelivery
 from ser_shared.settings import Settings
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,8 @@ def deliver(factory: sessionmaker[Session], settings: Settings, msg_id: str) -> 
             delay = retry_delay(len(row.attempts), settings)
             row.next_attempt_at = now + timedelta(seconds=delay)
         session.commit()
+        # "pending" after an attempt: it failed and another is scheduled.
+        metrics.webhook_attempt(row.status)
         log.info("webhook id=%s event=%s attempt=%d status=%s result=%s", row.id, row.event, len(row.attempts),
                  code, row.status)
         return delay

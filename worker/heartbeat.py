@@ -21,6 +21,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+from sqlalchemy import func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,8 +38,20 @@ def node() -> str:
     """This node's id (made on first use: in the main process at start, inherited by children)."""
     global _node
     if _node is None:
-        _node = f"{socket.gethostname()[:120]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        _node = f"{host_prefix()}{os.getpid()}:{uuid.uuid4().hex[:8]}"
     return _node
+
+
+def host_prefix(host: str | None = None) -> str:
+    """The start of the ids of this host's nodes (see ``node``)."""
+    return f"{(host or socket.gethostname())[:120]}:"
+
+
+def last_seen(factory: sessionmaker[Session], prefix: str) -> datetime | None:
+    """The newest heartbeat of the nodes whose id starts with ``prefix`` (None: no such node)."""
+    with factory() as session:
+        return session.scalar(select(func.max(WorkerHeartbeat.seen_at))
+                              .where(WorkerHeartbeat.node.startswith(prefix, autoescape=True)))
 
 
 def beat(factory: sessionmaker[Session], node_id: str, started_at: datetime) -> None:

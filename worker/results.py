@@ -26,6 +26,7 @@ from ser_shared.models import BROKER, FINISHED, Job, JobStatus, Result
 from ser_shared.settings import Settings
 from ser_shared.storage import path_for
 from ser_shared.webhooks import record_events
+from worker import metrics
 from worker.reconcile import give_up_transcript
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class Claimed:
 
     inputs: list[JobInput]
     deliveries: list[str]
+    # The chunk's batch and tenant (one batch per message), for the log context.
+    batch_id: uuid.UUID | None = None
+    tenant: str | None = None
 
 
 def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Settings,
@@ -53,20 +57,25 @@ def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Sett
     now = datetime.now(UTC)
     inputs: list[JobInput] = []
     failed: list[uuid.UUID] = []
+    codes: list[str] = []
+    batch_id, tenant = None, None
     with factory() as session:
         for job in session.scalars(select(Job).where(Job.id.in_(ids)).with_for_update()):
+            batch_id, tenant = job.batch_id, job.tenant
             if job.status in FINISHED:
                 continue
             if job.attempts >= settings.max_attempts:
                 _fail(job, "too_many_attempts",
                       f"the analysis was interrupted {job.attempts} times; giving up", now)
                 failed.append(job.id)
+                codes.append("too_many_attempts")
                 continue
             job.status, job.attempts, job.started_at = JobStatus.PROCESSING.value, job.attempts + 1, now
             job.worker, job.worker_at = holder, now
             if job.storage_key is None or job.format is None:
                 _fail(job, "audio_missing", "the stored recording is gone", now)
                 failed.append(job.id)
+                codes.append("audio_missing")
                 continue
             options = job.options or {}
             inputs.append(JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format,
@@ -74,7 +83,9 @@ def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Sett
                                    job.storage_key))
         deliveries = record_events(session, failed)
         session.commit()
-    return Claimed(inputs, deliveries)
+    for code in codes:  # counted once committed: a rolled-back transaction finished nothing
+        metrics.job_finished(JobStatus.FAILED.value, code)
+    return Claimed(inputs, deliveries, batch_id, tenant)
 
 
 def _fail(job: Job, code: str, message: str, now: datetime) -> None:
@@ -97,6 +108,7 @@ def fail_all(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUID], code:
         # Only the jobs this call finished: a job finished earlier already had its event.
         deliveries = record_events(session, failed)
         session.commit()
+    metrics.job_finished(JobStatus.FAILED.value, code, len(failed))
     return deliveries
 
 
@@ -157,6 +169,12 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
         _upsert_results(session, results)
         deliveries = record_events(session, finished)
         session.commit()
+    for job_id in finished:  # only the jobs this call finished: a redelivery counts nothing twice
+        outcome = by_id[job_id]
+        if outcome.prediction is None:
+            metrics.job_finished(JobStatus.FAILED.value, outcome.error_code or "internal_error")
+        else:
+            metrics.job_finished(JobStatus.SUCCEEDED.value)
     return deliveries
 
 

@@ -32,10 +32,10 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ser_ml import pipeline
-from ser_shared import webhooks
+from ser_shared import logs, webhooks
 from ser_shared.contracts import ANALYZE, DELIVER_WEBHOOK, TRANSCRIBE
 from ser_shared.settings import Settings
-from worker import delivery, heartbeat, results, spool
+from worker import delivery, heartbeat, metrics, results, spool
 from worker.runtime import Runtime, runtime_of
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,15 @@ def analyze_jobs(rt: Runtime, job_ids: list[str], send_webhooks: Callable[[list[
     """The ``analyze`` task's body: claim, run the pipeline, persist, then the transcript stage."""
     settings, factory = rt.settings, rt.session_factory()
     claimed = results.claim(factory, job_ids, settings, heartbeat.node())
+    # Every log line of the chunk names its batch and tenant (and the job, for a chunk of one).
+    with logs.bind(batch_id=claimed.batch_id, tenant=claimed.tenant,
+                   job_id=job_ids[0] if len(job_ids) == 1 else None):
+        return _analyze_claimed(rt, claimed, job_ids, send_webhooks)
+
+
+def _analyze_claimed(rt: Runtime, claimed: results.Claimed, job_ids: list[str],
+                     send_webhooks: Callable[[list[str]], None]) -> int:
+    settings, factory = rt.settings, rt.session_factory()
     send_webhooks(claimed.deliveries)  # jobs failed instead of claimed (attempts used up, audio gone)
     inputs = claimed.inputs
     if len(inputs) < len(job_ids):
@@ -144,6 +153,7 @@ def analyze_jobs(rt: Runtime, job_ids: list[str], send_webhooks: Callable[[list[
                 factory, [i.id for i in inputs], "time_limit_exceeded",
                 f"analysis took longer than {settings.task_soft_time_limit_s} s")))
             return 0
+        metrics.observe_chunk(outcomes)
         send_webhooks(write_with_retry(lambda: results.persist(factory, outcomes, models.versions)))
         _transcripts(factory, outcomes, settings)
     log.info("analysed jobs=%d failed=%d", len(outcomes), sum(o.prediction is None for o in outcomes))
@@ -155,7 +165,13 @@ def _transcripts(factory: sessionmaker[Session], outcomes: list[pipeline.Outcome
     if not any(o.audio is not None for o in outcomes):
         return
     try:
-        transcripts = pipeline.transcribe_all(outcomes, settings)
+        transcripts: dict[uuid.UUID, dict[str, Any]] = {}
+        for outcome in outcomes:  # one at a time, as transcribe_all does, to time each recording
+            started = time.perf_counter()
+            made = pipeline.transcribe_all([outcome], settings)
+            if made:
+                metrics.observe_transcript(started)
+                transcripts.update(made)
         with_segments = {o.job_id: o.segments for o in outcomes
                          if o.job_id in transcripts and o.segments and len(o.segments) > 1}
         results.save_transcripts(factory, transcripts, with_segments)
