@@ -12,9 +12,10 @@ The throughput phases add one worker at a time (N = 1, 2, 3, …; the ones alrea
 upload R recordings each, first upload byte → last result stored. Who took which job is read from
 ``Job.worker`` while the phase runs (a finished job's holder is cleared, so it is sampled while the
 job is held) and cross-checked against each worker's own "analysed jobs=" log lines. Per phase it
-also records the costs docs/SCALING.md works from: worker CPU seconds (the process trees, from
-/proc), Postgres commits and rows written (pg_stat_database), Redis commands (INFO commandstats)
-and S3 objects and bytes stored (listing the bucket).
+also records the costs docs/SCALING.md works from, per recording: worker and web CPU seconds (the
+process trees, from /proc), Postgres commits and rows written (pg_stat_database), Redis commands
+(INFO commandstats of a private redis-server), S3 requests on recording objects by method (the
+in-process moto server's access log) and objects and bytes stored (listing the bucket).
 
 ``--kill-one`` then uploads R more to all N workers and, once the last worker holds jobs, sends
 SIGKILL to its whole process group (main process: heartbeat and reconciler; pool child): every
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import secrets
@@ -102,6 +104,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------- services
 
 
+class S3Requests(logging.Handler):
+    """Counts the in-process moto server's requests on recording objects, by method (from its access
+    log: the bench's own bucket listings are not on object keys, so they are left out)."""
+
+    PATTERN = re.compile(r'"(GET|PUT|HEAD|POST|DELETE) /[^/ ]+/audio/')
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if match := self.PATTERN.search(record.getMessage()):
+            self.counts[match.group(1)] += 1
+
+
+S3_REQUESTS = S3Requests()
+
+
 def start_s3(stack: ExitStack, endpoint: str | None) -> str:
     os.environ.update({k: os.environ.get(k, v) for k, v in S3_ENV.items()})  # boto3 and children read these
     if endpoint:
@@ -111,6 +131,10 @@ def start_s3(stack: ExitStack, endpoint: str | None) -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
+    access = logging.getLogger("werkzeug")  # moto's server is a werkzeug one
+    access.addHandler(S3_REQUESTS)
+    access.propagate = False
+    access.setLevel(logging.INFO)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     stack.callback(server.stop)
@@ -229,18 +253,38 @@ class HolderSampler:
 
 
 def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its live children (from /proc)."""
+    """User + system CPU seconds of a process and all its live descendants (from /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with suppress(OSError):
             stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(entry.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent pid
-                total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+            fields = stat[stat.rindex(")") + 2:].split()  # fields[1]: the parent pid; 11, 12: utime, stime
+            parent[int(entry.name)], cpu[int(entry.name)] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+
+    def under(p: int) -> bool:
+        while p > 1:
+            if p == pid:
+                return True
+            p = parent.get(p, 0)
+        return False
+
+    return sum(c for p, c in cpu.items() if under(p))
+
+
+def _own_cpu_s() -> float:
+    """This process's CPU seconds: the uploads, the samplers and the in-process moto server."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _busy_s() -> float:
+    """Busy CPU seconds of the whole machine so far (/proc/stat: all but idle and iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def pg_counters(engine: sa.Engine) -> dict[str, int]:
@@ -268,6 +312,7 @@ class Ctx:
     broker: redis.Redis
     bucket: tuple[Any, str]
     clips: list[Clip]
+    web: Child
     workers: list[Worker] = field(default_factory=list)
 
 
@@ -311,6 +356,7 @@ def phase(ctx: Ctx, n: int) -> dict[str, Any]:
     cpu0 = {w.index: tree_cpu_s(w.pid) for w in ctx.workers}
     analysed0 = {w.index: w.analysed() for w in ctx.workers}
     pg0, redis0, s30 = pg_counters(ctx.engine), redis_commands(ctx.broker), bucket_usage(ctx.bucket)
+    s3req0, web0, own0, busy0 = Counter(S3_REQUESTS.counts), tree_cpu_s(ctx.web.proc.pid), _own_cpu_s(), _busy_s()
     with HolderSampler(ctx.engine) as sampler:
         start = time.monotonic()
         ids = upload(ctx, recs)
@@ -318,6 +364,8 @@ def phase(ctx: Ctx, n: int) -> dict[str, Any]:
         elapsed = time.monotonic() - start
     pg1, redis1, s31 = pg_counters(ctx.engine), redis_commands(ctx.broker), bucket_usage(ctx.bucket)
     cpu = sum(tree_cpu_s(w.pid) - cpu0[w.index] for w in ctx.workers)
+    web_cpu, own_cpu, busy = tree_cpu_s(ctx.web.proc.pid) - web0, _own_cpu_s() - own0, _busy_s() - busy0
+    s3req = S3_REQUESTS.counts - s3req0
     by_node = sampler.per_node()
     result = {
         "workers": n, "recordings": len(ids), "seconds": round(elapsed, 2),
@@ -326,8 +374,12 @@ def phase(ctx: Ctx, n: int) -> dict[str, Any]:
                            for w in ctx.workers},
         "analysed_by_worker_log": {f"worker{w.index}": w.analysed() - analysed0[w.index] for w in ctx.workers},
         "distinct_holders": len(by_node),
+        "machine_busy_cores": round(busy / elapsed, 2),  # of os.cpu_count(), everything on the machine
         "per_recording": {
             "worker_cpu_s": round(cpu / len(ids), 4),
+            "web_cpu_s": round(web_cpu / len(ids), 4),
+            "bench_and_moto_cpu_s": round(own_cpu / len(ids), 4),
+            "s3_requests": {k: round(v / len(ids), 2) for k, v in sorted(s3req.items())},
             "pg_commits": round((pg1["commits"] - pg0["commits"]) / len(ids), 2),
             "pg_rows_written": round(sum(pg1[k] - pg0[k] for k in ("inserted", "updated", "deleted")) / len(ids), 2),
             "redis_commands": round((redis1 - redis0) / len(ids), 2),
@@ -411,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "--workers", "1"], env, work / "web.log")
         stack.callback(web.stop)
         ctx = Ctx(args, f"http://127.0.0.1:{port}", headers, sa.create_engine(db_url), broker, bucket,
-                  load_clips(args.datasets, 1440))
+                  load_clips(args.datasets, 1440), web)
         stack.callback(ctx.engine.dispose)
         phases = []
         try:
