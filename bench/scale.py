@@ -1,6 +1,6 @@
 """Scale-out on one machine: the web tier and N workers as if on separate hosts, 1 → 3 workers, and one killed.
 
-    python -m bench.scale [--recordings 300] [--workers 3] [--kill-one] [--s3-endpoint URL]
+    python -m bench.scale [--recordings 300] [--workers 3] [--from-workers 1] [--kill-one] [--s3-endpoint URL]
 
 Starts moto's S3 server (unless ``--s3-endpoint``), a fresh Postgres database, a FLUSHED Redis
 database, the gunicorn web tier and up to N Celery workers (``ser worker --concurrency 1``), each
@@ -81,6 +81,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--recordings", type=int, default=300, help="recordings uploaded per phase")
     p.add_argument("--workers", type=int, default=3, help="largest number of worker processes (phases 1..N)")
+    p.add_argument("--from-workers", type=int, default=1,
+                   help="measure only the phases with at least this many workers (the others are started)")
     p.add_argument("--batch-size", type=int, default=50, help="files per upload request")
     p.add_argument("--chunk-size", type=int, default=8, help="SER_CHUNK_SIZE: jobs per task message")
     p.add_argument("--kill-one", action="store_true", help="after the phases, kill -9 one worker mid-batch")
@@ -96,6 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.recordings < 1 or args.workers < 1 or args.batch_size < 1:
         p.error("--recordings, --workers and --batch-size must be at least 1")
+    if not 1 <= args.from_workers <= args.workers:
+        p.error("--from-workers must be between 1 and --workers")
     if not args.datasets.is_absolute():
         args.datasets = REPO_ROOT / args.datasets
     return args
@@ -426,8 +430,11 @@ def kill_phase(ctx: Ctx) -> dict[str, Any]:
         wait_done(ctx, ids, ctx.args.timeout)
         total_s = time.monotonic() - killed_at
     again = [j for j in held if len(sampler.held.get(j, set()) - {node}) > 0]
+    by_node = sampler.per_node()
     result: dict[str, Any] = {"killed": f"worker{victim.index}", "held_when_killed": len(held),
               "held_jobs_finished_by_another_worker": len(again),
+              "jobs_by_worker": {f"worker{w.index}": sum(c for n, c in by_node.items() if f":{w.pid}:" in n)
+                                 for w in ctx.workers},
               "requeue_s": round(requeued_s, 2), "kill_to_all_done_s": round(total_s, 2),
               "outcome": outcome(ctx, ids), "held_outcome": outcome(ctx, held)}
     out = result["outcome"]
@@ -472,10 +479,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 wait_worker_ready(ctx.workers[-1])
                 while not _readyz(ctx.base_url):
                     time.sleep(0.2)
-                phases.append(phase(ctx, n))
+                if n >= args.from_workers:
+                    phases.append(phase(ctx, n))
             report["phases"] = phases
-            report["rate_vs_1"] = {p["workers"]: round(p["recordings_per_s"] / phases[0]["recordings_per_s"], 2)
-                                   for p in phases}
+            if phases and phases[0]["workers"] == 1:
+                report["rate_vs_1"] = {p["workers"]: round(p["recordings_per_s"] / phases[0]["recordings_per_s"], 2)
+                                       for p in phases}
             if args.kill_one:
                 report["kill_one"] = kill_phase(ctx)
         except Exception as exc:  # noqa: BLE001 - reported in the JSON line, exit status 1
