@@ -149,7 +149,7 @@ def delete_job(job_id: str) -> tuple[str, int]:
 def batch(batch_id: str) -> Response:
     session = db()
     found = queries.get_batch(session, batch_id, tenant())
-    return jsonify(batch_dict(found, queries.status_counts(session, found.id),
+    return jsonify(batch_dict(found, queries.status_counts(found),
                               queries.deliveries_for_batch(session, found.id)))
 
 

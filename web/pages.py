@@ -167,7 +167,7 @@ def delete_job(job_id: str) -> str | Response:
 def batch(batch_id: str) -> str:
     session = db()
     found = queries.get_batch(session, batch_id, tenant())
-    counts = queries.status_counts(session, found.id)
+    counts = queries.status_counts(found)
     done = counts["succeeded"] + counts["failed"]
     return render_template("batch.html", batch=found, counts=counts, done=done,
                            summary=queries.summarize(session, queries.JobFilter(tenant(), batch_id=found.id)))

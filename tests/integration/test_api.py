@@ -189,3 +189,27 @@ def test_upload_page_creates_a_batch_and_redirects(client) -> None:  # type: ign
 def _post_page(client, files):  # type: ignore[no-untyped-def]
     data = multipart(files, csrf_token=csrf_token(client))
     return client.post("/upload", data=data, content_type="multipart/form-data")
+
+
+def test_a_batch_answer_counts_the_jobs_it_lists(pg_settings: Settings) -> None:
+    """A job that finishes between loading the batch and counting it must not make the answer
+    contradict itself: the counts come from the rows listed (a second query saw the newer state)."""
+    import redis
+    from sqlalchemy import update
+
+    from ser_shared.models import LOCAL_TENANT
+    from web import queries
+
+    settings = pg_settings.model_copy(update={"default_queue": "batch-counts-unread"})
+    resp = _post(create_app(settings).test_client(), [read(ravdess_file(2, "03")), read(ravdess_file(2, "04"))])
+    assert resp.status_code == 202
+    batch_id = resp.get_json()["batch_id"]
+    factory = make_session_factory(make_engine(settings))
+    with factory() as reader, factory() as writer:
+        found = queries.get_batch(reader, batch_id, LOCAL_TENANT)
+        writer.execute(update(Job).where(Job.batch_id == found.id).values(status="failed", error_code="x"))
+        writer.commit()
+        counts = queries.status_counts(found)
+        assert counts["queued"] == sum(j.status == "queued" for j in found.jobs) == 2
+        assert counts["failed"] == 0
+    redis.Redis.from_url(settings.broker_url or "").delete("batch-counts-unread")
