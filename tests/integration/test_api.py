@@ -198,18 +198,22 @@ def test_a_batch_answer_counts_the_jobs_it_lists(pg_settings: Settings) -> None:
     from sqlalchemy import update
 
     from ser_shared.models import LOCAL_TENANT
+    from tests.conftest import private_database
     from web import queries
 
-    settings = pg_settings.model_copy(update={"default_queue": "batch-counts-unread"})
-    resp = _post(create_app(settings).test_client(), [read(ravdess_file(2, "03")), read(ravdess_file(2, "04"))])
-    assert resp.status_code == 202
-    batch_id = resp.get_json()["batch_id"]
-    factory = make_session_factory(make_engine(settings))
-    with factory() as reader, factory() as writer:
-        found = queries.get_batch(reader, batch_id, LOCAL_TENANT)
-        writer.execute(update(Job).where(Job.batch_id == found.id).values(status="failed", error_code="x"))
-        writer.commit()
-        counts = queries.status_counts(found)
-        assert counts["queued"] == sum(j.status == "queued" for j in found.jobs) == 2
-        assert counts["failed"] == 0
-    redis.Redis.from_url(settings.broker_url or "").delete("batch-counts-unread")
+    # A database of its own: the jobs it marks failed must not show in other tests' history.
+    with private_database(pg_settings, default_queue="batch-counts-unread") as settings:
+        resp = _post(create_app(settings).test_client(), [read(ravdess_file(2, "03")), read(ravdess_file(2, "04"))])
+        assert resp.status_code == 202
+        batch_id = resp.get_json()["batch_id"]
+        engine = make_engine(settings)
+        factory = make_session_factory(engine)
+        with factory() as reader, factory() as writer:
+            found = queries.get_batch(reader, batch_id, LOCAL_TENANT)
+            writer.execute(update(Job).where(Job.batch_id == found.id).values(status="failed", error_code="x"))
+            writer.commit()
+            counts = queries.status_counts(found)
+            assert counts["queued"] == sum(j.status == "queued" for j in found.jobs) == 2
+            assert counts["failed"] == 0
+        engine.dispose()
+        redis.Redis.from_url(settings.broker_url or "").delete("batch-counts-unread")
