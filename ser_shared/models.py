@@ -206,6 +206,8 @@ class Job(Base):
     # Denormalised from the result so history filters stay on one indexed table.
     emotion: Mapped[str | None] = mapped_column(String(16))
     confidence: Mapped[float | None] = mapped_column(Float)
+    # The conversation's escalation flag (results.conversation), for the history filter.
+    escalation: Mapped[bool | None] = mapped_column(Boolean, index=True)
 
     batch: Mapped[Batch] = relationship(back_populates="jobs")
     result: Mapped[Result | None] = relationship(
@@ -235,6 +237,10 @@ class Result(Base):
     # [{"start", "end", "emotion", "confidence", "uncertain", "probabilities"}] in time order; the
     # recording's own result is their duration-weighted average.
     segments: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    # One entry per speaker (schemas.Channel) and the conversation (schemas.Conversation); NULL on
+    # results from before conversations.
+    channels: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    conversation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
     job: Mapped[Job] = relationship(back_populates="result")
 

@@ -45,9 +45,9 @@ from ser_shared.clock import as_utc, iso  # the one UTC convention; re-exported
 from ser_shared.emotions import EMOTIONS
 
 __all__ = [
-    "API_MODELS", "DEVICES", "EXPORT_COLUMNS", "REF_TEMPLATE", "STATUSES", "TRANSCRIBE", "Batch", "BatchEvent",
-    "Error", "ErrorInfo", "ExportRow", "Health", "Job", "JobError", "JobEvent", "JobPage", "JobSummary", "Manifest",
-    "Options", "Ready", "Result", "Segment", "Transcript", "UploadAccepted", "WebhookAttempt", "WebhookDelivery",
+    "API_MODELS", "CHANNEL_MODES", "DEVICES", "EXPORT_COLUMNS", "REF_TEMPLATE", "STATUSES", "TRANSCRIBE", "Batch", "BatchEvent", "Channel", "ChannelMetrics", "Conversation",
+    "Error", "ErrorInfo", "Escalation", "Interruption", "ExportRow", "Health", "Job", "JobError", "JobEvent", "JobPage", "JobSummary", "Manifest",
+    "Options", "Ready", "Result", "Segment", "Transcript", "TranscriptLine", "Word", "UploadAccepted", "WebhookAttempt", "WebhookDelivery",
     "components", "iso", "json_schema",
 ]
 
@@ -55,7 +55,12 @@ __all__ = [
 # package imports for the manifest) does not pull in SQLAlchemy; tests/integration/test_schemas.py keeps them equal.
 STATUSES = ("queued", "processing", "succeeded", "failed")
 DEVICES = ("auto", "cpu", "gpu")
-TRANSCRIBE = ("none", "google", "sphinx")  # "none": no transcript (an upload's default)
+# "none": no transcript (an upload's default). "whisper" is the offline engine; "sphinx" is kept as a name
+# for compatibility (see ser_ml.transcribe), "google" needs the network.
+TRANSCRIBE = ("none", "whisper", "google", "sphinx")
+# How a multi-channel recording is analysed: "auto" splits channels that carry different signals and mixes
+# near-copies (ser_ml.channels), "split" analyses each channel as a speaker, "mix" averages them to one.
+CHANNEL_MODES = ("auto", "mix", "split")
 ENGINES = tuple(t for t in TRANSCRIBE if t != "none")
 REF_TEMPLATE = "#/components/schemas/{model}"
 
@@ -79,6 +84,7 @@ Emotion = Annotated[str, AfterValidator(_one_of(EMOTIONS)), WithJsonSchema(_enum
 Status = Annotated[str, AfterValidator(_one_of(STATUSES)), WithJsonSchema(_enum(STATUSES))]
 Device = Annotated[str, AfterValidator(_one_of(DEVICES)), WithJsonSchema(_enum(DEVICES))]
 Engine = Annotated[str, AfterValidator(_one_of(ENGINES)), WithJsonSchema(_enum(ENGINES))]
+ChannelMode = Annotated[str, AfterValidator(_one_of(CHANNEL_MODES)), WithJsonSchema(_enum(CHANNEL_MODES))]
 UtcDateTime = Annotated[datetime, AfterValidator(as_utc), PlainSerializer(iso, return_type=str, when_used="json"),
                         WithJsonSchema({"type": "string", "format": "date-time"})]
 Uri = Annotated[str, WithJsonSchema({"type": "string", "format": "uri"})]
@@ -158,6 +164,14 @@ class Transcript(Emitted):
                                   "was killed during it (then `worker_lost` ends it).")
 
 
+class Word(Emitted):
+    """One transcribed word and where it was said (seconds from the start of the recording)."""
+
+    start: float
+    end: float
+    word: str
+
+
 class Segment(Emitted):
     """One speech segment (times in seconds) with its own prediction."""
 
@@ -169,6 +183,87 @@ class Segment(Emitted):
     uncertain: bool
     probabilities: Probabilities
     transcript: str | None = Field(default=None, description="Only with a segment-wise transcript.")
+    words: list[Word] | SkipJsonSchema[None] = Field(
+        default=None, description="The transcript's words with their times in the recording (engines that give "
+                                  "word timestamps: whisper).")
+
+
+class Escalation(Emitted):
+    """A span where a speaker's negative, aroused emotions (angry, fearful, disgust) rose above their own
+    baseline (see the README's "Conversations")."""
+
+    start: float
+    end: float
+    emotion: Emotion = Field(description="The negative emotion that dominates the span.")
+    score: float = Field(description="How far the span's negative share rose above the speaker's baseline (0-1).")
+
+
+class ChannelMetrics(Emitted):
+    """One speaker's share of the conversation."""
+
+    talk_s: float = Field(description="Seconds of speech.")
+    talk_share: float = Field(description="This speaker's share of all speech (0-1).")
+    words: int | None = Field(description="Words transcribed; null without a transcript.")
+    words_per_minute: float | None = Field(description="Words per minute of speech; null without a transcript.")
+    longest_monologue_s: float = Field(description="The longest stretch this speaker held the floor.")
+    turns: int = Field(description="How many turns (stretches holding the floor) this speaker took.")
+    interruptions: int = Field(description="How many times this speaker cut in on another.")
+    emotion_share: dict[str, float] = Field(description="Share of this speaker's speech time per emotion.")
+    negative_start: float | None = Field(
+        description="Share of angry, fearful and disgust in the first third of this speaker's speech.")
+    negative_end: float | None = Field(
+        description="Share of angry, fearful and disgust in the last third of this speaker's speech.")
+    escalations: list[Escalation]
+
+
+class Channel(Emitted):
+    """One speaker: a channel of the recording (a mono recording, or mixed channels, is one)."""
+
+    index: int
+    label: str
+    emotion: Emotion | None = Field(description="Null when this channel holds no speech.")
+    confidence: float | None
+    uncertain: bool | None
+    probabilities: Probabilities | None
+    speech_s: float
+    segments: list[Segment] | SkipJsonSchema[None] = Field(
+        default=None, description="In time order; left out of job lists unless `segments=true`.")
+    metrics: ChannelMetrics
+
+
+class Interruption(Emitted):
+    """A speaker starting while another was still speaking, who then stopped."""
+
+    at: float
+    by: int = Field(description="The index of the channel that cut in.")
+    of: int = Field(description="The index of the channel that was cut off.")
+
+
+class TranscriptLine(Emitted):
+    """One segment's words in the conversation transcript."""
+
+    start: float
+    end: float
+    channel: int
+    label: str
+    text: str
+
+
+class Conversation(Emitted):
+    """The recording as a conversation: who spoke when, overlaps, turns and escalation."""
+
+    channels: Literal["mono", "mix", "split"] = Field(
+        description="How the recording was analysed: one channel, channels mixed to one, or one speaker each.")
+    duration_s: float
+    silence_share: float = Field(description="Share of the recording where nobody speaks.")
+    overlap_s: float = Field(description="Seconds where two or more speakers speak at once.")
+    overlaps: int
+    interruptions: list[Interruption]
+    turns: int = Field(description="Changes of the speaker holding the floor, plus one.")
+    escalation: bool = Field(description="The customer ends clearly more negative than they started.")
+    customer: int | None = Field(description="The channel judged for `escalation`.")
+    transcript: list[TranscriptLine] | None = Field(
+        default=None, description="Every channel's segments with text, in time order; null without a transcript.")
 
 
 class ModelPrediction(Emitted):
@@ -190,6 +285,9 @@ class Result(Emitted):
     transcript: Transcript | None
     segments: list[Segment] | SkipJsonSchema[None] = Field(
         default=None, description="In time order; left out of job lists unless `segments=true`.")
+    channels: list[Channel] | SkipJsonSchema[None] = Field(
+        default=None, description="One entry per speaker (channel); results from before this field have none.")
+    conversation: Conversation | SkipJsonSchema[None] = None
 
 
 # --- jobs and batches ------------------------------------------------------------------------
@@ -201,6 +299,8 @@ class Options(Emitted):
     device: Device | SkipJsonSchema[None] = None
     transcribe: Engine | SkipJsonSchema[None] = None
     language: str | SkipJsonSchema[None] = None
+    channels: ChannelMode | SkipJsonSchema[None] = None
+    channel_labels: list[str] | SkipJsonSchema[None] = None
 
 
 class WebhookAttempt(Emitted):
@@ -384,7 +484,8 @@ EXPORT_COLUMNS: tuple[str, ...] = tuple(ExportRow.model_fields)
 
 # In the document's order (its readable page lists them so).
 API_MODELS: tuple[type[BaseModel], ...] = (
-    Error, ErrorInfo, JobError, JobSummary, UploadAccepted, Options, Transcript, Segment, ModelPrediction, Result,
+    Error, ErrorInfo, JobError, JobSummary, UploadAccepted, Options, Transcript, Word, Segment, ModelPrediction,
+    Escalation, ChannelMetrics, Channel, Interruption, TranscriptLine, Conversation, Result,
     WebhookAttempt, WebhookDelivery, QueueState, Job, JobPage, JobCounts, Batch, ExportRow, Health, ReadyChecks,
     Ready, JobEventData, JobEvent, BatchEventData, BatchEvent,
 )
