@@ -45,10 +45,11 @@ from ser_shared.clock import as_utc, iso  # the one UTC convention; re-exported
 from ser_shared.emotions import EMOTIONS
 
 __all__ = [
-    "API_MODELS", "CHANNEL_MODES", "DEVICES", "EXPORT_COLUMNS", "REF_TEMPLATE", "STATUSES", "TRANSCRIBE", "Batch", "BatchEvent", "Channel", "ChannelMetrics", "Conversation",
-    "Error", "ErrorInfo", "Escalation", "Interruption", "ExportRow", "Health", "Job", "JobError", "JobEvent", "JobPage", "JobSummary", "Manifest",
-    "Options", "Ready", "Result", "Segment", "Transcript", "TranscriptLine", "Word", "UploadAccepted", "WebhookAttempt", "WebhookDelivery",
-    "components", "iso", "json_schema",
+    "API_MODELS", "CHANNEL_MODES", "DEVICES", "EXPORT_COLUMNS", "REF_TEMPLATE", "STATUSES", "TRANSCRIBE", "Batch",
+    "BatchEvent", "Channel", "ChannelMetrics", "Conversation", "ConversationSummary", "Error", "ErrorInfo",
+    "Escalation", "ExportRow", "Health", "Interruption", "Job", "JobError", "JobEvent", "JobPage", "JobSummary",
+    "Manifest", "Options", "Ready", "Result", "Segment", "SpeakerSummary", "Transcript", "TranscriptLine",
+    "UploadAccepted", "WebhookAttempt", "WebhookDelivery", "Word", "components", "iso", "json_schema",
 ]
 
 # ``ser_shared.models.JobStatus``'s values, written out so that this module (which the numeric
@@ -263,7 +264,8 @@ class Conversation(Emitted):
     escalation: bool = Field(description="The customer ends clearly more negative than they started.")
     customer: int | None = Field(description="The channel judged for `escalation`.")
     transcript: list[TranscriptLine] | None = Field(
-        default=None, description="Every channel's segments with text, in time order; null without a transcript.")
+        default=None, description="Every channel's segments with text, in time order; null without a transcript. "
+                                  "Left out of job lists unless `segments=true`, like the segments it is made of.")
 
 
 class ModelPrediction(Emitted):
@@ -427,6 +429,25 @@ class Ready(Emitted):
 
 # --- webhook events --------------------------------------------------------------------------
 
+class SpeakerSummary(Emitted):
+    """One speaker (channel) in a webhook's conversation summary: ``result.channels[i]`` in brief."""
+
+    index: int
+    label: str
+    emotion: Emotion | None = Field(description="Null when this channel holds no speech.")
+    confidence: float | None
+    talk_share: float = Field(description="This speaker's share of all speech (0-1).")
+    escalations: int = Field(description="How many escalation moments this speaker had.")
+
+
+class ConversationSummary(Emitted):
+    """What a `job.succeeded` webhook says of the conversation; the job's `result` has the rest."""
+
+    escalation: bool = Field(description="The customer ends clearly more negative than they started.")
+    customer: int | None = Field(description="The channel judged for `escalation`.")
+    channels: list[SpeakerSummary]
+
+
 class JobEventData(Emitted):
     job_id: UUID
     batch_id: UUID
@@ -435,6 +456,9 @@ class JobEventData(Emitted):
     confidence: float | None
     client_reference: str | None
     error: JobError | None
+    conversation: ConversationSummary | None = Field(
+        description="Each speaker's emotion and share, and the escalation flag; null for a failed job and "
+                    "for results from before conversations.")
 
 
 class JobEvent(Emitted):
@@ -469,10 +493,14 @@ def _export_row() -> type[Emitted]:
         "status": (str, ...), "created_at": (UtcDateTime | None, ...), "duration_s": number,
         "segment": (int | None, ...), "start_s": number, "end_s": number, "emotion": (str | None, ...),
         "confidence": number, "uncertain": (bool | None, ...), **{f"p_{e}": number for e in EMOTIONS},
-        "error_code": (str | None, ...), "transcript": (str | None, ...)}
+        "error_code": (str | None, ...), "transcript": (str | None, ...),
+        # Added with conversations, after every older column (readers that index columns keep working).
+        "channel": (int | None, ...), "label": (str | None, ...), "escalation": (bool | None, ...)}
     model: type[Emitted] = create_model(
         "ExportRow", __base__=Emitted, __module__=__name__, __doc__="One exported row: a job, or with "
-        "`segments=true` one speech segment of it (then `segment`, `start_s` and `end_s` are set).", **fields)
+        "`segments=true` one speech segment of it (then `segment`, `start_s` and `end_s` are set; a "
+        "conversation's segments are each speaker's, with `channel` and `label`). `escalation` is the job's "
+        "flag, on each of its rows.", **fields)
     return model
 
 
@@ -487,7 +515,7 @@ API_MODELS: tuple[type[BaseModel], ...] = (
     Error, ErrorInfo, JobError, JobSummary, UploadAccepted, Options, Transcript, Word, Segment, ModelPrediction,
     Escalation, ChannelMetrics, Channel, Interruption, TranscriptLine, Conversation, Result,
     WebhookAttempt, WebhookDelivery, QueueState, Job, JobPage, JobCounts, Batch, ExportRow, Health, ReadyChecks,
-    Ready, JobEventData, JobEvent, BatchEventData, BatchEvent,
+    Ready, SpeakerSummary, ConversationSummary, JobEventData, JobEvent, BatchEventData, BatchEvent,
 )
 
 

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from celery import Celery
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from ser_shared.addresses import address_is_public
 from ser_shared.contracts import DELIVER_WEBHOOK, QUEUE_CPU
@@ -161,6 +161,21 @@ def _delivery(batch: Batch, job: Job | None, event: JobEvent | BatchEvent, now: 
             "next_attempt_at": now, "attempts": []}
 
 
+def conversation_summary(job: Job) -> dict[str, Any] | None:
+    """The compact conversation of a succeeded job's webhook (``schemas.ConversationSummary``): each
+    speaker's emotion, confidence, talk share and escalation count, and the call's escalation flag.
+
+    None for a failed job and for results stored before conversations (no ``channels``)."""
+    result = job.result
+    if job.status != "succeeded" or result is None or not result.channels or not result.conversation:
+        return None
+    speakers = [{"index": ch["index"], "label": ch["label"], "emotion": ch.get("emotion"),
+                 "confidence": ch.get("confidence"), "talk_share": ch["metrics"]["talk_share"],
+                 "escalations": len(ch["metrics"].get("escalations") or [])} for ch in result.channels]
+    return {"escalation": bool(result.conversation.get("escalation")),
+            "customer": result.conversation.get("customer"), "channels": speakers}
+
+
 def record_events(session: Session, job_ids: Sequence[uuid.UUID]) -> list[str]:
     """Write the events that these jobs' (now flushed) state implies; returns the new delivery ids.
 
@@ -172,15 +187,17 @@ def record_events(session: Session, job_ids: Sequence[uuid.UUID]) -> list[str]:
     session.flush()
     now = datetime.now(UTC)
     rows: list[dict[str, Any]] = []
-    jobs = session.scalars(select(Job).join(Batch).where(Job.id.in_(list(job_ids)),
-                                                          Batch.webhook_url.is_not(None))).all()
+    # The result is loaded for the conversation summary (in this transaction: the worker writes it just before).
+    jobs = session.scalars(select(Job).join(Batch).options(selectinload(Job.result))
+                           .where(Job.id.in_(list(job_ids)), Batch.webhook_url.is_not(None))).all()
     batches: dict[uuid.UUID, Batch] = {}
     for job in jobs:
         if job.status not in FINISHED:
             continue
         data = {"job_id": job.id, "batch_id": job.batch_id, "status": job.status,
                 "emotion": job.emotion, "confidence": job.confidence, "client_reference": job.client_reference,
-                "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None}
+                "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+                "conversation": conversation_summary(job)}
         event = JobEvent.build({"type": f"job.{job.status}", "timestamp": now, "data": data})
         rows.append(_delivery(job.batch, job, event, now))
         batches[job.batch_id] = job.batch

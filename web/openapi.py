@@ -19,7 +19,16 @@ from ser_shared.emotions import EMOTIONS
 from ser_shared.schemas import EXPORT_COLUMNS, STATUSES
 from web import idempotency
 from web.queries import DEFAULT_SORT, MAX_IDS, MAX_LIMIT, SORT_CHOICES
-from web.uploads import DEVICES, LANGUAGE, MAX_METADATA_BYTES, MAX_REFERENCE, TRANSCRIBE
+from web.uploads import (
+    CHANNEL_MODES,
+    DEVICES,
+    LANGUAGE,
+    MAX_CHANNEL_LABELS,
+    MAX_LABEL_LENGTH,
+    MAX_METADATA_BYTES,
+    MAX_REFERENCE,
+    TRANSCRIBE,
+)
 
 Schema = dict[str, Any]
 
@@ -106,6 +115,8 @@ def _filters() -> list[Schema]:
         _query("client_reference", text, "Jobs with exactly this reference."),
         _query("min_confidence", {"type": "number", "minimum": 0, "maximum": 1}, "Result confidence at least this."),
         _query("max_confidence", {"type": "number", "minimum": 0, "maximum": 1}, "Result confidence at most this."),
+        _query("escalation", BOOLEAN, "Only conversations whose customer escalated (`true`) or did not "
+               "(`false`); jobs without a conversation match neither."),
         _query("ids", STRING, f"Only these jobs: comma-separated job ids, at most {MAX_IDS}."),
         _query("sort", {"type": "string", "enum": list(SORT_CHOICES), "default": DEFAULT_SORT},
                "Order (a leading `-` is descending); NULLs last either way."),
@@ -127,6 +138,18 @@ def _upload_body() -> Schema:
                        "description": "Also transcribe the speech, with this engine."},
         "language": {"type": "string", "pattern": LANGUAGE.pattern, "default": "en-US",
                      "description": "BCP-47 language of the speech, for the transcript."},
+        "channels": {"type": "string", "enum": list(CHANNEL_MODES), "default": "auto",
+                     "description": "How a recording of several channels is analysed: `split` takes each channel "
+                                    "as one speaker (a call's agent and customer on the two sides of a stereo "
+                                    "file), `mix` averages them to one, `auto` splits channels that carry "
+                                    "different signals and mixes near-copies."},
+        "channel_labels": {"type": "string", "maxLength": MAX_CHANNEL_LABELS * (MAX_LABEL_LENGTH + 1) - 1,
+                           "examples": ["agent,customer"],
+                           "description": f"The speakers' names, first channel first, comma-separated (at most "
+                                          f"{MAX_CHANNEL_LABELS}, each 1-{MAX_LABEL_LENGTH} letters, digits, `-`, "
+                                          "`_` or spaces, all different); default `ch0,ch1,...`. The "
+                                          "conversation's escalation flag judges the customer: the channel "
+                                          "labelled `customer`, otherwise the second."},
         "client_reference": {"anyOf": [{"type": "string", "maxLength": MAX_REFERENCE},
                                        {"type": "array", "items": {"type": "string", "maxLength": MAX_REFERENCE}}],
                              "description": "Your own reference: once for every job, or once per file in order."},
@@ -355,7 +378,7 @@ def curl_example(entry: dict[str, Any], base: str) -> str:
         parts.append('-H "Authorization: Bearer $SER_API_KEY"')
     if entry["method"] == "POST":
         parts += ['-H "Idempotency-Key: $(uuidgen)"', "-F file=@first.wav", "-F file=@second.flac",
-                  "-F transcribe=sphinx", "-F client_reference=call-42"]
+                  "-F transcribe=sphinx", "-F channel_labels=agent,customer", "-F client_reference=call-42"]
     elif entry["path"].endswith("/export"):
         parts.append("-o jobs.csv")
     elif entry["path"].endswith("/audio"):

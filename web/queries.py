@@ -44,6 +44,8 @@ class JobFilter:
     client_reference: str | None = None
     min_confidence: float | None = None
     max_confidence: float | None = None
+    # A conversation's escalation flag (Job.escalation); jobs without a conversation match neither value.
+    escalation: bool | None = None
     # Live status polling of the rows on a page: a bounded list of job ids.
     ids: tuple[uuid.UUID, ...] | None = None
     sort: str = DEFAULT_SORT
@@ -98,7 +100,20 @@ def parse_filter(args: dict[str, str], tenant: str) -> JobFilter:
                      _parse_until(args.get("until")), q, reference,
                      min_confidence=_parse_confidence(args.get("min_confidence"), "min_confidence"),
                      max_confidence=_parse_confidence(args.get("max_confidence"), "max_confidence"),
+                     escalation=_parse_bool(args.get("escalation"), "escalation"),
                      ids=_parse_ids(args.get("ids")), sort=sort)
+
+
+def _parse_bool(value: str | None, name: str) -> bool | None:
+    """``true`` or ``false`` (also 1/0, yes/no, any case); empty is no filter, anything else a 400."""
+    text = (value or "").strip().lower()
+    if not text:
+        return None
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise BadRequest(f"{name} must be true or false", code="invalid_parameter")
 
 
 def _parse_until(value: str | None) -> datetime | None:
@@ -155,6 +170,8 @@ def _apply(stmt: Select, f: JobFilter) -> Select:
         stmt = stmt.where(Job.confidence >= f.min_confidence)
     if f.max_confidence is not None:
         stmt = stmt.where(Job.confidence <= f.max_confidence)
+    if f.escalation is not None:
+        stmt = stmt.where(Job.escalation == f.escalation)  # "= true" can use the index; "IS TRUE" cannot
     if f.ids is not None:
         stmt = stmt.where(Job.id.in_(f.ids))
     return stmt

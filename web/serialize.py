@@ -38,7 +38,25 @@ def result_model(result: Result | None, segments: bool = True) -> schemas.Result
     }
     if segments:
         fields["segments"] = result.segments or []
+    # Results from before conversations have neither; then both are left out, as before.
+    if result.channels is not None:
+        fields["channels"] = [_channel(ch, segments) for ch in result.channels]
+    if result.conversation is not None:
+        fields["conversation"] = _conversation(result.conversation, segments)
     return schemas.Result.build(fields)
+
+
+def _channel(stored: dict[str, Any], segments: bool) -> dict[str, Any]:
+    """One speaker as stored; its segments only with ``segments`` (the rule of the result's own)."""
+    channel = {k: v for k, v in stored.items() if k != "segments"}
+    if segments:
+        channel["segments"] = stored.get("segments") or []
+    return channel
+
+
+def _conversation(stored: dict[str, Any], segments: bool) -> dict[str, Any]:
+    """The conversation as stored; its transcript (made of the segments' text, as long) only with ``segments``."""
+    return dict(stored) if segments else {k: v for k, v in stored.items() if k != "transcript"}
 
 
 def result_dict(result: Result | None, segments: bool = True) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from ser_shared.audio import check_duration, probe, sniff_format
 from ser_shared.enqueue import enqueue, queue_for
 from ser_shared.errors import AudioError, BadRequest
 from ser_shared.models import Batch, Job, JobStatus
-from ser_shared.schemas import DEVICES, TRANSCRIBE  # the choices the API documents
+from ser_shared.schemas import CHANNEL_MODES, DEVICES, TRANSCRIBE  # the choices the API documents
 from ser_shared.settings import Settings
 from ser_shared.webhooks import record_events
 from web.context import Services
@@ -56,10 +56,43 @@ def parse_options(form: dict[str, str]) -> dict[str, Any]:
     language = (form.get("language") or "en-US").strip()
     if not LANGUAGE.match(language):
         raise BadRequest("language must be a BCP-47 tag such as en-US or hi-IN", code="invalid_option")
-    options: dict[str, Any] = {"device": device}
+    channels = (form.get("channels") or "auto").strip().lower()
+    if channels not in CHANNEL_MODES:
+        raise BadRequest(f"channels must be one of {', '.join(CHANNEL_MODES)}", code="invalid_option")
+    options: dict[str, Any] = {"device": device, "channels": channels}
     if transcribe != "none":
         options |= {"transcribe": transcribe, "language": language}
+    labels = parse_channel_labels(form.get("channel_labels"))
+    if labels:
+        options["channel_labels"] = labels
     return options
+
+
+MAX_CHANNEL_LABELS = 8
+MAX_LABEL_LENGTH = 32
+# Letters and digits of any script, "-", "_" and spaces (stripped at the ends): a label is shown on pages and
+# written to CSV cells, so nothing that could be markup, a separator or invisible.
+CHANNEL_LABEL = re.compile(r"[\w\- ]+")
+
+
+def parse_channel_labels(raw: str | None) -> list[str]:
+    """``channel_labels`` ("agent,customer") as a list, first channel first; [] when not given.
+
+    Raises BadRequest (``invalid_option``) for more than MAX_CHANNEL_LABELS labels, an empty, overlong
+    or repeated label, or a character other than letters, digits, "-", "_" and spaces."""
+    text = (raw or "").strip()
+    if not text:
+        return []
+    labels = [part.strip() for part in text.split(",")]
+    if len(labels) > MAX_CHANNEL_LABELS:
+        raise BadRequest(f"channel_labels takes at most {MAX_CHANNEL_LABELS} labels", code="invalid_option")
+    for label in labels:
+        if not 1 <= len(label) <= MAX_LABEL_LENGTH or not CHANNEL_LABEL.fullmatch(label):
+            raise BadRequest(f"each of channel_labels must be 1 to {MAX_LABEL_LENGTH} letters, digits, '-', '_' "
+                             "or spaces, separated by commas (agent,customer)", code="invalid_option")
+    if len({label.casefold() for label in labels}) != len(labels):
+        raise BadRequest("channel_labels must be different from one another", code="invalid_option")
+    return labels
 
 
 MAX_REFERENCE = 200
