@@ -32,11 +32,12 @@ def _rows(job: Job, segments: bool) -> Iterator[dict[str, Any]]:
 
 def _raw_rows(job: Job, segments: bool) -> Iterator[dict[str, Any]]:
     result = job.result
-    base = {"job_id": str(job.id), "batch_id": str(job.batch_id), "filename": job.filename,
-            "client_reference": job.client_reference, "status": job.status, "created_at": job.created_at,
-            "duration_s": job.duration_s, "error_code": job.error_code,
-            "transcript": (result.transcript or {}).get("text") if result else None,
-            "channel": None, "label": None, "escalation": job.escalation}
+    base: dict[str, Any] = {
+        "job_id": str(job.id), "batch_id": str(job.batch_id), "filename": job.filename,
+        "client_reference": job.client_reference, "status": job.status, "created_at": job.created_at,
+        "duration_s": job.duration_s, "error_code": job.error_code,
+        "transcript": (result.transcript or {}).get("text") if result else None,
+        "channel": None, "label": None, "escalation": job.escalation}
     speakers = list(_channel_segment_rows(base, result.channels)) if segments and result and result.channels else []
     if speakers:  # none when no channel holds speech: then the job's own row, as for a job without segments
         yield from speakers

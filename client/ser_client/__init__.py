@@ -22,11 +22,24 @@ from ser_client.errors import (
     SERError,
     WaitTimeoutError,
 )
-from ser_client.types import Batch, ErrorInfo, Job, JobError, JobPage, JobSummary, Result, Segment, UploadAccepted
+from ser_client.types import (
+    Batch,
+    Channel,
+    Conversation,
+    ErrorInfo,
+    Job,
+    JobError,
+    JobPage,
+    JobSummary,
+    Result,
+    Segment,
+    UploadAccepted,
+)
 
 __all__ = [
     "APIConnectionError", "APIResponseError", "APIStatusError", "APITimeoutError", "AsyncClient",
-    "AuthenticationError", "BadRequestError", "Batch", "Client", "ConflictError", "ErrorInfo", "InternalServerError",
+    "AuthenticationError", "BadRequestError", "Batch", "Channel", "Client", "ConflictError", "Conversation",
+    "ErrorInfo", "InternalServerError",
     "Job", "JobError", "JobFilters", "JobPage", "JobSummary", "NotFoundError", "PermissionDeniedError",
     "RateLimitError", "RequestTooLargeError", "Result", "RetryEvent", "RetryPolicy", "SERError", "Segment",
     "UploadAccepted", "WaitTimeoutError", "__version__",

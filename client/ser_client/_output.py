@@ -15,7 +15,8 @@ from typing import Any
 from ser_client.types import EMOTIONS
 
 JOB_COLUMNS = ["job_id", "batch_id", "filename", "status", "created_at", "finished_at", "emotion", "confidence",
-               "uncertain", *[f"p_{e}" for e in EMOTIONS], "error_code", "error_message", "transcript"]
+               "uncertain", *[f"p_{e}" for e in EMOTIONS], "error_code", "error_message", "transcript",
+               "speakers", "escalation"]
 SUBMIT_COLUMNS = ["path", *JOB_COLUMNS]
 
 
@@ -30,7 +31,18 @@ def job_row(job: dict[str, Any]) -> dict[str, Any]:
             "emotion": result.get("emotion"), "confidence": result.get("confidence"),
             "uncertain": result.get("uncertain"), **{f"p_{e}": probabilities.get(e) for e in EMOTIONS},
             "error_code": error.get("code"), "error_message": error.get("message"),
-            "transcript": transcript.get("text")}
+            "transcript": transcript.get("text"), "speakers": speakers(result) or None,
+            "escalation": (result.get("conversation") or {}).get("escalation")}
+
+
+def speakers(result: dict[str, Any]) -> str:
+    """Each speaker's label and emotion, "agent: neutral 0.71; customer: angry 0.64" ("" before conversations)."""
+    parts = []
+    for channel in result.get("channels") or []:
+        emotion, confidence = channel.get("emotion"), channel.get("confidence")
+        said = f"{emotion} {confidence:.2f}" if emotion and confidence is not None else "no speech"
+        parts.append(f"{channel.get('label')}: {said}")
+    return "; ".join(parts)
 
 
 def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -79,8 +91,36 @@ def describe_job(job: dict[str, Any]) -> str:
         for e in EMOTIONS:
             p = row[f"p_{e}"] or 0.0
             lines.append(f"  {e:<10}{p:5.2f} {'#' * round(p * 30)}")
-    transcript = (job.get("result") or {}).get("transcript")
+    result = job.get("result") or {}
+    lines += _conversation_lines(result)
+    transcript = result.get("transcript")
     if transcript:
         text = transcript.get("text") or transcript.get("reason") or ""
         lines.append(f"transcript  {transcript.get('status')} ({transcript.get('engine')}): {text}")
+    for line in (result.get("conversation") or {}).get("transcript") or []:
+        lines.append(f"  {line['start']:7.1f}s  {line['label']}: {line['text']}")
     return "\n".join(lines)
+
+
+def _conversation_lines(result: dict[str, Any]) -> list[str]:
+    """A conversation's speakers (emotion, talk share, words per minute) and its escalation flag."""
+    conversation = result.get("conversation")
+    channels = result.get("channels") or []
+    if not conversation or not channels:
+        return []
+    lines = []
+    for channel in channels:
+        metrics = channel.get("metrics") or {}
+        emotion = channel.get("emotion") or "no speech"
+        confidence = channel.get("confidence")
+        wpm = metrics.get("words_per_minute")
+        lines.append(f"speaker     {channel.get('label')} (channel {channel.get('index')}): {emotion}"
+                     + (f" {confidence:.2f}" if confidence is not None else "")
+                     + f", talk {100 * (metrics.get('talk_share') or 0.0):.0f}%"
+                     + (f", {wpm:.0f} words/min" if wpm is not None else "")
+                     + (f", {len(metrics['escalations'])} escalation moment(s)" if metrics.get("escalations") else ""))
+    flag = "yes" if conversation.get("escalation") else "no"
+    interruptions = len(conversation.get("interruptions") or [])
+    lines.append(f"escalation  {flag} ({conversation.get('turns')} turns, {interruptions} interruptions, "
+                 f"silence {100 * (conversation.get('silence_share') or 0.0):.0f}%)")
+    return lines

@@ -158,9 +158,15 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _fields(args: argparse.Namespace) -> dict[str, str]:
+    """The upload's options. Defaults are left out (the server applies the same ones), so that an
+    upload without the newer options keeps the Idempotency-Key it had before they existed."""
     fields = {"transcribe": args.transcribe}
     if args.transcribe != "none":
         fields["language"] = args.language
+    if args.channels != "auto":
+        fields["channels"] = args.channels
+    if args.channel_labels:
+        fields["channel_labels"] = args.channel_labels
     return fields
 
 
@@ -188,7 +194,8 @@ def upload_all(client: Client, files: list[LocalFile], fields: dict[str, str], b
             progress.set(start + done)
 
         answer = client.jobs.create([(f.name, f.path) for f in chunk], transcribe=fields["transcribe"],
-                                    language=fields.get("language"), on_progress=sent,
+                                    language=fields.get("language"), channels=fields.get("channels"),
+                                    channel_labels=fields.get("channel_labels"), on_progress=sent,
                                     idempotency_key=idempotency_key(chunk, fields, salt))
         batch_ids.append(answer.batch_id)
         # The server answers with the jobs in the order the files were sent.
@@ -294,7 +301,8 @@ def history(client: Client, filters: dict[str, Any], limit: int, page_size: int 
 
 def _history(args: argparse.Namespace) -> int:
     filters = {"status": args.status, "emotion": args.emotion, "q": args.q, "batch_id": args.batch,
-               "since": args.since, "until": args.until}
+               "since": args.since, "until": args.until,
+               "escalation": None if args.escalation is None else args.escalation == "true"}
     with _client(args) as client:
         jobs = history(client, filters, args.limit)
     if args.json:
@@ -380,8 +388,14 @@ def _add_submit(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                        epilog=SUBMIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="audio files or folders")
     p.add_argument("--recursive", "-r", action="store_true", help="search folders' subfolders too")
-    p.add_argument("--transcribe", choices=["none", "google", "sphinx"], default="none")
+    p.add_argument("--transcribe", choices=["none", "whisper", "google", "sphinx"], default="none",
+                   help="also transcribe the speech with this engine (whisper: offline)")
     p.add_argument("--language", default="en-US", help="transcript language, BCP-47 (default en-US)")
+    p.add_argument("--channels", choices=["auto", "mix", "split"], default="auto",
+                   help="a recording's channels: one speaker each (split), mixed to one (mix), or split when "
+                        "they carry different signals (auto, the default)")
+    p.add_argument("--channel-labels", metavar="LABELS",
+                   help="the speakers' names, first channel first, comma-separated (e.g. agent,customer)")
     p.add_argument("--batch-size", type=_positive, default=100, metavar="N",
                    help="files per upload request (default 100)")
     p.add_argument("--wait", action="store_true", help="wait until every job has finished")
@@ -407,6 +421,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--emotion", choices=list(EMOTIONS))
     p.add_argument("--q", help="file name contains")
     p.add_argument("--batch", help="only this batch's jobs")
+    p.add_argument("--escalation", choices=["true", "false"],
+                   help="only conversations whose customer escalated (true) or did not (false)")
     p.add_argument("--since", help="created at or after (ISO 8601)")
     p.add_argument("--until", help="created before (ISO 8601)")
     p.add_argument("--limit", type=_positive, default=50, metavar="N", help="at most this many jobs (default 50)")

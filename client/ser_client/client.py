@@ -3,7 +3,7 @@
     from ser_client import Client
 
     with Client("http://ser.internal:8000", api_key="ser_...") as ser:
-        upload = ser.jobs.create(["a.wav", "b.flac"], transcribe="sphinx")
+        upload = ser.jobs.create(["a.wav", "b.flac"], transcribe="whisper", channel_labels=["agent", "customer"])
         for job in ser.jobs.wait([j.id for j in upload.jobs], timeout=600):
             print(job.filename, job.result.emotion if job.result else job.error)
 
@@ -21,6 +21,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Literal, TypedDict, Unpack
@@ -52,6 +53,7 @@ class JobFilters(TypedDict, total=False):
     client_reference: str
     min_confidence: float
     max_confidence: float
+    escalation: bool
     ids: Sequence[str]
     sort: str
 
@@ -61,19 +63,34 @@ def _environment(base_url: str | None, api_key: str | None) -> tuple[str, str | 
             api_key if api_key is not None else (os.environ.get("SER_API_KEY") or None))
 
 
-def _create_fields(transcribe: str | None, language: str | None, device: str | None,
-                   client_reference: str | Sequence[str] | None, metadata: Mapping[str, Any] | None,
-                   webhook_url: str | None, extra_fields: FormFields | None) -> dict[str, str | Sequence[str]]:
-    fields: dict[str, str | Sequence[str]] = {}
-    for name, value in (("device", device), ("transcribe", transcribe), ("language", language),
-                        ("webhook_url", webhook_url)):
-        if value is not None:
-            fields[name] = value
-    if client_reference is not None:
-        fields["client_reference"] = client_reference
-    if metadata is not None:
-        fields["metadata"] = json.dumps(metadata)
-    return fields | dict(extra_fields or {})
+@dataclass(frozen=True)
+class _Options:
+    """What ``jobs.create`` sends besides the files (None: left to the server's default)."""
+
+    transcribe: str | None = None
+    language: str | None = None
+    device: str | None = None
+    channels: str | None = None
+    channel_labels: str | Sequence[str] | None = None
+    client_reference: str | Sequence[str] | None = None
+    metadata: Mapping[str, Any] | None = None
+    webhook_url: str | None = None
+    extra_fields: FormFields | None = None
+
+    def fields(self) -> dict[str, str | Sequence[str]]:
+        fields: dict[str, str | Sequence[str]] = {}
+        for name, value in (("device", self.device), ("transcribe", self.transcribe), ("language", self.language),
+                            ("channels", self.channels), ("webhook_url", self.webhook_url)):
+            if value is not None:
+                fields[name] = value
+        if self.channel_labels is not None:
+            labels = self.channel_labels
+            fields["channel_labels"] = labels if isinstance(labels, str) else ",".join(labels)
+        if self.client_reference is not None:
+            fields["client_reference"] = self.client_reference
+        if self.metadata is not None:
+            fields["metadata"] = json.dumps(self.metadata)
+        return fields | dict(self.extra_fields or {})
 
 
 def _quote(job_or_batch_id: str) -> str:
@@ -142,18 +159,23 @@ class Jobs:
         self._http = http
 
     def create(self, files: Sequence[FileInput], *, transcribe: str | None = None, language: str | None = None,
-               device: str | None = None, client_reference: str | Sequence[str] | None = None,
+               device: str | None = None, channels: str | None = None,
+               channel_labels: str | Sequence[str] | None = None,
+               client_reference: str | Sequence[str] | None = None,
                metadata: Mapping[str, Any] | None = None, webhook_url: str | None = None,
                idempotency_key: str | None = None, extra_fields: FormFields | None = None,
                on_progress: ProgressCallback | None = None) -> UploadAccepted:
         """Upload ``files`` as one batch (streamed; paths, open binary files or ``(name, content)`` pairs).
 
-        ``idempotency_key`` (default: a new random one) is sent with every retry of this call, so a
-        lost answer never creates the jobs twice; pass your own to make a rerun replay too.
-        ``on_progress(sent_bytes, total_bytes)`` follows the upload (from 0 again on a retry).
+        ``channels`` ("auto", "mix" or "split") says how a recording of several channels is analysed,
+        ``channel_labels`` names its speakers, first channel first (``["agent", "customer"]`` or
+        ``"agent,customer"``). ``idempotency_key`` (default: a new random one) is sent with every retry
+        of this call, so a lost answer never creates the jobs twice; pass your own to make a rerun
+        replay too. ``on_progress(sent_bytes, total_bytes)`` follows the upload (from 0 again on a retry).
         """
-        upload = Upload(files, _create_fields(transcribe, language, device, client_reference, metadata,
-                                              webhook_url, extra_fields), on_progress)
+        options = _Options(transcribe, language, device, channels, channel_labels, client_reference, metadata,
+                           webhook_url, extra_fields)
+        upload = Upload(files, options.fields(), on_progress)
         body = self._http.json("POST", f"{API}/jobs", upload=upload, headers=_key(idempotency_key))
         return UploadAccepted.model_validate(body)
 
@@ -270,14 +292,16 @@ class AsyncJobs:
         self._http = http
 
     async def create(self, files: Sequence[FileInput], *, transcribe: str | None = None,
-                     language: str | None = None, device: str | None = None,
+                     language: str | None = None, device: str | None = None, channels: str | None = None,
+                     channel_labels: str | Sequence[str] | None = None,
                      client_reference: str | Sequence[str] | None = None, metadata: Mapping[str, Any] | None = None,
                      webhook_url: str | None = None, idempotency_key: str | None = None,
                      extra_fields: FormFields | None = None,
                      on_progress: ProgressCallback | None = None) -> UploadAccepted:
         """See ``Jobs.create``."""
-        upload = Upload(files, _create_fields(transcribe, language, device, client_reference, metadata,
-                                              webhook_url, extra_fields), on_progress)
+        options = _Options(transcribe, language, device, channels, channel_labels, client_reference, metadata,
+                           webhook_url, extra_fields)
+        upload = Upload(files, options.fields(), on_progress)
         body = await self._http.json("POST", f"{API}/jobs", upload=upload, headers=_key(idempotency_key))
         return UploadAccepted.model_validate(body)
 

@@ -14,8 +14,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidatorFunctionWrapHandler, model_validator
 
 __all__ = [
-    "EMOTIONS", "FINISHED", "Batch", "ErrorInfo", "Job", "JobError", "JobPage", "JobSummary", "ModelPrediction",
-    "QueueState", "Result", "Segment", "Transcript", "UploadAccepted", "WebhookDelivery",
+    "EMOTIONS", "FINISHED", "Batch", "Channel", "ChannelMetrics", "Conversation", "ErrorInfo", "Escalation",
+    "Interruption", "Job", "JobError", "JobPage", "JobSummary", "ModelPrediction", "QueueState", "Result", "Segment",
+    "Transcript", "TranscriptLine", "UploadAccepted", "WebhookDelivery", "Word",
 ]
 
 # The emotion classes, in the API's order (tests/system/test_sdk.py checks them against the server's list).
@@ -68,6 +69,14 @@ class Transcript(Model):
     attempts: int | None = None  # more than 1 after a worker was killed during the transcript
 
 
+class Word(Model):
+    """One transcribed word and where it was said (seconds from the start of the recording)."""
+
+    start: float
+    end: float
+    word: str
+
+
 class Segment(Model):
     """One speech segment (times in seconds) with its own prediction."""
 
@@ -79,6 +88,80 @@ class Segment(Model):
     uncertain: bool
     probabilities: dict[str, float]
     transcript: str | None = None
+    words: list[Word] | None = None  # with an engine that gives word times (whisper)
+
+
+class Escalation(Model):
+    """A span where a speaker's negative, aroused emotions rose above their own baseline."""
+
+    start: float
+    end: float
+    emotion: str
+    score: float
+
+
+class ChannelMetrics(Model):
+    """One speaker's share of the conversation."""
+
+    talk_s: float
+    talk_share: float
+    words: int | None = None
+    words_per_minute: float | None = None
+    longest_monologue_s: float
+    turns: int
+    interruptions: int
+    emotion_share: dict[str, float] = Field(default_factory=dict)
+    negative_start: float | None = None
+    negative_end: float | None = None
+    escalations: list[Escalation] = Field(default_factory=list)
+
+
+class Channel(Model):
+    """One speaker: a channel of the recording (a mono recording, or mixed channels, is one).
+    ``segments`` is None where the listing left them out."""
+
+    index: int
+    label: str
+    emotion: str | None = None
+    confidence: float | None = None
+    uncertain: bool | None = None
+    probabilities: dict[str, float] | None = None
+    speech_s: float
+    segments: list[Segment] | None = None
+    metrics: ChannelMetrics
+
+
+class Interruption(Model):
+    """Channel ``by`` started while channel ``of`` was speaking, and ``of`` then stopped."""
+
+    at: float
+    by: int
+    of: int
+
+
+class TranscriptLine(Model):
+    """One segment's words in the conversation transcript."""
+
+    start: float
+    end: float
+    channel: int
+    label: str
+    text: str
+
+
+class Conversation(Model):
+    """The recording as a conversation: who spoke when, overlaps, turns and escalation."""
+
+    channels: str  # how it was analysed: mono, mix or split
+    duration_s: float
+    silence_share: float
+    overlap_s: float
+    overlaps: int
+    interruptions: list[Interruption] = Field(default_factory=list)
+    turns: int
+    escalation: bool
+    customer: int | None = None
+    transcript: list[TranscriptLine] | None = None  # None without a transcript, or where a listing left it out
 
 
 class ModelPrediction(Model):
@@ -99,6 +182,9 @@ class Result(Model):
     timings_ms: dict[str, float] = Field(default_factory=dict)
     transcript: Transcript | None = None
     segments: list[Segment] | None = None
+    # One per speaker, and the conversation; None on results from before conversations.
+    channels: list[Channel] | None = None
+    conversation: Conversation | None = None
 
 
 class QueueState(Model):
