@@ -19,6 +19,9 @@ from ser_shared import audio as audio_io
 from ser_shared.errors import DecodeFailed
 
 WIDTH = 800
+# Bumped when the same recording draws differently (its ETag changes): 2 = the x axis is the whole
+# recording, blank past MAX_SECONDS; spectrogram frames centred on their columns.
+LAYOUT = 2
 WAVE_HEIGHT = 120
 N_MELS = 80
 MEL_ROW_PX = 2
@@ -126,6 +129,9 @@ def mel_db(samples: np.ndarray, rate: float, columns: int = WIDTH) -> np.ndarray
     Frames are spread evenly over the recording, so a long one is sampled, not computed in full.
     """
     n_fft = 1 << int(round(np.log2(rate * 0.032)))  # ~32 ms windows
+    # Half a window of silence at each end: frame k is then centred on its own moment, so the picture's
+    # columns span 0 to the recording's end, as the waveform's and the page's timeline do.
+    samples = np.pad(samples, (n_fft // 2, n_fft // 2))
     if samples.size < n_fft:
         samples = np.pad(samples, (0, n_fft - samples.size))
     hop = max(1, n_fft // 4)
@@ -150,12 +156,27 @@ def spectrogram(samples: np.ndarray, rate: float, width: int = WIDTH) -> np.ndar
     return np.round(RAMP[low] * (1.0 - frac) + RAMP[low + 1] * frac).astype(np.uint8)
 
 
-def render(path: Path, fmt: str | None, kind: str) -> bytes:
-    """The PNG of ``kind`` ("waveform" or "spectrogram") for the recording at ``path``.
+def drawn_width(duration_s: float | None, width: int = WIDTH) -> int:
+    """Columns that hold the recording: all of them, or for a recording past MAX_SECONDS (which is not
+    read) the share of the width its first MAX_SECONDS take, so that x stays proportional to time."""
+    if not duration_s or duration_s <= MAX_SECONDS:
+        return width
+    return max(1, round(width * MAX_SECONDS / duration_s))
+
+
+def render(path: Path, fmt: str | None, kind: str, duration_s: float | None = None) -> bytes:
+    """The PNG of ``kind`` ("waveform" or "spectrogram") for the recording at ``path``, ``WIDTH``
+    columns for ``duration_s`` (the whole recording; the job page's timeline spans the same).
 
     Raises DecodeFailed when the audio cannot be read.
     """
     samples, rate = load(path, fmt)
     if samples.size == 0:
         raise DecodeFailed("the file decodes to no audio samples")
-    return png(waveform(samples) if kind == "waveform" else spectrogram(samples, rate))
+    drawn = drawn_width(duration_s)
+    image = waveform(samples, drawn) if kind == "waveform" else spectrogram(samples, rate, drawn)
+    if drawn < WIDTH:
+        blank = np.empty((image.shape[0], WIDTH - drawn, 3), np.uint8)
+        blank[:] = BACKGROUND
+        image = np.concatenate([image, blank], axis=1)
+    return png(image)

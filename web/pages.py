@@ -11,11 +11,11 @@ from ser_shared import storage
 from ser_shared.emotions import EMOTIONS
 from ser_shared.errors import Gone
 from ser_shared.models import Job
-from web import images, limits, markup, media, openapi, queries
+from web import images, limits, markup, media, openapi, queries, timeline
 from web.auth import key_id, tenant
 from web.context import db, services
 from web.serialize import iso
-from web.uploads import create_batch, parse_options
+from web.uploads import MAX_CHANNEL_LABELS, MAX_LABEL_LENGTH, TRANSCRIBE, create_batch, parse_options
 
 bp = Blueprint("pages", __name__)
 
@@ -71,7 +71,9 @@ UPLOAD_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", "
 
 @bp.get("/")
 def upload_form() -> str:
-    return render_template("upload.html", settings=services().settings, extensions=UPLOAD_EXTENSIONS)
+    return render_template("upload.html", settings=services().settings, extensions=UPLOAD_EXTENSIONS,
+                           transcribe_choices=TRANSCRIBE,
+                           labels_max_length=MAX_CHANNEL_LABELS * (MAX_LABEL_LENGTH + 1) - 1)
 
 
 @bp.post("/upload")
@@ -112,10 +114,14 @@ def job(job_id: str) -> str:
     found = queries.get_job(session, job_id, tenant())
     # A file never decoded as audio is not offered to the player: the audio endpoint refuses it.
     undecodable = media.never_decoded(found)
+    span = timeline.axis_seconds(found, found.result)
+    lanes = timeline.lanes(found.result, span)
     return render_template("job.html", job=found, result=found.result,
                            deliveries=queries.deliveries_for_job(session, found.id),
                            audio_available=not undecodable and _audio_stored(found),
-                           audio_undecodable=undecodable, error_words=ERROR_WORDS)
+                           audio_undecodable=undecodable, error_words=ERROR_WORDS,
+                           span=span, lanes=lanes, bands=[] if lanes else timeline.segment_bands(found.result, span),
+                           ticks=timeline.ticks(span), clock=timeline.clock, picture_limit_s=images.MAX_SECONDS)
 
 
 def _audio_stored(found: Job) -> bool:
@@ -137,14 +143,14 @@ def job_image(job_id: str, kind: str) -> Response:
         raise gone
     try:
         with storage.store_for(services().settings).local_copy(found.storage_key) as path:
-            picture = images.render(path, found.format, kind)
+            picture = images.render(path, found.format, kind, found.duration_s)
     except FileNotFoundError:
         raise gone from None
     response = make_response(picture)
     response.mimetype = "image/png"
     # The audio of a job never changes, so neither does its picture: the browser may keep it.
     response.headers["Cache-Control"] = "private, max-age=86400"
-    response.set_etag(f"{found.id}-{kind}-{images.WIDTH}")
+    response.set_etag(f"{found.id}-{kind}-{images.WIDTH}-{images.LAYOUT}")
     return response.make_conditional(request)
 
 

@@ -40,6 +40,33 @@
     }
   }
 
+  // A conversation's speakers under the job's emotion, as _jobs.html draws them.
+  function speakers(cell, result) {
+    var channels = (result && result.channels) || [];
+    var conversation = result && result.conversation;
+    if (channels.length < 2 && !(conversation && conversation.escalation)) { return; }
+    var box = text("small", "speakers", "");
+    channels.forEach(function (ch) {
+      var item = text("span", "speaker", ch.label + " ");
+      item.dataset.label = ch.label;
+      item.dataset.emotion = ch.emotion || "";
+      if (ch.emotion) {
+        var label = text("span", "emo emo-" + ch.emotion, " " + ch.emotion);
+        label.insertBefore(text("span", "emoji", emoji[ch.emotion] || ""), label.firstChild);
+        item.appendChild(label);
+      } else {
+        item.appendChild(text("span", "none", "–"));
+      }
+      box.appendChild(item);
+    });
+    if (conversation && conversation.escalation) {
+      var flag = text("span", "escalation-flag", "⚠ escalation");
+      flag.title = "The customer ends clearly more negative than they started.";
+      box.appendChild(flag);
+    }
+    cell.appendChild(box);
+  }
+
   // Bars are SVG rectangles sized by their width attribute (the pages allow no inline styles).
   function setWidth(rect, percent) {
     if (rect) { rect.setAttribute("width", Math.max(0, Math.min(100, percent)).toFixed(1) + "%"); }
@@ -52,7 +79,10 @@
     var status = row.querySelector(".status");
     if (status) { status.textContent = job.status; }
     var emotion = row.querySelector(".emotion");
-    if (emotion) { emotionLabel(emotion, result); }
+    if (emotion) {
+      emotionLabel(emotion, result);
+      speakers(emotion, result);
+    }
     var bar = row.querySelector(".confbar");
     if (bar && result) {
       bar.dataset.confidence = String(result.confidence);
@@ -139,15 +169,37 @@
     });
   });
 
-  // Click a band of a long recording's timeline to play from the start of that segment.
-  document.querySelectorAll(".timeline .segment").forEach(function (band) {
-    band.addEventListener("click", function () {
-      var player = document.getElementById("player");
-      if (!player) { return; }
-      player.currentTime = parseFloat(band.dataset.start);
-      player.play();
-    });
+  // The job page's time axis: click (or Enter on) a band, an escalation mark, a word or a transcript line
+  // to play from its start; a playhead on each lane follows the player.
+  var player = document.getElementById("player");
+  var axis = document.getElementById("axis");
+  var span = axis ? parseFloat(axis.dataset.duration) : 0;
+
+  function playFrom(event) {
+    var target = event.target.closest ? event.target.closest("[data-start]") : null;
+    if (!target || !player) { return; }
+    if (event.type === "keydown" && event.key !== "Enter" && event.key !== " ") { return; }
+    event.preventDefault();
+    player.currentTime = parseFloat(target.dataset.start);
+    var started = player.play();
+    // A second click before the first one's playback began rejects the first: nothing to report.
+    if (started && started.catch) { started.catch(function () { /* superseded or refused by the browser */ }); }
+  }
+
+  [axis, document.getElementById("conversation-transcript")].forEach(function (area) {
+    if (!area) { return; }
+    area.addEventListener("click", playFrom);
+    area.addEventListener("keydown", playFrom);
   });
+
+  if (player && axis && span > 0) {
+    var heads = axis.querySelectorAll(".playhead");
+    player.addEventListener("timeupdate", function () {
+      var x = (100 * Math.min(1, Math.max(0, player.currentTime / span))).toFixed(3) + "%";
+      axis.dataset.played = "true";
+      heads.forEach(function (line) { line.setAttribute("x1", x); line.setAttribute("x2", x); });
+    });
+  }
 
   window.setTimeout(poll, INTERVAL_MS);
 }());

@@ -183,8 +183,11 @@
   function send(group) {
     const data = new FormData();
     group.forEach(function (item) { data.append("file", item.file, item.file.name); });
-    const device = form.querySelector('select[name="device"]');
-    if (device) data.append("device", device.value);
+    // The options as the plain form would send them (empty fields are left to the server's defaults).
+    ["device", "transcribe", "language", "channels", "channel_labels"].forEach(function (name) {
+      const field = form.elements.namedItem(name);
+      if (field && field.value) data.append(name, field.value);
+    });
     const xhr = new XMLHttpRequest();
     xhr.open("POST", cfg.apiJobs);
     const headers = csrfHeaders();

@@ -14,6 +14,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,15 @@ def browser(mic_wav: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def page(browser: Any, live_server: str) -> Iterator[Any]:
-    context = browser.new_context(base_url=live_server, accept_downloads=True, viewport={"width": 1280, "height": 900})
-    context.grant_permissions(["microphone"], origin=live_server)
+    with checked_page(browser, live_server) as tab:
+        yield tab
+
+
+@contextmanager
+def checked_page(browser: Any, base_url: str) -> Iterator[Any]:
+    """A tab on ``base_url`` that fails the test on any script error or anything the CSP blocked."""
+    context = browser.new_context(base_url=base_url, accept_downloads=True, viewport={"width": 1280, "height": 900})
+    context.grant_permissions(["microphone"], origin=base_url)
     context.set_default_timeout(20_000)
     tab = context.new_page()
     errors: list[str] = []
