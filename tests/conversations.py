@@ -129,3 +129,27 @@ def finish(factory: sessionmaker[Session], job_id: uuid.UUID, channels: list[dic
         deliveries = record_events(session, [job_id])
         session.commit()
     return deliveries
+
+
+def mono(segments: list[dict[str, Any]], duration_s: float, label: str = "ch0") -> tuple[list[dict[str, Any]],
+                                                                                         dict[str, Any]]:
+    """A one-speaker recording's (channels, conversation), its channel holding ``segments``."""
+    total = sum(s["speech_s"] for s in segments)
+    channels = [channel(0, label, [dict(s) for s in segments], total, [])]
+    lines = [{"start": s["start"], "end": s["end"], "channel": 0, "label": label, "text": s["transcript"]}
+             for s in segments if s.get("transcript")]
+    conversation = {"channels": "mono", "duration_s": duration_s, "silence_share": round(1 - total / duration_s, 4),
+                    "overlap_s": 0.0, "overlaps": 0, "interruptions": [], "turns": 1, "escalation": False,
+                    "customer": None, "transcript": lines or None}
+    return channels, conversation
+
+
+def attach(factory: sessionmaker[Session], job_id: uuid.UUID, channels: list[dict[str, Any]],
+           conversation: dict[str, Any]) -> None:
+    """Give a stored result its channels and conversation (and the job its escalation flag)."""
+    with factory() as session:
+        result = session.get(Result, job_id)
+        job = session.get(Job, job_id)
+        assert result is not None and job is not None
+        result.channels, result.conversation, job.escalation = channels, conversation, conversation["escalation"]
+        session.commit()

@@ -14,23 +14,26 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
+import soundfile as sf
 from flask import Flask
 from flask.testing import FlaskClient
+from PIL import Image
 from sqlalchemy import select, update
 
 from ser_shared import schemas
-from ser_shared.db import make_engine, make_session_factory
 from ser_shared.emotions import EMOTIONS
 from ser_shared.models import Result, WebhookDelivery
 from ser_shared.settings import Settings
 from tests.conftest import private_database, ravdess_file
 from tests.conversations import call, finish
 from tests.helpers import multipart, read
-from web import create_app
+from web import create_app, images
 
 QUEUE = "conversations-web-unread"
 HOOK = "http://127.0.0.1:9/hook"  # allowed by the test settings; never delivered here
@@ -331,3 +334,43 @@ def test_history_rows_show_each_speakers_emotion_and_the_flag(conv_app: Flask, c
 def _element(html: str, marker: str, end: str) -> str:
     start = html.index(marker)
     return html[start:html.index(end, start)]
+
+
+# --- the pictures' time axis --------------------------------------------------------------------------
+
+def _columns_with_sound(png_bytes: bytes, kind: str) -> np.ndarray:
+    """The picture's columns where it shows sound: the waveform's blue beyond the centre line, or the
+    spectrogram's bright cells."""
+    pixels = np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB")).astype(int)
+    if kind == "waveform":
+        blue = (np.abs(pixels - images.WAVE_COLOUR).sum(axis=2) < 30).sum(axis=0)
+        return np.flatnonzero(blue > 3)
+    return np.flatnonzero(pixels.sum(axis=2).max(axis=0) > 400)
+
+
+@pytest.mark.parametrize(("duration", "burst"), [(10.0, (4.0, 5.0)), (700.0, (300.0, 310.0))],
+                         ids=["short", "past-the-drawn-limit"])
+def test_pictures_put_each_moment_where_the_lanes_do(tmp_path: Path, duration: float,
+                                                       burst: tuple[float, float]) -> None:
+    """x is time over the whole recording in both pictures, as on the lanes: a tone burst lands on the
+    columns its seconds map to, and a recording longer than what is drawn leaves the rest blank instead
+    of stretching what was drawn over the whole width."""
+    rate = 8000
+    path = tmp_path / "burst.wav"
+    with sf.SoundFile(path, "w", rate, 1, "PCM_16") as out:
+        for second in range(int(duration)):
+            block = np.zeros(rate, np.float32)
+            if burst[0] <= second < burst[1]:
+                block = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(rate) / rate).astype(np.float32)
+            out.write(block)
+    expected = (images.WIDTH * burst[0] / duration, images.WIDTH * burst[1] / duration)
+    drawn = images.drawn_width(duration)
+    assert drawn == (images.WIDTH if duration <= images.MAX_SECONDS else round(800 * 600 / 700))
+    for kind in ("waveform", "spectrogram"):
+        picture = images.render(path, "wav", kind, duration)
+        sound = _columns_with_sound(picture, kind)
+        sound = sound[sound < drawn]  # the blank rest is checked below
+        assert abs(sound.min() - expected[0]) <= 1.5 and abs(sound.max() + 1 - expected[1]) <= 1.5, (kind, sound)
+        if drawn < images.WIDTH:
+            pixels = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB"))
+            assert (pixels[:, drawn:] == images.BACKGROUND).all()  # not read, not drawn

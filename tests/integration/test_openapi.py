@@ -177,6 +177,7 @@ def _seed(app: Flask) -> dict[str, Any]:
     from ser_ml.inference import Prediction
     from ser_ml.pipeline import Outcome
     from worker.delivery import deliver
+    from tests.conversations import attach, mono
     from worker.results import persist, save_transcripts
 
     client = app.test_client()
@@ -202,6 +203,11 @@ def _seed(app: Flask) -> dict[str, Any]:
                                              "text": "kids are talking", "reason": None, "message": None,
                                              "seconds": 0.4, "segments": True}},
                      {ids[0]: [{**s, "transcript": "kids"} for s in segments]})
+    # The recording as a conversation of one speaker, its segments with words (as whisper gives them).
+    said = [{**segments[0], "transcript": "kids are", "words": [{"start": 0.1, "end": 0.5, "word": "kids"},
+                                                                 {"start": 0.6, "end": 0.9, "word": "are"}]},
+            {**segments[1], "transcript": "talking"}]
+    attach(svc.sessions, ids[0], *mono(said, 3.0))
     for delivery in client.get(f"/api/v1/jobs/{ids[2]}").get_json()["webhooks"]:
         deliver(svc.sessions, svc.settings, delivery["id"])  # port 9 refuses: a failed attempt is recorded
     # The third file was refused at upload: it has no audio (a 404 there is right, and tested elsewhere).

@@ -67,6 +67,8 @@ def test_every_served_shape_is_exactly_its_model(seeded_app: tuple[Flask, dict[s
     jobs = [body for model, body in served if model is schemas.Job]
     # The seed really holds the shapes: segments with transcripts, a transcript, a failed job, attempts.
     assert any(j["result"] and len(j["result"]["segments"]) == 2 for j in jobs)
+    assert any(j["result"] and j["result"].get("conversation") and j["result"]["channels"][0]["segments"][0]["words"]
+               for j in jobs)
     assert any(j["error"] for j in jobs) and any(d["attempts"] for j in jobs for d in j["webhooks"])
     for model, body in served:
         parsed = model.model_validate(body)

@@ -158,7 +158,8 @@ HEADS_AT_TIME = f"""() => {{
 def _played_from(tab: Any) -> float:
     """Wait until the player runs, pause it, check the playheads, and return where it was."""
     tab.wait_for_function(PLAYING)
-    time: float = tab.evaluate("() => { const p = document.getElementById('player'); p.pause(); return p.currentTime; }")
+    time: float = tab.evaluate("() => { const p = document.getElementById('player'); p.pause(); "
+                               "return p.currentTime; }")
     tab.wait_for_function(HEADS_AT_TIME)
     return time
 
