@@ -176,8 +176,8 @@ def _seed(app: Flask) -> dict[str, Any]:
     transcript and model versions, failed at upload, with webhook deliveries and an attempt."""
     from ser_ml.inference import Prediction
     from ser_ml.pipeline import Outcome
-    from worker.delivery import deliver
     from tests.conversations import attach, mono
+    from worker.delivery import deliver
     from worker.results import persist, save_transcripts
 
     client = app.test_client()
