@@ -45,10 +45,11 @@ from ser_shared.clock import as_utc, iso  # the one UTC convention; re-exported
 from ser_shared.emotions import EMOTIONS
 
 __all__ = [
-    "API_MODELS", "CHANNEL_MODES", "DEVICES", "EXPORT_COLUMNS", "REF_TEMPLATE", "STATUSES", "TRANSCRIBE", "Batch", "BatchEvent", "Channel", "ChannelMetrics", "Conversation",
-    "Error", "ErrorInfo", "Escalation", "Interruption", "ExportRow", "Health", "Job", "JobError", "JobEvent", "JobPage", "JobSummary", "Manifest",
-    "Options", "Ready", "Result", "Segment", "Transcript", "TranscriptLine", "Word", "UploadAccepted", "WebhookAttempt", "WebhookDelivery",
-    "components", "iso", "json_schema",
+    "API_MODELS", "CHANNEL_MODES", "DEVICES", "EXPORT_COLUMNS", "REF_TEMPLATE", "STATUSES", "TRANSCRIBE", "Batch",
+    "BatchEvent", "Channel", "ChannelMetrics", "Conversation", "Error", "ErrorInfo", "Escalation", "ExportRow",
+    "Health", "Interruption", "Job", "JobError", "JobEvent", "JobPage", "JobSummary", "Manifest", "Options", "Ready",
+    "Result", "Segment", "Transcript", "TranscriptLine", "UploadAccepted", "WebhookAttempt", "WebhookDelivery",
+    "Word", "components", "iso", "json_schema",
 ]
 
 # ``ser_shared.models.JobStatus``'s values, written out so that this module (which the numeric
