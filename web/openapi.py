@@ -134,6 +134,12 @@ def _upload_body() -> Schema:
                      "description": f"A JSON object (at most {MAX_METADATA_BYTES} bytes) stored on every job."},
         "webhook_url": {**URI, "description": "Called (signed, retried) as jobs and the batch finish. Must "
                         "resolve to a public address unless allowed by `SER_WEBHOOK_ALLOW`."},
+        "live": {"type": "boolean", "default": False,
+                 "description": "Start a live session: a batch that later uploads add to (`batch_id`), as the "
+                                "upload page's live microphone does with chunks of a few seconds. No `webhook_url`."},
+        "batch_id": {**UUID, "description": "Add the files to this live session (created with `live=true`) "
+                                          "instead of a new batch; the session's options apply. 409 "
+                                          "`batch_not_live` for an ordinary batch."},
     }, required=["file"])
     return {"required": True, "content": {"multipart/form-data": {
         "schema": form, "encoding": {"file": {"contentType": "application/octet-stream"}}}}}
