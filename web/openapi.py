@@ -161,8 +161,10 @@ def _create_jobs() -> Schema:
                     "headers": {idempotency.REPLAYED: {"description": "`true` on a replayed response.",
                                                       "schema": {"type": "string", "enum": ["true"]}}}},
             **_common("400", "401"),
+            "404": _error("`batch_id` is not one of your batches (`not_found`)."),
             "409": _error("The Idempotency-Key was used for a different request (`idempotency_key_reused`) or "
-                          "its first request is still running (`idempotency_key_in_progress`)."),
+                          "its first request is still running (`idempotency_key_in_progress`), or `batch_id` "
+                          "is not a live session (`batch_not_live`)."),
             "413": _error("The request body is over `SER_MAX_REQUEST_MB` (`request_too_large`)."),
             **_common("429", "503"),
         },
