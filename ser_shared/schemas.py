@@ -303,6 +303,8 @@ class Options(Emitted):
     language: str | SkipJsonSchema[None] = None
     channels: ChannelMode | SkipJsonSchema[None] = None
     channel_labels: list[str] | SkipJsonSchema[None] = None
+    live: bool | SkipJsonSchema[None] = Field(
+        default=None, description="A live session: later uploads with its `batch_id` add to it.")
 
 
 class WebhookAttempt(Emitted):

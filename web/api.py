@@ -13,7 +13,7 @@ from web import idempotency, limits, media, openapi, queries
 from web.auth import key_id, tenant
 from web.context import db, services
 from web.serialize import batch_dict, iso, job_dict, job_page, upload_accepted
-from web.uploads import create_batch, parse_labels, parse_options, parse_webhook
+from web.uploads import LIVE_WEBHOOK, create_batch, open_live_batch, parse_labels, parse_options, parse_webhook
 
 bp = Blueprint("api", __name__)
 API = "/api/v1"
@@ -21,7 +21,8 @@ API = "/api/v1"
 
 @bp.post(f"{API}/jobs")
 def create_jobs() -> tuple[Response, int]:
-    """Upload one or many recordings (multipart ``file`` fields) as one batch.
+    """Upload one or many recordings (multipart ``file`` fields) as one batch, or add them to a
+    live session (``batch_id``).
 
     With an ``Idempotency-Key`` header, a retry of the same request replays the first response
     instead of creating the jobs again (see ``web.idempotency``).
@@ -51,9 +52,14 @@ def create_jobs() -> tuple[Response, int]:
             return replay, stored.status
     try:
         limits.check(svc, tenant(), key_id(), len(files))
-        result = create_batch(svc, files, parse_options(request.form.to_dict()),
+        into = request.form.get("batch_id")
+        live = open_live_batch(db(), into, tenant()) if into else None
+        options = parse_options(request.form.to_dict())
+        if options.get("live") and request.form.get("webhook_url"):
+            raise BadRequest(LIVE_WEBHOOK, code="invalid_option")  # before the URL's own checks
+        result = create_batch(svc, files, options,
                               parse_labels(request.form, len(files)), parse_webhook(request.form, svc.settings),
-                              tenant=tenant(), api_key_id=key_id(), claim=lease)
+                              tenant=tenant(), api_key_id=key_id(), claim=lease, into=live)
     except Exception:
         if lease is not None:
             idempotency.release(svc, lease)  # nothing was created: the client may retry with this key

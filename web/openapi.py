@@ -158,6 +158,12 @@ def _upload_body() -> Schema:
                      "description": f"A JSON object (at most {MAX_METADATA_BYTES} bytes) stored on every job."},
         "webhook_url": {**URI, "description": "Called (signed, retried) as jobs and the batch finish. Must "
                         "resolve to a public address unless allowed by `SER_WEBHOOK_ALLOW`."},
+        "live": {"type": "boolean", "default": False,
+                 "description": "Start a live session: a batch that later uploads add to (`batch_id`), as the "
+                                "upload page's live microphone does with chunks of a few seconds. No `webhook_url`."},
+        "batch_id": {**UUID, "description": "Add the files to this live session (created with `live=true`) "
+                                          "instead of a new batch; the session's options apply. 409 "
+                                          "`batch_not_live` for an ordinary batch."},
     }, required=["file"])
     return {"required": True, "content": {"multipart/form-data": {
         "schema": form, "encoding": {"file": {"contentType": "application/octet-stream"}}}}}
@@ -179,8 +185,10 @@ def _create_jobs() -> Schema:
                     "headers": {idempotency.REPLAYED: {"description": "`true` on a replayed response.",
                                                       "schema": {"type": "string", "enum": ["true"]}}}},
             **_common("400", "401"),
+            "404": _error("`batch_id` is not one of your batches (`not_found`)."),
             "409": _error("The Idempotency-Key was used for a different request (`idempotency_key_reused`) or "
-                          "its first request is still running (`idempotency_key_in_progress`)."),
+                          "its first request is still running (`idempotency_key_in_progress`), or `batch_id` "
+                          "is not a live session (`batch_not_live`)."),
             "413": _error("The request body is over `SER_MAX_REQUEST_MB` (`request_too_large`)."),
             **_common("429", "503"),
         },

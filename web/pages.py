@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, flash, make_response, redirect, render_template, request, url_for
@@ -10,7 +11,7 @@ from werkzeug.wrappers import Response
 from ser_shared import storage
 from ser_shared.emotions import EMOTIONS
 from ser_shared.errors import Gone
-from ser_shared.models import Job
+from ser_shared.models import Batch, Job
 from web import images, limits, markup, media, openapi, queries, timeline
 from web.auth import key_id, tenant
 from web.context import db, services
@@ -175,5 +176,26 @@ def batch(batch_id: str) -> str:
     found = queries.get_batch(session, batch_id, tenant())
     counts = queries.status_counts(found)
     done = counts["succeeded"] + counts["failed"]
-    return render_template("batch.html", batch=found, counts=counts, done=done,
+    return render_template("batch.html", batch=found, counts=counts, done=done, chunks=live_chunks(found),
                            summary=queries.summarize(session, queries.JobFilter(tenant(), batch_id=found.id)))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A live session's job on the session's time axis (chunks follow one another without gaps)."""
+
+    job: Job
+    start: float
+    duration: float
+
+
+def live_chunks(batch: Batch) -> list[Chunk]:
+    """The jobs of a live session, placed end to end in upload order; empty for other batches."""
+    if not (batch.options or {}).get("live"):
+        return []
+    chunks, at = [], 0.0
+    for j in batch.jobs:  # in position order
+        duration = j.duration_s or 0.0
+        chunks.append(Chunk(j, at, duration))
+        at += duration
+    return chunks

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import FileStorage, MultiDict
 
 from ser_shared import storage, webhooks
 from ser_shared.audio import check_duration, probe, sniff_format
 from ser_shared.enqueue import enqueue, queue_for
-from ser_shared.errors import AudioError, BadRequest
+from ser_shared.errors import AudioError, BadRequest, Conflict, NotFound
 from ser_shared.models import Batch, Job, JobStatus
 from ser_shared.schemas import CHANNEL_MODES, DEVICES, TRANSCRIBE  # the choices the API documents
 from ser_shared.settings import Settings
@@ -68,6 +69,11 @@ def parse_options(form: dict[str, str]) -> dict[str, Any]:
     labels = parse_channel_labels(form.get("channel_labels"))
     if labels:
         options["channel_labels"] = labels
+    live = (form.get("live") or "false").strip().lower()
+    if live not in BOOLEAN_WORDS:
+        raise BadRequest("live must be true or false", code="invalid_option")
+    if BOOLEAN_WORDS[live]:
+        options["live"] = True
     return options
 
 
@@ -96,6 +102,31 @@ def parse_channel_labels(raw: str | None) -> list[str]:
     if len({label.casefold() for label in labels}) != len(labels):
         raise BadRequest("channel_labels must be different from one another", code="invalid_option")
     return labels
+
+
+LIVE_WEBHOOK = ("a live session takes no webhook_url: it has no end to report, and each chunk's result is "
+                "there to poll as soon as it is ready")
+BOOLEAN_WORDS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def open_live_batch(session: Session, batch_id: str, tenant: str) -> Batch:
+    """The live session (a batch created with ``live=true``) that an upload with ``batch_id`` adds to.
+
+    Only live sessions grow: an ordinary batch is what was uploaded together, and its
+    ``batch.completed`` event must not fire before files that arrive later. A batch of another
+    tenant is a 404, as everywhere.
+    """
+    try:
+        key = uuid.UUID(batch_id.strip())
+    except ValueError as exc:
+        raise BadRequest("batch_id must be a batch's id (a UUID)", code="invalid_parameter") from exc
+    batch = session.get(Batch, key)
+    if batch is None or batch.tenant != tenant:
+        raise NotFound("no such batch")
+    if not (batch.options or {}).get("live"):
+        raise Conflict("only a live session (a batch created with live=true) takes more files; "
+                       "upload without batch_id for a new batch", code="batch_not_live")
+    return batch
 
 
 MAX_REFERENCE = 200
@@ -214,11 +245,14 @@ class Claim(Protocol):
 
 def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any],
                  labels: Labels | None = None, webhook_url: str | None = None, *, tenant: str,
-                 api_key_id: uuid.UUID | None = None, claim: Claim | None = None) -> UploadResult:
+                 api_key_id: uuid.UUID | None = None, claim: Claim | None = None,
+                 into: Batch | None = None) -> UploadResult:
     """Create a batch of jobs; a bad file fails alone, the others are queued.
 
     With ``claim``, the claim's lease is kept alive file by file (storing thousands of files takes
     a while), and the commit of the rows checks that the claim is still this request's.
+    With ``into`` (a live session, from ``open_live_batch``), the jobs join that batch instead,
+    after its last position, with its options (``options`` is ignored).
     Raises BadRequest for request-level problems (no files, too many).
     """
     files = [f for f in files if f is not None]
@@ -228,8 +262,13 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
         raise BadRequest(f"at most {svc.settings.max_files_per_request} files per request",
                          code="too_many_files")
     labels = labels or Labels([None] * len(files), None)
-    batch = Batch(id=uuid.uuid4(), tenant=tenant, api_key_id=api_key_id, options=options, file_count=len(files),
-                  webhook_url=webhook_url)
+    if options.get("live") and webhook_url:
+        raise BadRequest(LIVE_WEBHOOK, code="invalid_option")
+    if into is not None:
+        batch, options = into, dict(into.options or {})
+    else:
+        batch = Batch(id=uuid.uuid4(), tenant=tenant, api_key_id=api_key_id, options=options,
+                      file_count=len(files), webhook_url=webhook_url)
     jobs: list[Job] = []
     store = storage.store_for(svc.settings)
     for position, upload in enumerate(files):
@@ -258,7 +297,16 @@ def create_batch(svc: Services, files: list[FileStorage], options: dict[str, Any
         with svc.sessions() as session:
             if claim is not None:
                 claim.bind(session, batch.id)
-            session.add(batch)
+            if into is None:
+                session.add(batch)
+            else:
+                # Positions are taken in the transaction that adds the jobs: two chunks uploaded at
+                # once get different ones, and a request that fails takes none.
+                end = session.execute(update(Batch).where(Batch.id == into.id)
+                                      .values(file_count=Batch.file_count + len(jobs))
+                                      .returning(Batch.file_count)).scalar_one()
+                for offset, job in enumerate(jobs):
+                    job.position = end - len(jobs) + offset
             session.add_all(jobs)
             # Files rejected here are already finished: their events go out with the batch's rows.
             events = record_events(session, [j.id for j in jobs if j.status != JobStatus.QUEUED.value])
