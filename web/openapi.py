@@ -136,9 +136,8 @@ def _upload_body() -> Schema:
         "device": {"type": "string", "enum": list(DEVICES), "default": "auto"},
         "transcribe": {"type": "string", "enum": list(TRANSCRIBE), "default": "none",
                        "description": "Also transcribe the speech, with this engine."},
-        "language": {"type": "string", "pattern": LANGUAGE.pattern,
-                     "description": "BCP-47 language of the speech, for the transcript. Default: `en-US`; "
-                                    "with `transcribe=whisper`, detected from the speech."},
+        "language": {"type": "string", "pattern": LANGUAGE.pattern, "default": "en-US",
+                     "description": "BCP-47 language of the speech, for the transcript."},
         "channels": {"type": "string", "enum": list(CHANNEL_MODES), "default": "auto",
                      "description": "How a recording of several channels is analysed: `split` takes each channel "
                                     "as one speaker (a call's agent and customer on the two sides of a stereo "

@@ -54,17 +54,16 @@ def parse_options(form: dict[str, str]) -> dict[str, Any]:
     transcribe = (form.get("transcribe") or "none").strip().lower()
     if transcribe not in TRANSCRIBE:
         raise BadRequest(f"transcribe must be one of {', '.join(TRANSCRIBE)}", code="invalid_option")
-    given = (form.get("language") or "").strip()
-    language = given or "en-US"
+    language = (form.get("language") or "en-US").strip()
     if not LANGUAGE.match(language):
         raise BadRequest("language must be a BCP-47 tag such as en-US or hi-IN", code="invalid_option")
-    channels = (form.get("channels") or "auto").strip().lower()
-    if channels not in CHANNEL_MODES:
+    channels = (form.get("channels") or "").strip().lower()
+    if channels and channels not in CHANNEL_MODES:
         raise BadRequest(f"channels must be one of {', '.join(CHANNEL_MODES)}", code="invalid_option")
-    options: dict[str, Any] = {"device": device, "channels": channels}
-    if transcribe == "whisper" and not given:
-        options["transcribe"] = transcribe  # no language: Whisper detects it
-    elif transcribe != "none":
+    options: dict[str, Any] = {"device": device}
+    if channels:  # stored only when asked for: without it the worker applies the default, auto
+        options["channels"] = channels
+    if transcribe != "none":
         options |= {"transcribe": transcribe, "language": language}
     labels = parse_channel_labels(form.get("channel_labels"))
     if labels:
