@@ -185,16 +185,30 @@ def has_speech(audio: np.ndarray, *, probabilities: np.ndarray | None = None) ->
     return longest_region_s(audio, probabilities=probabilities) >= HAS_SPEECH_S
 
 
-def segments_from_probabilities(probabilities: np.ndarray, energy: np.ndarray, duration: float,
-                                pad_s: float = SEGMENT_PAD_S) -> list[Segment]:
-    """``speech_segments`` from probabilities and ``frame_energy_db`` frames (a streamed recording)."""
+def frame_flags(probabilities: np.ndarray, frames: int) -> np.ndarray:
+    """``speech_flags`` per 10 ms frame of ``frame_energy_db`` (``frames`` of them): each frame takes
+    the flag of the window holding its centre sample."""
     flags = speech_flags(probabilities)
     if not flags.size:
+        return np.zeros(frames, dtype=bool)
+    window_of_frame = np.minimum(np.arange(frames) * round(FRAME_S * SAMPLE_RATE) // WINDOW, flags.size - 1)
+    return flags[window_of_frame]
+
+
+def segments_from_probabilities(probabilities: np.ndarray, energy: np.ndarray, duration: float,
+                                pad_s: float = SEGMENT_PAD_S, keep: np.ndarray | None = None) -> list[Segment]:
+    """``speech_segments`` from probabilities and ``frame_energy_db`` frames (a streamed recording).
+
+    ``keep`` (per frame) drops the speech frames it marks False: a channel's frames that are another
+    channel's crosstalk (``ser_ml.channels.own_speech``).
+    """
+    if not np.asarray(probabilities).size:
         return []
-    # Each 10 ms frame takes the flag of the window holding its centre sample.
-    window_of_frame = np.minimum(np.arange(energy.size) * round(FRAME_S * SAMPLE_RATE) // WINDOW, flags.size - 1)
+    flags = frame_flags(probabilities, energy.size)
+    if keep is not None:
+        flags &= keep
     # Runs as short as has_speech accepts are kept, so a recording with speech has a segment.
-    return segments_from_flags(flags[window_of_frame], energy, duration, pad_s=pad_s, min_speech_s=HAS_SPEECH_S)
+    return segments_from_flags(flags, energy, duration, pad_s=pad_s, min_speech_s=HAS_SPEECH_S)
 
 
 def speech_segments(audio: np.ndarray, *, probabilities: np.ndarray | None = None) -> list[Segment]:

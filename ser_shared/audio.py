@@ -1,8 +1,10 @@
-"""Audio format sniffing, cheap probing (web tier) and decoding to mono float (workers).
+"""Audio format sniffing, cheap probing (web tier) and decoding to float (workers).
 
 libsndfile (through soundfile) reads WAV, FLAC, OGG/Vorbis/Opus and MP3 in process; M4A/AAC and
-WebM go through ffmpeg, which the worker image installs. Everything lands as mono float32 at the
-pipeline's sample rate.
+WebM go through ffmpeg, which the worker image installs. Everything lands as float32 at the
+pipeline's sample rate: mono (``decode``, ``stream``: the channels averaged) or one row per channel
+(``decode_channels``, ``stream_channels``: a call's speakers kept apart). The mono functions do no
+per-channel work at all, so a mono recording pays nothing for the multi-channel ones.
 """
 
 from __future__ import annotations
@@ -211,20 +213,48 @@ def decode(path: Path, fmt: str, sample_rate: int, max_s: float) -> np.ndarray:
     that is mostly NaN or infinity, InvalidAudioHeader for a WAV header that contradicts itself.
     A FLAC or MP3 whose header declares less than it holds is decoded whole by ffmpeg.
     """
+    data, rate = _read(path, fmt, sample_rate, max_s, 1)
+    return resample(_mix(data), rate, sample_rate)
+
+
+def decode_channels(path: Path, fmt: str, sample_rate: int, max_s: float, channels: int | None = None) -> np.ndarray:
+    """``decode`` keeping the channels apart: float32 of shape (channels, samples), each row
+    contiguous and in [-1, 1]. Raises like ``decode``.
+
+    ``channels`` is the count the upload's probe found; files that ffmpeg decodes need it (it is
+    probed here when not given), libsndfile reads it from the file.
+    """
+    data, rate = _read(path, fmt, sample_rate, max_s, channels)
+    planar = _clean(data)
+    if rate != sample_rate:
+        planar = resample(planar, rate, sample_rate)
+    return np.ascontiguousarray(np.clip(planar, -1.0, 1.0).T, dtype=np.float32)
+
+
+def _read(path: Path, fmt: str, sample_rate: int, max_s: float, channels: int | None) -> tuple[np.ndarray, int]:
+    """The decoded (frames, channels) float32 samples and their rate. ffmpeg's output is at
+    ``sample_rate`` already, with ``channels`` channels (1: mixed by ffmpeg; None: as the file has)."""
     if fmt in SOUNDFILE_FORMATS and _soundfile_reads_all(path, fmt, max_s):
         try:
-            audio, rate = _read_soundfile(path, max_s)
+            data, rate = _read_soundfile(path, max_s)
         except (RuntimeError, sf.LibsndfileError, ValueError) as exc:
             if fmt == "wav" or shutil.which("ffmpeg") is None:
                 raise DecodeFailed(f"cannot decode the {fmt} data: {_reason(exc, path)}") from exc
-            audio, rate = _read_ffmpeg(path, sample_rate, max_s), sample_rate
+            data, rate = _read_ffmpeg(path, sample_rate, max_s, _ffmpeg_channels(path, fmt, channels)), sample_rate
     else:
-        audio, rate = _read_ffmpeg(path, sample_rate, max_s), sample_rate
-    if audio.size == 0:
+        data, rate = _read_ffmpeg(path, sample_rate, max_s, _ffmpeg_channels(path, fmt, channels)), sample_rate
+    if data.size == 0:
         raise DecodeFailed("the file decodes to no audio samples")
-    if audio.size > (max_s + 0.5) * rate:
+    if data.shape[0] > (max_s + 0.5) * rate:
         raise AudioTooLong(f"recording is longer than the {max_s:.0f} s limit")
-    return resample(audio, rate, sample_rate)
+    return data, rate
+
+
+def _ffmpeg_channels(path: Path, fmt: str, channels: int | None) -> int:
+    """How many channels to ask ffmpeg for: ``channels`` when known, else what ffprobe finds."""
+    if channels is None:
+        channels = _ffprobe(path, fmt).channels or 1
+    return max(1, min(channels, MAX_CHANNELS))
 
 
 def _soundfile_reads_all(path: Path, fmt: str, max_s: float) -> bool:
@@ -266,23 +296,29 @@ def _read_soundfile(path: Path, max_s: float) -> tuple[np.ndarray, int]:
         # Bounded read: a lying header or a huge file never decodes more than the limit allows.
         frames = int((max_s + 1.0) * rate)
         data = f.read(frames=frames, dtype="float32", always_2d=True)
-    return _mix(data), rate
+    return data, rate
 
 
-def _read_ffmpeg(path: Path, sample_rate: int, max_s: float) -> np.ndarray:
+def _ffmpeg_command(path: Path, sample_rate: int, max_s: float, channels: int) -> list[str]:
     exe = shutil.which("ffmpeg")
     if exe is None:
         raise DecodeFailed("this format needs ffmpeg, which is not installed on this server")
-    cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-t", f"{max_s + 1.0:.3f}", "-vn",
-           "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
+    return [exe, "-nostdin", "-v", "error", "-i", str(path), "-t", f"{max_s + 1.0:.3f}", "-vn",
+            "-ac", str(channels), "-ar", str(sample_rate), "-f", "f32le", "-"]
+
+
+def _read_ffmpeg(path: Path, sample_rate: int, max_s: float, channels: int = 1) -> np.ndarray:
+    """(frames, channels) float32 at ``sample_rate``: ffmpeg mixes to (or spreads over) ``channels``."""
+    cmd = _ffmpeg_command(path, sample_rate, max_s, channels)
     proc = subprocess.run(cmd, capture_output=True, timeout=max(60.0, max_s), check=False)
     if proc.returncode != 0 or not proc.stdout:
         raise DecodeFailed(f"cannot decode the audio: {_reason(proc.stderr, path)}")
-    return _mix(np.frombuffer(proc.stdout[: len(proc.stdout) // 4 * 4], dtype="<f4").reshape(-1, 1))
+    usable = len(proc.stdout) // (4 * channels) * 4 * channels
+    return np.frombuffer(proc.stdout[:usable], dtype="<f4").reshape(-1, channels)
 
 
 def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """High-quality resampling with soxr (a no-op when the rates match)."""
+    """High-quality resampling with soxr (a no-op when the rates match): mono, or (frames, channels)."""
     if rate == target:
         return audio.astype(np.float32, copy=False)
     import soxr  # worker-only dependency
@@ -296,6 +332,22 @@ def stream(path: Path, fmt: str, sample_rate: int, max_s: float, block_s: float 
     Memory stays at a block or two whatever the recording's length; the concatenated blocks equal
     ``decode``'s output (soxr's streaming resampler is exact). Raises like ``decode``.
     """
+    yield from _stream(path, fmt, sample_rate, max_s, block_s, None)
+
+
+def stream_channels(path: Path, fmt: str, sample_rate: int, max_s: float, block_s: float = 30.0,
+                    channels: int | None = None) -> Iterator[np.ndarray]:
+    """``decode_channels`` in blocks of about ``block_s`` seconds, each (channels, samples).
+
+    Memory stays at a block or two of every channel; the blocks joined along their second axis
+    equal ``decode_channels``'s output. ``channels`` as there. Raises like ``decode``.
+    """
+    yield from _stream(path, fmt, sample_rate, max_s, block_s, channels or 0)
+
+
+def _stream(path: Path, fmt: str, sample_rate: int, max_s: float, block_s: float,
+            channels: int | None) -> Iterator[np.ndarray]:
+    """Mono blocks (``channels`` None) or planar ones (``channels`` 0: count unknown, or the count)."""
     if fmt in SOUNDFILE_FORMATS and _soundfile_reads_all(path, fmt, max_s):
         try:
             handle = sf.SoundFile(str(path))
@@ -304,74 +356,87 @@ def stream(path: Path, fmt: str, sample_rate: int, max_s: float, block_s: float 
                 raise DecodeFailed(f"cannot decode the {fmt} data: {_reason(exc, path)}") from exc
         else:
             with handle:
-                yield from _stream_soundfile(handle, sample_rate, max_s, block_s)
+                yield from _stream_soundfile(handle, sample_rate, max_s, block_s, planar=channels is not None)
             return
-    yield from _stream_ffmpeg(path, sample_rate, max_s, block_s)
+    count = 1 if channels is None else _ffmpeg_channels(path, fmt, channels or None)
+    yield from _stream_ffmpeg(path, sample_rate, max_s, block_s, count, planar=channels is not None)
 
 
-def _mix(block: np.ndarray) -> np.ndarray:
-    """Mono float32 in [-1, 1] from a (frames, channels) block.
-
-    Non-finite samples become 0 rather than full scale (an infinity is a glitch, not a loud sound),
-    unless there are so many that the block is broken: InvalidSamples then. The mean accumulates in
-    float64, so channels near the float32 maximum do not overflow to infinity when summed.
-    """
+def _clean(block: np.ndarray) -> np.ndarray:
+    """``block`` with non-finite samples set to 0 rather than full scale (an infinity is a glitch,
+    not a loud sound), unless there are so many that the block is broken: InvalidSamples then."""
     finite = np.isfinite(block)
     if not finite.all():
         bad = block.size - int(np.count_nonzero(finite))
         if bad > MAX_NONFINITE_SHARE * block.size:
             raise InvalidSamples(f"{bad} of {block.size} samples are NaN or infinite; the file is broken")
         block = np.where(finite, block, np.float32(0.0))
+    return block
+
+
+def _mix(block: np.ndarray) -> np.ndarray:
+    """Mono float32 in [-1, 1] from a (frames, channels) block (non-finite samples as ``_clean``).
+
+    The mean accumulates in float64, so channels near the float32 maximum do not overflow to
+    infinity when summed.
+    """
+    block = _clean(block)
     mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float64)
     return np.clip(mono, -1.0, 1.0).astype(np.float32)
 
 
-def _stream_soundfile(handle: sf.SoundFile, sample_rate: int, max_s: float, block_s: float) -> Iterator[np.ndarray]:
+def _planar(block: np.ndarray) -> np.ndarray:
+    """(channels, frames) float32 in [-1, 1] from a (frames, channels) block."""
+    return np.ascontiguousarray(np.clip(_clean(block), -1.0, 1.0).T, dtype=np.float32)
+
+
+def _stream_soundfile(handle: sf.SoundFile, sample_rate: int, max_s: float, block_s: float,
+                      planar: bool = False) -> Iterator[np.ndarray]:
     import soxr
 
     rate = int(handle.samplerate)
     if rate <= 0 or handle.channels <= 0:
         raise DecodeFailed("the header declares no channels or no sample rate")
     check_params(rate, int(handle.channels))
+    width = int(handle.channels) if planar else 1
     resampler = None
     if rate != sample_rate:
-        resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
+        resampler = soxr.ResampleStream(rate, sample_rate, width, dtype="float32", quality="HQ")
     limit, total = (max_s + 0.5) * rate, 0
     try:
         for block in handle.blocks(blocksize=max(1, int(block_s * rate)), dtype="float32", always_2d=True):
             total += len(block)
             if total > limit:
                 raise AudioTooLong(f"recording is longer than the {max_s:.0f} s limit")
-            mono = _mix(block)
-            out = resampler.resample_chunk(mono, last=False) if resampler else mono
+            # Planar blocks are resampled as (frames, channels), soxr's layout, and turned after.
+            data = np.clip(_clean(block), -1.0, 1.0) if planar else _mix(block)
+            out = resampler.resample_chunk(data, last=False) if resampler else data
             if out.size:
-                yield out
+                yield np.ascontiguousarray(out.T) if planar else out
     except (RuntimeError, sf.LibsndfileError) as exc:
         raise DecodeFailed(f"cannot decode the audio: {_reason(exc, Path(str(handle.name)))}") from exc
     if total == 0:
         raise DecodeFailed("the file decodes to no audio samples")
     if resampler is not None:
-        tail = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        empty = np.zeros((0, width) if planar else 0, dtype=np.float32)
+        tail = resampler.resample_chunk(empty, last=True)
         if tail.size:
-            yield tail
+            yield np.ascontiguousarray(tail.T) if planar else tail
 
 
-def _stream_ffmpeg(path: Path, sample_rate: int, max_s: float, block_s: float) -> Iterator[np.ndarray]:
-    exe = shutil.which("ffmpeg")
-    if exe is None:
-        raise DecodeFailed("this format needs ffmpeg, which is not installed on this server")
-    cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-t", f"{max_s + 1.0:.3f}", "-vn",
-           "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
+def _stream_ffmpeg(path: Path, sample_rate: int, max_s: float, block_s: float, channels: int = 1,
+                   planar: bool = False) -> Iterator[np.ndarray]:
+    cmd = _ffmpeg_command(path, sample_rate, max_s, channels)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
-    total = 0
+    total, frame = 0, 4 * channels
     try:
-        while chunk := proc.stdout.read(int(block_s * sample_rate) * 4):
-            block = np.frombuffer(chunk[: len(chunk) // 4 * 4], dtype="<f4")
-            total += block.size
+        while chunk := proc.stdout.read(int(block_s * sample_rate) * frame):
+            block = np.frombuffer(chunk[: len(chunk) // frame * frame], dtype="<f4").reshape(-1, channels)
+            total += block.shape[0]
             if total > (max_s + 0.5) * sample_rate:
                 raise AudioTooLong(f"recording is longer than the {max_s:.0f} s limit")
-            yield _mix(block.reshape(-1, 1))
+            yield _planar(block) if planar else _mix(block)
         if proc.wait(timeout=60) != 0 or total == 0:
             raise DecodeFailed(f"cannot decode the audio: {_reason(proc.stderr.read(), path)}")
     finally:

@@ -77,10 +77,7 @@ def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Sett
                 failed.append(job.id)
                 codes.append("audio_missing")
                 continue
-            options = job.options or {}
-            inputs.append(JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format,
-                                   options.get("transcribe"), options.get("language", "en-US"), job.duration_s,
-                                   job.storage_key))
+            inputs.append(job_input(job, settings))
         deliveries = record_events(session, failed)
         session.commit()
     for code in codes:  # counted once committed: a rolled-back transaction finished nothing
@@ -88,10 +85,21 @@ def claim(factory: sessionmaker[Session], job_ids: Sequence[str], settings: Sett
     return Claimed(inputs, deliveries, batch_id, tenant)
 
 
+def job_input(job: Job, settings: Settings) -> JobInput:
+    """What the pipeline needs of a stored job: where its recording is, what it holds (from the
+    upload's probe) and the options it was uploaded with."""
+    assert job.storage_key is not None and job.format is not None
+    options = job.options or {}
+    return JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format,
+                    options.get("transcribe"), options.get("language", "en-US"), job.duration_s, job.storage_key,
+                    channels=options.get("channels") or "auto", channel_labels=options.get("channel_labels"),
+                    channel_count=job.channels)
+
+
 def _fail(job: Job, code: str, message: str, now: datetime) -> None:
     job.status, job.error_code, job.error_message, job.finished_at = (
         JobStatus.FAILED.value, code, message, now)
-    job.emotion = job.confidence = None
+    job.emotion = job.confidence = job.escalation = None
     job.worker = job.worker_at = None  # nothing is outstanding: a failed job has no transcript stage
 
 
@@ -153,12 +161,13 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
                 "uncertain": p.uncertain, "probabilities": p.probabilities,
                 "model_probabilities": p.model_probabilities, "model_versions": versions,
                 "timings_ms": outcome.timings_ms, "created_at": now, "transcript": outcome.transcript,
-                "segments": outcome.segments,
+                "segments": outcome.segments, "channels": outcome.channels, "conversation": outcome.conversation,
             })
             job.status, job.finished_at, job.error_code, job.error_message = (
                 JobStatus.SUCCEEDED.value, now, None, None)
             job.progress = 1.0
             job.emotion, job.confidence = p.emotion, p.confidence
+            job.escalation = _escalation(outcome.conversation)
             if outcome.transcript is None:
                 job.worker = job.worker_at = None
             else:
@@ -178,10 +187,19 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
     return deliveries
 
 
+def _escalation(conversation: dict[str, Any] | None) -> bool | None:
+    return None if conversation is None else bool(conversation["escalation"])
+
+
+Talk = tuple[list[dict[str, Any]] | None, dict[str, Any] | None]  # a result's channels and conversation
+
+
 def save_transcripts(factory: sessionmaker[Session], transcripts: dict[uuid.UUID, dict[str, Any]],
-                     segments: dict[uuid.UUID, list[dict[str, Any]]] | None = None) -> None:
+                     segments: dict[uuid.UUID, list[dict[str, Any]]] | None = None,
+                     talks: dict[uuid.UUID, Talk] | None = None) -> None:
     """Fill in the transcript stage of results already stored (one transaction); ``segments``
-    replaces a result's segments, now carrying their own transcripts. The jobs are then held by
+    replaces a result's segments, now carrying their own transcripts, and ``talks`` its channels
+    and conversation (words per minute, the conversation transcript). The jobs are then held by
     nobody: their last stage is done."""
     if not transcripts:
         return
@@ -190,6 +208,10 @@ def save_transcripts(factory: sessionmaker[Session], transcripts: dict[uuid.UUID
             values: dict[str, Any] = {"transcript": transcript}
             if segments and job_id in segments:
                 values["segments"] = segments[job_id]
+            if talks and job_id in talks:
+                values["channels"], values["conversation"] = talks[job_id]
+                session.execute(update(Job).where(Job.id == job_id)
+                                .values(escalation=_escalation(values["conversation"])))
             session.execute(update(Result).where(Result.job_id == job_id).values(**values))
         session.execute(update(Job).where(Job.id.in_(list(transcripts)), Job.status.in_(FINISHED))
                         .values(worker=None, worker_at=None))
@@ -203,6 +225,8 @@ class TranscriptInput:
     job: JobInput
     transcript: dict[str, Any]
     segments: list[dict[str, Any]] | None
+    channels: list[dict[str, Any]] | None = None
+    conversation: dict[str, Any] | None = None
 
 
 def _pending(session: Session, ids: Sequence[uuid.UUID]) -> list[tuple[Job, Result]]:
@@ -243,12 +267,8 @@ def start_transcripts(factory: sessionmaker[Session], job_ids: Sequence[uuid.UUI
                                      "text": None, "message": "the stored recording is gone"}
                 job.worker = job.worker_at = None
                 continue
-            options = job.options or {}
-            taken.append(TranscriptInput(
-                JobInput(job.id, path_for(settings.upload_dir, job.storage_key), job.format,
-                         options.get("transcribe"), options.get("language", "en-US"), job.duration_s,
-                         job.storage_key),
-                result.transcript, result.segments))
+            taken.append(TranscriptInput(job_input(job, settings), result.transcript, result.segments,
+                                         result.channels, result.conversation))
         session.commit()
     return taken
 

@@ -172,9 +172,11 @@ def _transcripts(factory: sessionmaker[Session], outcomes: list[pipeline.Outcome
             if made:
                 metrics.observe_transcript(started)
                 transcripts.update(made)
-        with_segments = {o.job_id: o.segments for o in outcomes
-                         if o.job_id in transcripts and o.segments and len(o.segments) > 1}
-        results.save_transcripts(factory, transcripts, with_segments)
+        done = [o for o in outcomes if o.job_id in transcripts]
+        with_segments = {o.job_id: o.segments for o in done
+                         if o.segments and (len(o.segments) > 1 or o.mode == "split")}
+        talks: dict[uuid.UUID, results.Talk] = {o.job_id: (o.channels, o.conversation) for o in done if o.channels}
+        results.save_transcripts(factory, transcripts, with_segments, talks)
     except SoftTimeLimitExceeded:
         left = {o.job_id: {**(o.transcript or {}), "status": "unavailable", "reason": "time_limit",
                            "message": "the task ran out of time before this transcript"}
@@ -191,14 +193,20 @@ def _owed_transcripts(factory: sessionmaker[Session], job_ids: list[uuid.UUID], 
     log.info("transcribing again jobs=%s", [str(o.job.id) for o in owed])
     done: dict[uuid.UUID, dict[str, Any]] = {}
     segments: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    talks: dict[uuid.UUID, results.Talk] = {}
     try:
         for item in owed:
             with spool.local_inputs(settings, [item.job]) as (local,):
-                done[item.job.id] = pipeline.transcribe_stored(local, item.transcript, item.segments, settings)
-            if item.segments and len(item.segments) > 1:
-                segments[item.job.id] = item.segments
+                done[item.job.id] = pipeline.transcribe_stored(local, item.transcript, item.segments, settings,
+                                                               item.channels)
+            kept = item.segments
+            if item.channels:  # the channels' segments got their text: the conversation follows
+                talk = pipeline.restore_conversation(item.job.id, item.segments, item.channels, item.conversation)
+                talks[item.job.id], kept = (talk.channels, talk.conversation), talk.segments
+            if kept and (len(kept) > 1 or len(item.channels or []) > 1):
+                segments[item.job.id] = kept
     except SoftTimeLimitExceeded:
         results.abandon_transcripts(factory, [o.job.id for o in owed if o.job.id not in done], "time_limit",
                                     "the task ran out of time before this transcript")
-    write_with_retry(lambda: results.save_transcripts(factory, done, segments))
+    write_with_retry(lambda: results.save_transcripts(factory, done, segments, talks))
     return len(done)
