@@ -3,23 +3,19 @@
 ``call()`` builds a two-speaker call's ``channels`` and ``conversation`` in the contract's shapes
 (``schemas.Channel``, ``schemas.Conversation``; the tests validate them strictly), with segments,
 words and an escalation moment; the values are simple sums over the segments, so a test can say what
-a page or an export must show. ``finish`` writes one job's result the way ``worker.results.persist``
-does: the result row, the job's own columns (emotion, confidence, escalation) and the webhook events,
-in one transaction.
+a page or an export must show. ``finish`` stores one job's result through ``worker.results.persist``:
+the result row, the job's own columns (emotion, confidence, escalation) and the webhook events, in one
+transaction.
 """
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from ser_shared.db import upsert_insert
 from ser_shared.emotions import EMOTIONS
-from ser_shared.models import Job, JobStatus, Result
-from ser_shared.webhooks import record_events
 
 NEGATIVE = ("angry", "fearful", "disgust")
 
@@ -106,29 +102,21 @@ def call(labels: tuple[str, str] = ("agent", "customer"), escalation: bool = Tru
 def finish(factory: sessionmaker[Session], job_id: uuid.UUID, channels: list[dict[str, Any]],
            conversation: dict[str, Any], segments: list[dict[str, Any]],
            transcript: dict[str, Any] | None = None) -> list[str]:
-    """Store ``job_id``'s result and finish the job, as ``worker.results.persist`` does (the result row
-    upserted, the job's denormalised columns, its webhook events, one commit); the delivery ids."""
+    """Store ``job_id``'s result and finish the job through ``worker.results.persist``, as the worker
+    does with an analysed recording (the result row, the job's columns, its webhook events); returns
+    the webhook deliveries."""
+    from ser_ml.inference import Prediction
+    from ser_ml.pipeline import Outcome
+    from worker.results import persist
+
     top = max(segments, key=lambda s: s["speech_s"])
     probs = top["probabilities"]
-    now = datetime.now(UTC)
-    row = {"job_id": job_id, "emotion": top["emotion"], "confidence": top["confidence"], "uncertain": False,
-           "probabilities": probs, "model_probabilities": {"rf": probs, "lstm": probs},
-           "model_versions": {"rf": "rf-test", "lstm": "lstm-test"}, "timings_ms": {"decode": 1.0, "total": 2.0},
-           "created_at": now, "transcript": transcript, "segments": segments, "channels": channels,
-           "conversation": conversation}
-    with factory() as session:
-        job = session.get(Job, job_id, with_for_update=True)
-        assert job is not None
-        stmt = upsert_insert(session, Result)
-        session.execute(stmt.on_conflict_do_update(index_elements=[Result.job_id],
-                                                   set_={k: stmt.excluded[k] for k in row if k != "job_id"}), [row])
-        job.status, job.finished_at, job.error_code, job.error_message = JobStatus.SUCCEEDED.value, now, None, None
-        job.progress, job.worker, job.worker_at = 1.0, None, None
-        job.duration_s = conversation["duration_s"]  # persist sets the duration the decoder found
-        job.emotion, job.confidence, job.escalation = top["emotion"], top["confidence"], conversation["escalation"]
-        deliveries = record_events(session, [job_id])
-        session.commit()
-    return deliveries
+    prediction = Prediction(top["emotion"], top["confidence"], False, probs, {"rf": probs, "lstm": probs})
+    outcome = Outcome(job_id, prediction, duration_s=conversation["duration_s"],
+                      timings_ms={"decode": 1.0, "total": 2.0}, transcript=transcript, segments=segments,
+                      mode=conversation["channels"], labels=[ch["label"] for ch in channels], channels=channels,
+                      conversation=conversation)
+    return persist(factory, [outcome], {"rf": "rf-test", "lstm": "lstm-test"})
 
 
 def mono(segments: list[dict[str, Any]], duration_s: float, label: str = "ch0") -> tuple[list[dict[str, Any]],
@@ -142,14 +130,3 @@ def mono(segments: list[dict[str, Any]], duration_s: float, label: str = "ch0") 
                     "overlap_s": 0.0, "overlaps": 0, "interruptions": [], "turns": 1, "escalation": False,
                     "customer": None, "transcript": lines or None}
     return channels, conversation
-
-
-def attach(factory: sessionmaker[Session], job_id: uuid.UUID, channels: list[dict[str, Any]],
-           conversation: dict[str, Any]) -> None:
-    """Give a stored result its channels and conversation (and the job its escalation flag)."""
-    with factory() as session:
-        result = session.get(Result, job_id)
-        job = session.get(Job, job_id)
-        assert result is not None and job is not None
-        result.channels, result.conversation, job.escalation = channels, conversation, conversation["escalation"]
-        session.commit()

@@ -176,7 +176,7 @@ def _seed(app: Flask) -> dict[str, Any]:
     transcript and model versions, failed at upload, with webhook deliveries and an attempt."""
     from ser_ml.inference import Prediction
     from ser_ml.pipeline import Outcome
-    from tests.conversations import attach, mono
+    from tests.conversations import mono
     from worker.delivery import deliver
     from worker.results import persist, save_transcripts
 
@@ -196,18 +196,20 @@ def _seed(app: Flask) -> dict[str, Any]:
                  "uncertain": False, "probabilities": probs},
                 {"start": 1.5, "end": 3.0, "speech_s": 1.1, "emotion": "sad", "confidence": 0.4,
                  "uncertain": True, "probabilities": probs}]
+    # A recording of one speaker: its channel and conversation as the worker stores them, and again
+    # once transcribed, the segments then with their words (as whisper gives them).
+    channels, conversation = mono(segments, 3.0)
     outcome = Outcome(ids[0], prediction, duration_s=3.0, timings_ms={"decode": 1.0, "total": 2.0},
-                      transcript={"status": "pending", "engine": "sphinx", "language": "en-US"}, segments=segments)
+                      transcript={"status": "pending", "engine": "sphinx", "language": "en-US"}, segments=segments,
+                      channels=channels, conversation=conversation)
     persist(svc.sessions, [outcome], {"rf": "rf-1", "lstm": "lstm-1"})
-    save_transcripts(svc.sessions, {ids[0]: {"status": "succeeded", "engine": "sphinx", "language": "en-US",
-                                             "text": "kids are talking", "reason": None, "message": None,
-                                             "seconds": 0.4, "segments": True}},
-                     {ids[0]: [{**s, "transcript": "kids"} for s in segments]})
-    # The recording as a conversation of one speaker, its segments with words (as whisper gives them).
     said = [{**segments[0], "transcript": "kids are", "words": [{"start": 0.1, "end": 0.5, "word": "kids"},
                                                                  {"start": 0.6, "end": 0.9, "word": "are"}]},
             {**segments[1], "transcript": "talking"}]
-    attach(svc.sessions, ids[0], *mono(said, 3.0))
+    save_transcripts(svc.sessions, {ids[0]: {"status": "succeeded", "engine": "sphinx", "language": "en-US",
+                                             "text": "kids are talking", "reason": None, "message": None,
+                                             "seconds": 0.4, "segments": True}},
+                     {ids[0]: said}, {ids[0]: mono(said, 3.0)})
     for delivery in client.get(f"/api/v1/jobs/{ids[2]}").get_json()["webhooks"]:
         deliver(svc.sessions, svc.settings, delivery["id"])  # port 9 refuses: a failed attempt is recorded
     # The third file was refused at upload: it has no audio (a 404 there is right, and tested elsewhere).
