@@ -21,11 +21,13 @@ import redis
 import soundfile as sf
 from playwright.sync_api import expect
 
+from bench import calls
+from bench.calls import Line, build_call, write
 from ser_shared.settings import REPO_ROOT, Settings
-from tests.conftest import private_database, ravdess_file
+from tests.conftest import RAVDESS, WorkerProcess, private_database, ravdess_file
 from tests.conversations import AGENT, CUSTOMER, call, finish
 from tests.live_server import serve
-from tests.system.browser.conftest import checked_page
+from tests.system.browser.conftest import checked_page, wait_jobs
 from web import create_app
 
 pytestmark = pytest.mark.slow  # Chromium
@@ -95,7 +97,7 @@ def _box(tab: Any, selector: str) -> dict[str, float]:
     return dict(box)
 
 
-def _assert_aligned(tab: Any, channels: list[dict[str, Any]]) -> None:
+def _assert_aligned(tab: Any, channels: list[dict[str, Any]], duration: float = DURATION) -> None:
     """Every track spans the same pixels, and each band and escalation mark covers its own seconds."""
     axis = _box(tab, "#waveform")
     assert axis["width"] > 300
@@ -103,7 +105,7 @@ def _assert_aligned(tab: Any, channels: list[dict[str, Any]]) -> None:
         box = _box(tab, selector)
         assert math.isclose(box["x"], axis["x"], abs_tol=0.5), (selector, box, axis)
         assert math.isclose(box["width"], axis["width"], abs_tol=0.5), (selector, box, axis)
-    px = axis["width"] / DURATION
+    px = axis["width"] / duration
     for ch in channels:
         bands = tab.locator(f"#lane-{ch['index']} rect.segment")
         expect(bands).to_have_count(len(ch["segments"]))
@@ -133,9 +135,6 @@ def test_lanes_line_up_with_the_waveform_and_spectrogram(tab: Any, call_server: 
     angry = tab.locator("#lane-1 rect.segment").nth(1)
     expect(angry).to_have_attribute("data-emotion", "angry")
     assert angry.evaluate("el => getComputedStyle(el).fill") == "rgb(216, 59, 59)"
-    out = REPO_ROOT / "docs" / "screenshots" if os.environ.get("SER_SCREENSHOTS") == "1" else None
-    if out is not None:
-        tab.screenshot(path=str(out / "conversation.png"), full_page=True)
 
 
 def test_alignment_holds_on_a_narrow_screen(tab: Any, call_server: dict[str, Any]) -> None:
@@ -207,3 +206,31 @@ def test_history_shows_speakers_and_filters_by_escalation(tab: Any, call_server:
     tab.wait_for_url("**escalation=true**")
     expect(tab.locator("tr.job-row")).to_have_count(1)
     expect(tab.locator("tr.job-row")).to_have_attribute("data-job-id", call_server["escalated"])
+
+
+# Six exchanges: the customer calm for three, angry for the last three (enough speech in each third
+# of theirs for the call's escalation rule to judge).
+TURNING_ANGRY = tuple(
+    line for k in range(6) for line in (
+        Line(0, calls.AGENT, calls.NEUTRAL, statement=f"0{1 + k % 2}", rep=f"0{1 + k // 2 % 2}", gap_s=0.6),
+        Line(1, calls.CUSTOMER, calls.NEUTRAL if k < 3 else calls.ANGRY, "01" if k < 3 else "02",
+             statement=f"0{1 + k % 2}", rep=f"0{1 + k // 2 % 2}", gap_s=0.7 if k != 4 else -0.4)))
+
+
+def test_a_call_the_worker_analysed(page: Any, worker: WorkerProcess, tmp_path: Path) -> None:
+    """The same page for a call a real worker split and analysed (``bench.calls``: two actors, the
+    customer turning angry, an overlap, crosstalk): lanes as the result has them, on the waveform's axis.
+    With SER_SCREENSHOTS=1 it is the README's screenshot of a stereo call."""
+    path = write(build_call(RAVDESS, TURNING_ANGRY).audio, tmp_path / "stereo-call.wav")
+    resp = page.request.post("/api/v1/jobs", multipart={
+        "file": {"name": path.name, "mimeType": "audio/wav", "buffer": path.read_bytes()},
+        "channels": "split", "channel_labels": "agent,customer"})
+    assert resp.status == 202, resp.text()
+    (job,) = wait_jobs(page.request, [resp.json()["jobs"][0]["id"]], timeout=180)
+    assert job["status"] == "succeeded", job
+    channels = job["result"]["channels"]
+    _open(page, job["id"])
+    expect(page.locator("svg.lane")).to_have_count(len(channels))
+    _assert_aligned(page, channels, job["duration_s"])
+    if os.environ.get("SER_SCREENSHOTS") == "1":
+        page.screenshot(path=str(REPO_ROOT / "docs" / "screenshots" / "conversation.png"), full_page=True)
