@@ -132,7 +132,7 @@ def lanes(result: Result | None, span: float) -> list[Lane]:
     for ch in channels:
         metrics = ch.get("metrics") or {}
         lane = Lane(int(ch["index"]), str(ch["label"]), ch.get("emotion"), ch.get("confidence"), ch.get("uncertain"),
-                    float(ch.get("speech_s") or 0.0), metrics, customer == ch["index"] and len(channels) > 1)
+                    float(ch.get("speech_s") or 0.0), metrics, customer == ch["index"])
         lane.bands = [band(s, span) for s in ch.get("segments") or []]
         lane.marks = [Mark(float(e["start"]), float(e["end"]), percent(float(e["start"]), span),
                            percent(float(e["end"]) - float(e["start"]), span), e["emotion"], float(e["score"]))

@@ -31,7 +31,7 @@ from ser_shared.emotions import EMOTIONS
 from ser_shared.models import Result, WebhookDelivery
 from ser_shared.settings import Settings
 from tests.conftest import private_database, ravdess_file
-from tests.conversations import call, finish
+from tests.conversations import call, finish, mono, segment
 from tests.helpers import multipart, read
 from web import create_app, images
 
@@ -310,6 +310,19 @@ def test_job_page_draws_one_lane_per_speaker_with_bands_words_and_escalations(co
     lines = _element(html, 'id="conversation-transcript"', "</ol>")
     assert lines.count("<li ") == len(conversation["transcript"]) and "my parcel never arrived" in lines
     assert 'id="ruler"' in html and 'id="timeline"' not in html  # lanes replace the single timeline
+
+
+def test_a_one_speaker_conversation_is_one_lane(conv_app: Flask, client: FlaskClient) -> None:
+    """A mono recording of several segments: one lane (its segments drawn once), judged as a whole."""
+    job_id = _upload(client, client_reference="mono")["jobs"][0]["id"]
+    segments = [segment(0.5, 2.0, "neutral", 0.7), segment(3.0, 5.5, "angry", 0.8)]
+    channels, conversation = mono(segments, 6.0)
+    conversation["customer"] = 0  # as ser_ml.conversation judges a single speaker
+    finish(conv_app.extensions["ser"].sessions, uuid.UUID(job_id), channels, conversation, segments)
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert html.count('<svg class="track lane"') == 1 and html.count('class="segment ') == len(segments)
+    assert "No escalation flagged for ch0 (angry, fearful or disgust: 0% of the first third" in html
+    assert "(customer)" not in html
 
 
 def test_history_rows_show_each_speakers_emotion_and_the_flag(conv_app: Flask, client: FlaskClient) -> None:
