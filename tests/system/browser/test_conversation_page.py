@@ -73,7 +73,7 @@ def call_server(pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
             ids.append(job_id)
         try:
             with serve(app) as url:
-                yield {"url": url, "escalated": ids[0], "calm": ids[1], "channels": call()[0]}
+                yield {"url": url, "escalated": ids[0], "calm": ids[1], "channels": call()[0], "app": app}
         finally:
             app.extensions["ser"].engine.dispose()
             redis.Redis.from_url(settings.broker_url or "").delete(QUEUE)
@@ -204,8 +204,10 @@ def test_history_shows_speakers_and_filters_by_escalation(tab: Any, call_server:
     tab.locator('form#filters select[name="escalation"]').select_option("true")
     tab.locator('form#filters button[type="submit"]').click()
     tab.wait_for_url("**escalation=true**")
-    expect(tab.locator("tr.job-row")).to_have_count(1)
-    expect(tab.locator("tr.job-row")).to_have_attribute("data-job-id", call_server["escalated"])
+    expect(tab.locator(f'tr.job-row[data-job-id="{call_server["escalated"]}"]')).to_have_count(1)
+    expect(tab.locator(f'tr.job-row[data-job-id="{call_server["calm"]}"]')).to_have_count(0)
+    rows = tab.locator("tr.job-row")
+    expect(rows.locator(".escalation-flag")).to_have_count(rows.count())  # every row listed escalated
 
 
 # Six exchanges: the customer calm for three, angry for the last three (enough speech in each third
@@ -234,3 +236,24 @@ def test_a_call_the_worker_analysed(page: Any, worker: WorkerProcess, tmp_path: 
     _assert_aligned(page, channels, job["duration_s"])
     if os.environ.get("SER_SCREENSHOTS") == "1":
         page.screenshot(path=str(REPO_ROOT / "docs" / "screenshots" / "conversation.png"), full_page=True)
+
+
+def test_a_history_row_shows_the_speakers_once_its_call_finishes(tab: Any, call_server: dict[str, Any]) -> None:
+    """live.js draws a finishing row's speakers and flag as the server-rendered rows have them."""
+    app = call_server["app"]
+    client = app.test_client()
+    resp = client.post("/api/v1/jobs", content_type="multipart/form-data",
+                       data={"file": [(ravdess_file(5, "01").open("rb"), "late-call.flac")],
+                             "client_reference": "late"})
+    job_id = resp.get_json()["jobs"][0]["id"]
+    tab.goto("/history?client_reference=late")
+    row = tab.locator(f'tr.job-row[data-job-id="{job_id}"]')
+    expect(row).to_have_attribute("data-status", "queued")
+    expect(row.locator(".speaker")).to_have_count(0)
+    channels, conversation, segments = call(escalation=True)
+    finish(app.extensions["ser"].sessions, uuid.UUID(job_id), channels, conversation, segments)
+    expect(row).to_have_attribute("data-status", "succeeded")
+    expect(row.locator(".speaker")).to_have_count(2)
+    for ch in channels:
+        expect(row.locator(f'.speaker[data-label="{ch["label"]}"] .emo.emo-{ch["emotion"]}')).to_be_visible()
+    expect(row.locator(".escalation-flag")).to_be_visible()
