@@ -123,13 +123,13 @@ def analyse(tracks: Sequence[Track], duration_s: float, mode: str, customer: int
     total_talk = sum(talk.values())
     metrics = [_metrics(t, segments[t.index], talk[t.index], total_talk, turns, interruptions) for t in tracks]
     overlap = _overlaps(utterances)
-    conversation = schemas.Conversation(
-        channels=mode, duration_s=round(duration_s, 3),
-        silence_share=_silence_share(utterances, duration_s),
-        overlap_s=round(sum(e - s for s, e in overlap), 3), overlaps=len(overlap),
-        interruptions=[schemas.Interruption(at=round(at, 3), by=by, of=of) for at, by, of in interruptions],
-        turns=len(turns), escalation=customer is not None and escalates(*_thirds(segments[customer])),
-        customer=customer, transcript=_transcript(tracks, segments))
+    conversation = schemas.Conversation.build({
+        "channels": mode, "duration_s": round(duration_s, 3),
+        "silence_share": _silence_share(utterances, duration_s),
+        "overlap_s": round(sum(e - s for s, e in overlap), 3), "overlaps": len(overlap),
+        "interruptions": [{"at": round(at, 3), "by": by, "of": of} for at, by, of in interruptions],
+        "turns": len(turns), "escalation": customer is not None and escalates(*_thirds(segments[customer])),
+        "customer": customer, "transcript": _transcript(tracks, segments)})
     return [schemas.ChannelMetrics.build(m).to_json() for m in metrics], conversation.to_json()
 
 
@@ -378,9 +378,9 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
 # --- the conversation transcript -------------------------------------------------------------
 
 def _transcript(tracks: Sequence[Track], segments: dict[int, list[dict[str, Any]]]
-                ) -> list[schemas.TranscriptLine] | None:
+                ) -> list[dict[str, Any]] | None:
     """Every segment with text, in time order (ties by channel); None when none has any."""
-    lines = [schemas.TranscriptLine(start=round(float(s["start"]), 3), end=round(float(s["end"]), 3),
-                                    channel=t.index, label=t.label, text=_text(s))
+    lines = [{"start": round(float(s["start"]), 3), "end": round(float(s["end"]), 3), "channel": t.index,
+              "label": t.label, "text": _text(s)}
              for t in tracks for s in segments[t.index] if _text(s)]
-    return sorted(lines, key=lambda line: (line.start, line.channel)) or None
+    return sorted(lines, key=lambda line: (line["start"], line["channel"])) or None
