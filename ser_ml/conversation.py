@@ -47,15 +47,26 @@ YIELD_S = 2.0
 MONOLOGUE_GAP_S = 2.0
 
 NEGATIVE = ("angry", "fearful", "disgust")
-# Escalation moments: consecutive segments of one speaker, each MOMENT_MARGIN or more above the
-# speaker's baseline in negative share, holding MOMENT_SPEECH_S of speech together.
-MOMENT_MARGIN = 0.3
-MOMENT_SPEECH_S = 3.0
-# The call-level flag: the judged speaker's last third of speech is ESCALATION_RISE more negative
-# than the first third and at least ESCALATION_FLOOR negative, each third holding THIRD_SPEECH_S.
-ESCALATION_RISE = 0.25
-ESCALATION_FLOOR = 0.4
-THIRD_SPEECH_S = 3.0
+
+
+@dataclass(frozen=True)
+class EscalationRule:
+    """The escalation thresholds (docs/CONVERSATIONS.md; measured by bench/escalation.py).
+
+    A *moment*: consecutive segments of one speaker, each ``margin`` or more above the speaker's
+    baseline in negative share, holding ``moment_speech_s`` of speech together. The call's *flag*:
+    the judged speaker's last third of speech is ``rise`` more negative than the first third and
+    at least ``floor`` negative, each third holding ``third_speech_s`` of speech.
+    """
+
+    margin: float = 0.35
+    moment_speech_s: float = 3.0
+    rise: float = 0.25
+    floor: float = 0.4
+    third_speech_s: float = 3.0
+
+
+RULE = EscalationRule()
 
 MODES = ("mono", "mix", "split")
 DEFAULT_CUSTOMER_LABEL = "customer"
@@ -98,8 +109,8 @@ def customer_index(labels: Sequence[str], customer_label: str | None = DEFAULT_C
     return 0 if labels else None
 
 
-def analyse(tracks: Sequence[Track], duration_s: float, mode: str, customer: int | None = None
-            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def analyse(tracks: Sequence[Track], duration_s: float, mode: str, customer: int | None = None,
+            rule: EscalationRule = RULE) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each track's ``ChannelMetrics`` (in the tracks' order) and the ``Conversation``, as JSON dicts.
 
     ``customer`` is the index (``Track.index``) of the speaker judged for the call's escalation
@@ -121,24 +132,26 @@ def analyse(tracks: Sequence[Track], duration_s: float, mode: str, customer: int
     interruptions = _interruptions(utterances)
     talk = {i: sum(_speech(s) for s in segs) for i, segs in segments.items()}
     total_talk = sum(talk.values())
-    metrics = [_metrics(t, segments[t.index], talk[t.index], total_talk, turns, interruptions) for t in tracks]
+    metrics = [_metrics(t, segments[t.index], talk[t.index], total_talk, turns, interruptions, rule)
+               for t in tracks]
     overlap = _overlaps(utterances)
     conversation = schemas.Conversation.build({
         "channels": mode, "duration_s": round(duration_s, 3),
         "silence_share": _silence_share(utterances, duration_s),
         "overlap_s": round(sum(e - s for s, e in overlap), 3), "overlaps": len(overlap),
         "interruptions": [{"at": round(at, 3), "by": by, "of": of} for at, by, of in interruptions],
-        "turns": len(turns), "escalation": customer is not None and escalates(*_thirds(segments[customer])),
+        "turns": len(turns), "escalation": customer is not None and escalates(*_thirds(segments[customer]), rule),
         "customer": customer, "transcript": _transcript(tracks, segments)})
     return [schemas.ChannelMetrics.build(m).to_json() for m in metrics], conversation.to_json()
 
 
-def escalates(negative_start: float | None, negative_end: float | None, thirds_speech_s: float) -> bool:
-    """The call-level rule: ends ESCALATION_RISE more negative than it began, at ESCALATION_FLOOR
-    or above, with THIRD_SPEECH_S of speech in each third (``thirds_speech_s``: one third's)."""
-    if negative_start is None or negative_end is None or thirds_speech_s < THIRD_SPEECH_S:
+def escalates(negative_start: float | None, negative_end: float | None, third_speech_s: float,
+              rule: EscalationRule = RULE) -> bool:
+    """The call-level flag: the speaker ends ``rule.rise`` more negative than they began, at
+    ``rule.floor`` or above, with ``rule.third_speech_s`` of speech in a third (``third_speech_s``)."""
+    if negative_start is None or negative_end is None or third_speech_s < rule.third_speech_s:
         return False
-    return negative_end - negative_start >= ESCALATION_RISE and negative_end >= ESCALATION_FLOOR
+    return negative_end - negative_start >= rule.rise and negative_end >= rule.floor
 
 
 def negative_share(segment: dict[str, Any]) -> float:
@@ -271,8 +284,8 @@ def _silence_share(utterances: Sequence[_Utterance], duration_s: float) -> float
 # --- per speaker -----------------------------------------------------------------------------
 
 def _metrics(track: Track, segments: list[dict[str, Any]], talk_s: float, total_talk_s: float,
-             turns: Sequence[list[_Utterance]], interruptions: Sequence[tuple[float, int, int]]
-             ) -> dict[str, Any]:
+             turns: Sequence[list[_Utterance]], interruptions: Sequence[tuple[float, int, int]],
+             rule: EscalationRule) -> dict[str, Any]:
     mine = [t for t in turns if t[0].channel == track.index]
     words, wpm = _words(segments)
     start, end, _ = _thirds(segments)
@@ -283,7 +296,7 @@ def _metrics(track: Track, segments: list[dict[str, Any]], talk_s: float, total_
         "turns": len(mine), "interruptions": sum(1 for _, by, _ in interruptions if by == track.index),
         "emotion_share": _emotion_share(segments),
         "negative_start": start, "negative_end": end,
-        "escalations": _moments(segments, start),
+        "escalations": _moments(segments, start, rule),
     }
 
 
@@ -334,8 +347,10 @@ def _thirds(segments: Sequence[dict[str, Any]]) -> tuple[float | None, float | N
     return level(0.0, third), level(total - third, total), third
 
 
-def _moments(segments: Sequence[dict[str, Any]], opening: float | None) -> list[dict[str, Any]]:
-    """Escalation moments: runs of consecutive segments each MOMENT_MARGIN above the baseline."""
+def _moments(segments: Sequence[dict[str, Any]], opening: float | None, rule: EscalationRule
+             ) -> list[dict[str, Any]]:
+    """Escalation moments: runs of consecutive segments each ``rule.margin`` above the baseline
+    (the lower of the speaker's speech-weighted median and ``opening``, their first third)."""
     if opening is None:
         return []
     speech = np.array([_speech(s) for s in segments])
@@ -344,10 +359,10 @@ def _moments(segments: Sequence[dict[str, Any]], opening: float | None) -> list[
     out: list[dict[str, Any]] = []
     run: list[int] = []
     for i in [*range(len(segments)), -1]:  # -1 closes the last run
-        if i >= 0 and negative[i] - baseline >= MOMENT_MARGIN:
+        if i >= 0 and negative[i] - baseline >= rule.margin:
             run.append(i)
             continue
-        if run and speech[run].sum() >= MOMENT_SPEECH_S:
+        if run and speech[run].sum() >= rule.moment_speech_s:
             out.append(_moment([segments[k] for k in run], speech[run], negative[run], baseline))
         run = []
     return out

@@ -177,7 +177,7 @@ def test_the_flag_judges_only_the_customer() -> None:
 def test_the_flag_needs_enough_speech_in_each_third() -> None:
     short = [seg(0, 1), seg(2, 3), seg(4, 5, "angry", 0.9)]  # a third is 1 s of speech
     metrics, c = run(short, customer=0)
-    assert metrics[0]["negative_end"] - metrics[0]["negative_start"] >= conv.ESCALATION_RISE
+    assert metrics[0]["negative_end"] - metrics[0]["negative_start"] >= conv.RULE.rise
     assert c["escalation"] is False
 
 
@@ -185,8 +185,8 @@ def test_the_flag_needs_the_end_to_be_negative_enough() -> None:
     mild = [seg(3 * i, 3 * i + 2, negative=0.0) for i in range(6)] + \
            [seg(18 + 3 * i, 20 + 3 * i, negative=0.3) for i in range(3)]
     metrics, c = run(mild, customer=0)
-    assert metrics[0]["negative_end"] - metrics[0]["negative_start"] >= conv.ESCALATION_RISE
-    assert metrics[0]["negative_end"] < conv.ESCALATION_FLOOR
+    assert metrics[0]["negative_end"] - metrics[0]["negative_start"] >= conv.RULE.rise
+    assert metrics[0]["negative_end"] < conv.RULE.floor
     assert c["escalation"] is False
 
 
