@@ -24,6 +24,7 @@ Vocabulary (all times in seconds):
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -184,20 +185,47 @@ def _intersection(a: _Utterance, b: _Utterance) -> float:
     return max(0.0, min(a.end, b.end) - max(a.start, b.start))
 
 
-def _covered(u: _Utterance, others: Iterable[_Utterance]) -> float:
+class _Lanes:
+    """Each speaker's utterances, for finding those near a time in O(log n).
+
+    One speaker's utterances never overlap (``_utterances`` merges overlapping segments) and are
+    in order, so both their starts and their ends increase.
+    """
+
+    def __init__(self, utterances: Iterable[_Utterance]) -> None:
+        self.lanes: dict[int, list[_Utterance]] = {}
+        for u in sorted(utterances, key=lambda u: u.start):
+            self.lanes.setdefault(u.channel, []).append(u)
+        self.starts = {c: [u.start for u in us] for c, us in self.lanes.items()}
+        self.ends = {c: [u.end for u in us] for c, us in self.lanes.items()}
+
+    def others_during(self, u: _Utterance) -> list[_Utterance]:
+        """Other speakers' utterances that intersect ``u``."""
+        out: list[_Utterance] = []
+        for c, lane in self.lanes.items():
+            if c != u.channel:
+                first, stop = bisect_right(self.ends[c], u.start), bisect_left(self.starts[c], u.end)
+                out.extend(lane[first:stop])
+        return out
+
+    def running_at(self, channel: int, t: float) -> _Utterance | None:
+        """``channel``'s utterance that started before ``t`` and is still running at ``t``."""
+        i = bisect_left(self.starts.get(channel, []), t) - 1
+        return self.lanes[channel][i] if i >= 0 and self.lanes[channel][i].end > t else None
+
+
+def _covered(u: _Utterance, lanes: _Lanes) -> float:
     """Seconds of ``u``'s span during which another speaker's utterance runs."""
-    spans = [(max(u.start, o.start), min(u.end, o.end)) for o in others
-             if o.channel != u.channel and _intersection(u, o) > 0]
-    return sum(e - s for s, e in _union(spans))
+    return sum(e - s for s, e in _union((max(u.start, o.start), min(u.end, o.end)) for o in lanes.others_during(u)))
 
 
 def _mark_backchannels(utterances: list[_Utterance]) -> list[_Utterance]:
     """All utterances ordered by start, the backchannels marked (``floor=False``)."""
-    ordered = sorted(utterances, key=lambda u: (u.start, u.end, u.channel))
+    lanes = _Lanes(utterances)
     out = []
-    for u in ordered:
+    for u in sorted(utterances, key=lambda u: (u.start, u.end, u.channel)):
         short = u.speech_s < FLOOR_SPEECH_S
-        inside = _covered(u, ordered) >= 0.5 * (u.end - u.start) and u.end > u.start
+        inside = u.end > u.start and _covered(u, lanes) >= 0.5 * (u.end - u.start)
         out.append(_Utterance(u.channel, u.start, u.end, u.speech_s, floor=not (short and inside)))
     return out
 
@@ -243,14 +271,12 @@ def _monologues(turn: Sequence[_Utterance]) -> list[float]:
 def _interruptions(utterances: Sequence[_Utterance]) -> list[tuple[float, int, int]]:
     """``(at, by, of)``: a floor-taking utterance of ``by`` starting inside one of ``of``, the two
     overlapping OVERLAP_MIN_S or more, ``of`` stopping within YIELD_S and before ``by`` does."""
+    lanes = _Lanes(utterances)
     found = []
-    for b in utterances:
-        if not b.floor:
-            continue
-        for a in utterances:
-            if a.channel == b.channel or not a.start < b.start < a.end:
-                continue
-            if _intersection(a, b) >= OVERLAP_MIN_S and a.end - b.start <= YIELD_S and a.end < b.end:
+    for b in (u for u in utterances if u.floor):
+        for channel in lanes.lanes:
+            a = lanes.running_at(channel, b.start) if channel != b.channel else None
+            if a and _intersection(a, b) >= OVERLAP_MIN_S and a.end - b.start <= YIELD_S and a.end < b.end:
                 found.append((b.start, b.channel, a.channel))
     return sorted(found)
 
