@@ -484,6 +484,7 @@ def bench(args: argparse.Namespace, report: dict[str, Any], stack: ExitStack, wo
 def new_report(args: argparse.Namespace) -> dict[str, Any]:
     return {"benchmark": "gpu", "stack": args.stack, "recordings": args.recordings, "chunk_size": args.chunk_size,
             "cpu_concurrency": args.cpu_concurrency, "cpu_count": os.cpu_count(), "machine_gpus": machine_gpus(),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
             "versions": versions(), "gpu_used": False, "gpu_worker_placement": None, "cpu_worker_placement": None,
             "phases": {}, "ratio_gpu_to_cpu": None, "agreement": None, "verdict": None, "ok": False, "error": None}
 
@@ -520,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     report["verdict"] = verdict(report)
+    report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]  # others' work on the machine skews rates
     print(summary(report), flush=True)
     if report["error"]:
         print(f"FAILED: {report['error'][:500]}", flush=True)
