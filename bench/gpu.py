@@ -433,7 +433,8 @@ def summary(report: dict[str, Any]) -> str:
         if p:
             lines.append(f"{p['worker']} (queue {p['queue']}, {p['worker_processes']} process(es)): "
                          f"{p['per_s']} recordings/s ({p['recordings']} in {p['wall_s']} s; worker span "
-                         f"{p['worker_span_s']} s; {p['worker_cpu_ms_per_recording']} ms worker CPU each)")
+                         f"{p['worker_span_s']} s; {p['worker_cpu_ms_per_recording']} ms worker CPU each)"
+                         + ("" if p["routed_only_to_its_worker"] else f" WRONG WORKER: analysed by {p['analysed_by']}"))
     if report["ratio_gpu_to_cpu"] is not None:
         lines.append(f"ratio gpu/cpu: {report['ratio_gpu_to_cpu']}x")
     return "\n".join(lines)
@@ -457,8 +458,10 @@ def bench(args: argparse.Namespace, report: dict[str, Any], stack: ExitStack, wo
     port = free_port()
     web = Child("web", [sys.executable, "-m", "ser_cli", "web", "--host", "127.0.0.1", "--port", str(port),
                         "--workers", "2"], env, work / "web.log")
+    children = [web]
+    stack.callback(stop_all, children)  # the workers too: they join the list below
     workers = start_workers(settings, args, work)
-    stack.callback(stop_all, [web, *(w.child for w in workers)])
+    children.extend(w.child for w in workers)
     headers = auth_headers(create_api_key(env))  # while the workers load their models
     base_url = f"http://127.0.0.1:{port}"
     wait_ready(web, base_url, workers, args.start_timeout)
@@ -475,9 +478,13 @@ def bench(args: argparse.Namespace, report: dict[str, Any], stack: ExitStack, wo
     gpu, cpu = report["phases"]["gpu"], report["phases"]["cpu"]
     report["agreement"] = agreement(gpu.pop("probabilities"), cpu.pop("probabilities"))
     report["ratio_gpu_to_cpu"] = round(gpu["per_s"] / cpu["per_s"], 2)
-    text = workers[0].child.log_text()
+
+
+def gpu_worker_lines(report: dict[str, Any], log_path: Path) -> None:
+    """The GPU worker's own lines about the GPU and CUDA (TensorFlow's too): which GPU it used, or why
+    none; read from its log whatever happened, since a failed start is when they matter most."""
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
     report["gpu_worker_warned_no_gpu"] = "consumed without a GPU" in text
-    # TensorFlow's own lines about the GPU and CUDA: why a GPU went unused, or which one was used.
     report["gpu_worker_tf_lines"] = [line[-300:] for line in text.splitlines() if TF_GPU_LINE.search(line)][:20]
 
 
@@ -513,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc(file=sys.stderr)
         report["error"] = f"{type(exc).__name__}: {exc}"[:3000]
     finally:
+        gpu_worker_lines(report, work / "gpu-worker.log")
         if args.out is not None:  # the logs beside the JSON: the worker's own words are the evidence
             args.out.parent.mkdir(parents=True, exist_ok=True)
             for name in ("gpu-worker", "cpu-worker", "web"):
