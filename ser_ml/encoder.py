@@ -71,6 +71,11 @@ def file_sha256(path: Path) -> str:
     return sha256_of([path])
 
 
+def short_device(name: str) -> str:
+    """``GPU:0`` for TensorFlow's ``/job:localhost/replica:0/task:0/device:GPU:0`` (an empty name: ``?``)."""
+    return name.rsplit("device:", 1)[-1] if name else "?"
+
+
 class WhisperEncoder:
     """The encoder's front end and first blocks; ``encode`` returns every kept block's output."""
 
@@ -168,6 +173,14 @@ class WhisperEncoder:
             raise ValueError("this artifact has no final layer norm")
         out = self._graph(tf.constant(mel[None]), tf.constant([mel.shape[0]], tf.int32))[:, :, -1]
         return np.asarray(self._norm(out, self._ln_post))[0]
+
+    def output_device(self) -> str:
+        """The device TensorFlow ran the encoder's graph on in this process (``GPU:0``, ``CPU:0``):
+        where the output of a short call lives. Evidence for a GPU worker's log, not a setting."""
+        import tensorflow as tf
+
+        out = self._graph(tf.zeros((1, 100, N_MELS), tf.float32), tf.constant([100], tf.int32))
+        return short_device(out.device)
 
     # -- clips in, frame features out -------------------------------------------------------------
 

@@ -101,6 +101,7 @@ class Ensemble:
         self.temperature = float(manifest["ensemble"].get("temperature", 1.0))
         self.threshold = float(manifest["ensemble"]["uncertain_threshold"])
         self.versions = {name: m["version"] for name, m in manifest["models"].items()}
+        self.placement: dict[str, str] = {}  # find_placement(), recorded by load()
 
     @classmethod
     def load(cls, models_dir: Path, threads: int | None = 1) -> Ensemble:
@@ -129,11 +130,31 @@ class Ensemble:
         detector = joblib.load(models_dir / manifest.speech_detector.file)
         ensemble = cls(manifest.model_dump(mode="json", exclude_unset=True), rf_bundle, model, encoder, detector)
         ensemble.predict_clips([_warmup_clip()])  # build the graphs now, not on the first job
+        ensemble.placement = ensemble.find_placement()
 
         gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-        log.info("models loaded versions=%s load_ms=%.0f devices=%s", ensemble.versions,
-                 (time.perf_counter() - started) * 1000, gpus or "cpu")
+        log.info("models loaded versions=%s load_ms=%.0f devices=%s encoder_device=%s lstm_device=%s",
+                 ensemble.versions, (time.perf_counter() - started) * 1000, gpus or "cpu",
+                 ensemble.placement["encoder"], ensemble.placement["lstm"])
         return ensemble
+
+    def find_placement(self) -> dict[str, str]:
+        """Where TensorFlow runs each model in this process, as it reports it: the device of the
+        encoder's and the LSTM's outputs on a short call (``GPU:0``, ``CPU:0``).
+
+        A GPU worker logs it at start (``Ensemble.load``): the evidence that the models run on the
+        GPU, since TensorFlow falls back to the CPU silently when it finds no usable GPU.
+        """
+        import tensorflow as tf
+
+        from ser_ml.encoder import short_device
+
+        out = self.lstm(tf.zeros((1, 2, int(self.lstm.input_shape[-1])), tf.float32), training=False)
+        return {"encoder": self.encoder.output_device(), "lstm": short_device(out.device)}
+
+    def on_gpu(self) -> bool:
+        """True when both TensorFlow models run on a GPU in this process."""
+        return bool(self.placement) and all(d.startswith("GPU") for d in self.placement.values())
 
     def rf_proba(self, vectors: np.ndarray) -> np.ndarray:
         return rf_proba(self.rf_bundle, vectors)

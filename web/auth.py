@@ -39,10 +39,11 @@ bp = Blueprint("auth", __name__)
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-# Reachable without signing in: probes, the sign-in page itself, static files, the API description.
+# Reachable without signing in: probes, the sign-in page itself, static files, the API description and
+# the model card (both describe the service, not anyone's data).
 # /metrics has a check of its own (SER_METRICS_TOKEN, see web/metrics.py): a scraper has no API key.
 PUBLIC_ENDPOINTS = {"api.healthz", "api.readyz", "static", "auth.login", "auth.login_submit", "pages.api_docs",
-                    "metrics.metrics"}
+                    "pages.model", "pages.model_picture", "metrics.metrics"}
 PUBLIC_PATHS = {"/api/v1/openapi.json"}
 
 

@@ -1,18 +1,21 @@
-"""Server-rendered pages: upload, history, job detail, batch."""
+"""Server-rendered pages: upload, history, job detail, batch, the model card."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, flash, make_response, redirect, render_template, request, url_for
+from flask import Blueprint, flash, make_response, redirect, render_template, request, send_file, url_for
+from markupsafe import Markup
 from werkzeug.wrappers import Response
 
 from ser_shared import storage
 from ser_shared.emotions import EMOTIONS
-from ser_shared.errors import Gone
+from ser_shared.errors import Gone, NotFound
 from ser_shared.models import Batch, Job
-from web import images, limits, markup, media, openapi, queries, timeline
+from web import images, limits, markup, media, model_card, openapi, queries, timeline
 from web.auth import key_id, tenant
 from web.context import db, services
 from web.serialize import iso
@@ -49,7 +52,10 @@ ERROR_WORDS = {
 @bp.app_context_processor
 def _helpers() -> dict[str, object]:
     return {"emotions": EMOTIONS, "iso": iso, "statuses": queries.STATUSES,
-            "dominant": dominant, "emoji": EMOJI, "sorts": queries.SORT_CHOICES}
+            "dominant": dominant, "emoji": EMOJI, "sorts": queries.SORT_CHOICES,
+            # A callable, so the manifest is read only by the pages that show it (the job page's note).
+            "served_model": lambda: model_card.served_or_none(services().settings),
+            "worked_example": model_card.worked_example}
 
 
 def dominant(segments: list[dict[str, Any]] | None, top: int = 3, at_least: float = 0.15) -> list[tuple[str, float]]:
@@ -199,3 +205,43 @@ def live_chunks(batch: Batch) -> list[Chunk]:
         chunks.append(Chunk(j, at, duration))
         at += duration
     return chunks
+
+
+@bp.get("/model")
+def model() -> str:
+    """The model card of the models being served, from the models folder's manifest and card."""
+    served = model_card.served(services().settings)
+    pictures = {name: _picture(served.folder, name)
+                for name in (model_card.CONFUSION_PICTURE, model_card.RELIABILITY_PICTURE)}
+    folder, root = str(served.folder), request.script_root
+    return render_template(
+        "model.html", s=served, card=model_card, pictures=pictures,
+        weaknesses=_rendered(folder, model_card.weaknesses(served), 2, "weak-", root),
+        full_card=_rendered(folder, served.card, 1, "card-", root))
+
+
+@lru_cache(maxsize=8)
+def _rendered(folder: str, text: str, shift: int, id_prefix: str, root: str) -> Markup:
+    """The card's Markdown as HTML, once per text (rendering it takes tens of milliseconds). The
+    script root is part of the key: the pictures' addresses depend on it."""
+    return markup.document(text, partial(_picture, Path(folder)), shift=shift, id_prefix=id_prefix)
+
+
+def _picture(folder: Path, src: str) -> tuple[str, int | None, int | None] | None:
+    """A picture the card names, as its address here and its size; None unless it is a PNG of the
+    models folder itself (a card's other addresses are not served)."""
+    path = model_card.picture(folder, src)
+    if path is None:
+        return None
+    width, height = model_card.png_size(path)
+    return url_for("pages.model_picture", name=path.name), width, height
+
+
+@bp.get("/model/pictures/<name>")
+def model_picture(name: str) -> Response:
+    """A PNG of the models folder (the confusion matrix, the reliability diagram); nothing else there."""
+    path = model_card.picture(Path(services().settings.models_dir), name)
+    if path is None:
+        raise NotFound(f"the models folder has no picture named {name}")
+    # Conditional (ETag and Last-Modified from the file): a retrained model's picture is fetched anew.
+    return send_file(path, mimetype="image/png", conditional=True, max_age=3600)

@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 
 from ser_ml.inference import Ensemble
 from ser_shared import logs, schemas, webhooks
+from ser_shared.contracts import QUEUE_GPU
 from ser_shared.enqueue import make_celery
 from ser_shared.settings import Settings, get_settings
 from worker import delivery, metrics, tasks
@@ -61,6 +62,7 @@ class _Lifecycle:
         self.app = app
         self.runtime = runtime_of(app)
         self.hostnames: set[str] = set()
+        self.queues: set[str] = set()  # what this worker consumes (``--queues``), known at worker_init
         self.heartbeat: Heartbeat | None = None
         self.stop = threading.Event()
 
@@ -81,6 +83,7 @@ class _Lifecycle:
         if not self._mine(sender):
             return
         self.hostnames.add(sender.hostname)
+        self.queues = set(sender.app.amqp.queues.consume_from or ())
         settings = self.runtime.settings
         logs.configure(settings.log_level, settings.log_format)  # Celery's handlers, our format
         tune_process()
@@ -96,7 +99,13 @@ class _Lifecycle:
             return
         logs.configure(self.runtime.settings.log_level, self.runtime.settings.log_format)
         self.runtime.reset_after_fork()
-        self.runtime.ensemble()
+        models = self.runtime.ensemble()
+        if QUEUE_GPU in self.queues and not models.on_gpu():
+            # It still serves the queue: refusing would strand every device=gpu job until a GPU
+            # node comes back. The log says so, and bench.gpu reads the placement from it.
+            log.warning("queue=%s consumed without a GPU: TensorFlow sees none usable, the models run on "
+                        "the CPU (encoder_device=%s lstm_device=%s)", QUEUE_GPU,
+                        models.placement.get("encoder"), models.placement.get("lstm"))
 
     def on_ready(self, sender: Any = None, **_: Any) -> None:
         """Start the heartbeat and the sweeper (main process only)."""

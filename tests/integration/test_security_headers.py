@@ -140,7 +140,8 @@ def site(pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def test_pages_api_static_and_errors_all_carry_the_headers(site: Site) -> None:
     client = site.client
     job = site.jobs["finished"]
-    for path in ("/", "/history", "/docs/api", f"/batches/{site.batch}", f"/jobs/{job}",
+    for path in ("/", "/history", "/docs/api", "/model", "/model/pictures/reliability.png", f"/batches/{site.batch}",
+                 f"/jobs/{job}",
                  "/static/style.css", "/static/live.js", "/static/upload.js",
                  "/api/v1/jobs", f"/api/v1/jobs/{job}", "/api/v1/openapi.json", "/healthz",
                  "/no-such-page", f"/jobs/{uuid.uuid4()}", "/api/v1/no-such-thing", f"/api/v1/jobs/{uuid.uuid4()}"):
@@ -226,7 +227,7 @@ def every_page(site: Site) -> dict[str, tuple[int, TestResponse]]:
     """Each page route, with the status it must answer: name -> (status, response)."""
     client, jobs = site.client, site.jobs
     pages = {path: (200, client.get(path)) for path in (
-        "/", "/history", "/history?status=failed", "/docs/api", f"/batches/{site.batch}",
+        "/", "/history", "/history?status=failed", "/docs/api", "/model", f"/batches/{site.batch}",
         *(f"/jobs/{job_id}" for job_id in jobs.values()))}
     pages["unknown job"] = (404, client.get(f"/jobs/{uuid.uuid4()}"))
     pages["unknown page"] = (404, client.get("/no-such-page"))
@@ -255,6 +256,7 @@ def test_sign_in_page_has_nothing_inline(site: Site) -> None:
     client = secured.test_client()
     read_page(client, client.get("/login"))
     read_page(client, client.get("/docs/api"))  # public with authentication on
+    read_page(client, client.get("/model"))  # so is the model card
     secured.extensions["ser"].engine.dispose()
 
 

@@ -31,7 +31,7 @@ from ser_shared import storage
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.emotions import EMOTIONS
 from ser_shared.models import Batch, Job, Result
-from ser_shared.settings import Settings
+from ser_shared.settings import REPO_ROOT, Settings
 from tests.conftest import private_database, ravdess_file, wait_for
 from tests.helpers import multipart, read
 from web import images
@@ -424,6 +424,32 @@ def test_failed_job_says_why_in_plain_words(client, real_batch) -> None:  # type
     error = html[html.index('id="error"'):html.index("</div>", html.index('id="error"'))]
     assert "The recording is silent" in error and "silent_audio" in error
     assert 'id="chart-ensemble"' not in html and 'id="waveform"' not in html
+
+
+@pytest.mark.slow
+def test_job_page_note_retraces_the_workers_result(client, real_batch) -> None:  # type: ignore[no-untyped-def]
+    """The note's account of the ensemble, checked on real results: the served weights and temperature
+    (read from the manifest the worker loaded) turn the models' probabilities into the worker's own
+    confidence, and the note's blend is that weighted sum."""
+    rule = json.loads((REPO_ROOT / "models" / "manifest.json").read_text())["ensemble"]
+    weights, temperature = rule["weights"], rule["temperature"]
+    for job in real_batch["jobs"][:3]:
+        result = job["result"]
+        models = {m: result["models"][m]["probabilities"] for m in weights}
+        blend = {c: sum(w * models[m][c] for m, w in weights.items()) for c in EMOTIONS}
+        scaled = {c: np.exp(np.log(max(p, 1e-7)) / temperature) for c, p in blend.items()}
+        calibrated = {c: float(v / sum(scaled.values())) for c, v in scaled.items()}
+        assert not result["segments"] or len(result["segments"]) == 1  # one clip: no averaging of parts
+        assert calibrated == pytest.approx(result["probabilities"], abs=2e-4)
+        # A temperature below 1 lifts the leading emotion above the blend, so possibly above both models.
+        top = result["emotion"]
+        assert (result["confidence"] > blend[top]) == (temperature < 1)
+        page = get_page(client, f"/jobs/{job['id']}")
+        assert page.by_id["model-link"]["href"] == "/model"
+        assert float(page.by_id["worked-example"]["data-blend"]) == pytest.approx(blend[top], abs=1e-6)
+        assert f"after calibration {100 * result['confidence']:.1f}" in page.text.replace("\xa0", " ")
+        html = client.get(f"/jobs/{job['id']}").get_data(as_text=True)
+        assert f'data-threshold="{rule["uncertain_threshold"]}"' in html
 
 
 @pytest.mark.slow
