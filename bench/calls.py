@@ -24,6 +24,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # before numpy loads: one core per worker process, as served
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -90,28 +91,42 @@ class Call:
 
 
 AGENT, CUSTOMER = 2, 3  # RAVDESS actors: a calm agent, a customer who is angry
-# Alternating turns with pauses, the customer cutting in on the agent twice and the agent once.
+# Alternating turns with pauses; the customer cuts in on the agent once (the agent stops 1 s later)
+# and the agent on the customer once: two overlaps of about a second, two interruptions, 8 turns.
 SCRIPT = (
     Line(0, AGENT, NEUTRAL, statement="01", gap_s=0.5),
     Line(1, CUSTOMER, ANGRY, "02", "01", gap_s=0.9),
     Line(0, AGENT, NEUTRAL, statement="02", gap_s=0.8),
-    Line(1, CUSTOMER, ANGRY, "02", "02", gap_s=-0.6),
+    Line(1, CUSTOMER, ANGRY, "02", "02", gap_s=-1.0),
     Line(0, AGENT, NEUTRAL, statement="01", rep="02", gap_s=1.0),
     Line(1, CUSTOMER, ANGRY, "02", "01", rep="02", gap_s=0.7),
-    Line(0, AGENT, NEUTRAL, statement="02", rep="02", gap_s=-0.5),
-    Line(1, CUSTOMER, ANGRY, "02", "02", rep="02", gap_s=-0.4),
+    Line(0, AGENT, NEUTRAL, statement="02", rep="02", gap_s=-0.9),
+    Line(1, CUSTOMER, ANGRY, "02", "02", rep="02", gap_s=0.8),
 )
-# The customer starts calm and ends angry (for the escalation flag).
+SCRIPT_OVERLAPS = 2
+# The customer starts calm and ends angry (the call's escalation flag), no overlaps; each third of
+# the customer's speech is over 3 s (ser_ml.conversation.THIRD_SPEECH_S).
 ESCALATING = (
     Line(0, AGENT, NEUTRAL, statement="01", gap_s=0.5),
     Line(1, CUSTOMER, NEUTRAL, statement="01", gap_s=0.8),
     Line(0, AGENT, NEUTRAL, statement="02", gap_s=0.8),
     Line(1, CUSTOMER, NEUTRAL, statement="02", gap_s=0.9),
     Line(0, AGENT, NEUTRAL, statement="01", rep="02", gap_s=0.8),
-    Line(1, CUSTOMER, ANGRY, "02", "01", gap_s=-0.5),
+    Line(1, CUSTOMER, NEUTRAL, statement="01", rep="02", gap_s=0.7),
     Line(0, AGENT, NEUTRAL, statement="02", rep="02", gap_s=1.0),
-    Line(1, CUSTOMER, ANGRY, "02", "02", rep="02", gap_s=0.7),
+    Line(1, CUSTOMER, ANGRY, "02", "01", gap_s=0.7),
+    Line(0, AGENT, NEUTRAL, statement="01", gap_s=0.9),
+    Line(1, CUSTOMER, ANGRY, "02", "02", gap_s=0.8),
+    Line(0, AGENT, NEUTRAL, statement="02", gap_s=0.8),
+    Line(1, CUSTOMER, ANGRY, "02", "01", rep="02", gap_s=0.7),
 )
+
+
+def long_script(rounds: int) -> tuple[Line, ...]:
+    """SCRIPT over and over (``rounds`` times: about 20 s each), a longer pause between rounds."""
+    return tuple(Line(line.channel, line.actor, line.emotion, line.intensity, line.statement, line.rep,
+                      1.5 if i == 0 and r else line.gap_s)
+                 for r in range(rounds) for i, line in enumerate(SCRIPT))
 
 
 def ravdess_path(root: Path, line: Line) -> Path:
@@ -119,6 +134,7 @@ def ravdess_path(root: Path, line: Line) -> Path:
         f"03-01-{line.emotion}-{line.intensity}-{line.statement}-{line.rep}-{line.actor:02d}.flac")
 
 
+@functools.lru_cache(maxsize=64)
 def speech_of(path: Path) -> np.ndarray:
     """A RAVDESS clip at RATE cut to its speech (from Silero's first region to its last, 30 ms
     either side: the silence before and after would only lengthen the pauses), its speech level
