@@ -183,7 +183,7 @@ def build_call(ravdess: Path, script: Sequence[Line] = SCRIPT, crosstalk_db: flo
 
 def write(audio: np.ndarray, path: Path, rate: int = RATE) -> Path:
     """(channels, samples) or mono float audio as 16-bit PCM WAV."""
-    sf.write(path, audio.T if audio.ndim == 2 else audio, rate, subtype="PCM_16")
+    sf.write(path, audio.T if audio.ndim == 2 else audio, rate, subtype="PCM_16", format="WAV")
     return path
 
 

@@ -258,3 +258,115 @@ def test_a_long_call_is_streamed_channel_by_channel_in_bounded_memory(
         assert [(s["start"], s["end"], s["emotion"]) for s in a["segments"]] == \
             [(s["start"], s["end"], s["emotion"]) for s in b["segments"]]
         np.testing.assert_allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-4)
+
+
+# --- the worker: what it stores ------------------------------------------------------------------
+
+def _stored_job(factory: Any, settings: Settings, audio: np.ndarray, **options: Any) -> uuid.UUID:
+    """A queued job whose recording (``audio``, channels x samples) is in the store, as an upload leaves it."""
+    from ser_shared.models import Batch, Job
+
+    key = f"calls/{uuid.uuid4().hex}"
+    path = settings.upload_dir / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(audio, path)
+    batch = Batch(id=uuid.uuid4(), file_count=1, options=options)
+    job = Job(id=uuid.uuid4(), batch_id=batch.id, filename="call.wav", status="queued", options=options,
+              size_bytes=path.stat().st_size, attempts=0, storage_key=key, format="wav",
+              duration_s=round(audio.shape[1] / 16000, 3), sample_rate=16000, channels=audio.shape[0])
+    with factory() as session:
+        session.add_all([batch, job])
+        session.commit()
+    return job.id
+
+
+def _valid(result: Any) -> None:
+    """The stored channels and conversation are exactly the served shapes (strict schemas)."""
+    assert result.channels is not None and result.conversation is not None
+    for entry in result.channels:
+        schemas.Channel.build(entry)
+    schemas.Conversation.build(result.conversation)
+    if result.transcript is not None:
+        schemas.Transcript.build(result.transcript)
+
+
+def test_the_worker_stores_a_split_call_once(ensemble: Ensemble, pg_settings: Settings, call: Call) -> None:
+    from sqlalchemy import func, select
+
+    from ser_shared.db import make_engine, make_session_factory
+    from ser_shared.models import Job, Result
+    from worker import results
+
+    factory = make_session_factory(make_engine(pg_settings))
+    job_id = _stored_job(factory, pg_settings, call.audio, channels="auto", channel_labels=LABELS)
+    (job,) = results.claim(factory, [str(job_id)], pg_settings).inputs
+    assert (job.channels, list(job.channel_labels or []), job.channel_count) == ("auto", LABELS, 2)
+    outcomes = run(ensemble, [job], pg_settings)
+    results.persist(factory, outcomes, ensemble.versions)
+    results.persist(factory, outcomes, ensemble.versions)  # a redelivery: one row, the same values
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id)) == 1
+        result, stored = session.get(Result, job_id), session.get(Job, job_id)
+        assert result is not None and stored is not None
+        _valid(result)
+        assert [(c["label"], c["emotion"]) for c in result.channels or []] == [("agent", "neutral"),
+                                                                              ("customer", "angry")]
+        assert result.conversation is not None and result.conversation["channels"] == "split"
+        assert result.segments == merged_in_time(result.channels or [])
+        assert stored.status == "succeeded" and stored.escalation is False
+
+
+def merged_in_time(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted((s for e in entries for s in e["segments"]), key=lambda s: (s["start"], s["end"]))
+
+
+def test_the_transcript_stage_transcribes_each_channel_and_redoes_the_conversation(
+        ensemble: Ensemble, pg_settings: Settings) -> None:
+    """Agent, customer, agent: the agent's two segments are transcribed one by one, the customer's
+    one segment as the channel muted outside it. Both the stage after the analysis and its redo
+    from the stored recording (a worker killed during it) attach the text to the right speaker."""
+    from ser_shared.db import make_engine, make_session_factory
+    from ser_shared.models import Result
+    from worker import results, tasks
+
+    small = build_call(RAVDESS, SCRIPT[:3])
+    settings = pg_settings.model_copy(update={"transcribe_timeout_s": 60.0})
+    factory = make_session_factory(make_engine(settings))
+    job_id = _stored_job(factory, settings, small.audio, transcribe="sphinx", channel_labels=LABELS)
+    outcomes = run(ensemble, results.claim(factory, [str(job_id)], settings).inputs, settings)
+    results.persist(factory, outcomes, ensemble.versions)
+    tasks._transcripts(factory, outcomes, settings)
+    with factory() as session:
+        first = session.get(Result, job_id)
+        assert first is not None and first.transcript is not None and first.transcript["status"] == "succeeded"
+        _check_transcribed(first, small)
+        first_lines = first.conversation["transcript"] if first.conversation else None
+        # As if the worker had died during the stage: pending again, made from the stored recording.
+        first.transcript = {**first.transcript, "status": "pending", "text": None}
+        first.channels = [{**entry, "segments": [{k: v for k, v in s.items() if k not in ("transcript", "words")}
+                                                 for s in entry["segments"]]} for entry in first.channels or []]
+        session.commit()
+    assert tasks._owed_transcripts(factory, [job_id], settings) == 1
+    with factory() as session:
+        again = session.get(Result, job_id)
+        assert again is not None and again.transcript is not None and again.transcript["status"] == "succeeded"
+        _check_transcribed(again, small)
+        assert again.conversation is not None and again.conversation["transcript"] == first_lines
+
+
+def _check_transcribed(result: Any, call: Call) -> None:
+    _valid(result)
+    assert result.conversation["transcript"] is not None
+    lines = result.conversation["transcript"]
+    # One line per segment that has text, in time order, each under its own speaker's label.
+    assert [line["start"] for line in lines] == sorted(line["start"] for line in lines)
+    for line in lines:
+        assert line["label"] == LABELS[line["channel"]]
+        assert any(abs(line["start"] - t.start) <= TOL for t in call.of(line["channel"]))
+    assert {line["channel"] for line in lines} == {0, 1}
+    # The turns' sentences: "Kids are talking by the door" (agent, customer), then "Dogs are sitting
+    # by the door" (agent). Even Sphinx hears their first word, on the channel that said it.
+    assert [line["text"].split()[0] for line in lines] == ["kids", "kids", "dogs"], lines
+    for entry in result.channels:
+        assert entry["metrics"]["words"] and entry["metrics"]["words_per_minute"]
+    assert result.segments == merged_in_time(result.channels)
