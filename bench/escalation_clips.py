@@ -76,9 +76,7 @@ def _heldout(feats: list[object], labels: np.ndarray, groups: np.ndarray, manife
              ) -> np.ndarray:
     """Out-of-fold ensemble probabilities, the folds being the manifest's GroupKFold by actor."""
     from ser_ml.metrics import apply_temperature
-    from ser_ml.train.training import TrainConfig, cross_validate
-
-    from ser_ml.train.training import Corpus
+    from ser_ml.train.training import Corpus, TrainConfig, cross_validate
 
     corpus = Corpus([], labels, groups, feats, augmented={})  # type: ignore[arg-type]
     cfg_info = manifest["config"]

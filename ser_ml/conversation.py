@@ -24,6 +24,7 @@ Vocabulary (all times in seconds):
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,15 +48,26 @@ YIELD_S = 2.0
 MONOLOGUE_GAP_S = 2.0
 
 NEGATIVE = ("angry", "fearful", "disgust")
-# Escalation moments: consecutive segments of one speaker, each MOMENT_MARGIN or more above the
-# speaker's baseline in negative share, holding MOMENT_SPEECH_S of speech together.
-MOMENT_MARGIN = 0.3
-MOMENT_SPEECH_S = 3.0
-# The call-level flag: the judged speaker's last third of speech is ESCALATION_RISE more negative
-# than the first third and at least ESCALATION_FLOOR negative, each third holding THIRD_SPEECH_S.
-ESCALATION_RISE = 0.25
-ESCALATION_FLOOR = 0.4
-THIRD_SPEECH_S = 3.0
+
+
+@dataclass(frozen=True)
+class EscalationRule:
+    """The escalation thresholds (docs/CONVERSATIONS.md; measured by bench/escalation.py).
+
+    A *moment*: consecutive segments of one speaker, each ``margin`` or more above the speaker's
+    baseline in negative share, holding ``moment_speech_s`` of speech together. The call's *flag*:
+    the judged speaker's last third of speech is ``rise`` more negative than the first third and
+    at least ``floor`` negative, each third holding ``third_speech_s`` of speech.
+    """
+
+    margin: float = 0.35
+    moment_speech_s: float = 3.0
+    rise: float = 0.25
+    floor: float = 0.4
+    third_speech_s: float = 3.0
+
+
+RULE = EscalationRule()
 
 MODES = ("mono", "mix", "split")
 DEFAULT_CUSTOMER_LABEL = "customer"
@@ -98,8 +110,8 @@ def customer_index(labels: Sequence[str], customer_label: str | None = DEFAULT_C
     return 0 if labels else None
 
 
-def analyse(tracks: Sequence[Track], duration_s: float, mode: str, customer: int | None = None
-            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def analyse(tracks: Sequence[Track], duration_s: float, mode: str, customer: int | None = None,
+            rule: EscalationRule = RULE) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each track's ``ChannelMetrics`` (in the tracks' order) and the ``Conversation``, as JSON dicts.
 
     ``customer`` is the index (``Track.index``) of the speaker judged for the call's escalation
@@ -121,24 +133,26 @@ def analyse(tracks: Sequence[Track], duration_s: float, mode: str, customer: int
     interruptions = _interruptions(utterances)
     talk = {i: sum(_speech(s) for s in segs) for i, segs in segments.items()}
     total_talk = sum(talk.values())
-    metrics = [_metrics(t, segments[t.index], talk[t.index], total_talk, turns, interruptions) for t in tracks]
+    metrics = [_metrics(t, segments[t.index], talk[t.index], total_talk, turns, interruptions, rule)
+               for t in tracks]
     overlap = _overlaps(utterances)
-    conversation = schemas.Conversation(
-        channels=mode, duration_s=round(duration_s, 3),
-        silence_share=_silence_share(utterances, duration_s),
-        overlap_s=round(sum(e - s for s, e in overlap), 3), overlaps=len(overlap),
-        interruptions=[schemas.Interruption(at=round(at, 3), by=by, of=of) for at, by, of in interruptions],
-        turns=len(turns), escalation=customer is not None and escalates(*_thirds(segments[customer])),
-        customer=customer, transcript=_transcript(tracks, segments))
+    conversation = schemas.Conversation.build({
+        "channels": mode, "duration_s": round(duration_s, 3),
+        "silence_share": _silence_share(utterances, duration_s),
+        "overlap_s": round(sum(e - s for s, e in overlap), 3), "overlaps": len(overlap),
+        "interruptions": [{"at": round(at, 3), "by": by, "of": of} for at, by, of in interruptions],
+        "turns": len(turns), "escalation": customer is not None and escalates(*_thirds(segments[customer]), rule),
+        "customer": customer, "transcript": _transcript(tracks, segments)})
     return [schemas.ChannelMetrics.build(m).to_json() for m in metrics], conversation.to_json()
 
 
-def escalates(negative_start: float | None, negative_end: float | None, thirds_speech_s: float) -> bool:
-    """The call-level rule: ends ESCALATION_RISE more negative than it began, at ESCALATION_FLOOR
-    or above, with THIRD_SPEECH_S of speech in each third (``thirds_speech_s``: one third's)."""
-    if negative_start is None or negative_end is None or thirds_speech_s < THIRD_SPEECH_S:
+def escalates(negative_start: float | None, negative_end: float | None, third_speech_s: float,
+              rule: EscalationRule = RULE) -> bool:
+    """The call-level flag: the speaker ends ``rule.rise`` more negative than they began, at
+    ``rule.floor`` or above, with ``rule.third_speech_s`` of speech in a third (``third_speech_s``)."""
+    if negative_start is None or negative_end is None or third_speech_s < rule.third_speech_s:
         return False
-    return negative_end - negative_start >= ESCALATION_RISE and negative_end >= ESCALATION_FLOOR
+    return negative_end - negative_start >= rule.rise and negative_end >= rule.floor
 
 
 def negative_share(segment: dict[str, Any]) -> float:
@@ -171,20 +185,47 @@ def _intersection(a: _Utterance, b: _Utterance) -> float:
     return max(0.0, min(a.end, b.end) - max(a.start, b.start))
 
 
-def _covered(u: _Utterance, others: Iterable[_Utterance]) -> float:
+class _Lanes:
+    """Each speaker's utterances, for finding those near a time in O(log n).
+
+    One speaker's utterances never overlap (``_utterances`` merges overlapping segments) and are
+    in order, so both their starts and their ends increase.
+    """
+
+    def __init__(self, utterances: Iterable[_Utterance]) -> None:
+        self.lanes: dict[int, list[_Utterance]] = {}
+        for u in sorted(utterances, key=lambda u: u.start):
+            self.lanes.setdefault(u.channel, []).append(u)
+        self.starts = {c: [u.start for u in us] for c, us in self.lanes.items()}
+        self.ends = {c: [u.end for u in us] for c, us in self.lanes.items()}
+
+    def others_during(self, u: _Utterance) -> list[_Utterance]:
+        """Other speakers' utterances that intersect ``u``."""
+        out: list[_Utterance] = []
+        for c, lane in self.lanes.items():
+            if c != u.channel:
+                first, stop = bisect_right(self.ends[c], u.start), bisect_left(self.starts[c], u.end)
+                out.extend(lane[first:stop])
+        return out
+
+    def running_at(self, channel: int, t: float) -> _Utterance | None:
+        """``channel``'s utterance that started before ``t`` and is still running at ``t``."""
+        i = bisect_left(self.starts.get(channel, []), t) - 1
+        return self.lanes[channel][i] if i >= 0 and self.lanes[channel][i].end > t else None
+
+
+def _covered(u: _Utterance, lanes: _Lanes) -> float:
     """Seconds of ``u``'s span during which another speaker's utterance runs."""
-    spans = [(max(u.start, o.start), min(u.end, o.end)) for o in others
-             if o.channel != u.channel and _intersection(u, o) > 0]
-    return sum(e - s for s, e in _union(spans))
+    return sum(e - s for s, e in _union((max(u.start, o.start), min(u.end, o.end)) for o in lanes.others_during(u)))
 
 
 def _mark_backchannels(utterances: list[_Utterance]) -> list[_Utterance]:
     """All utterances ordered by start, the backchannels marked (``floor=False``)."""
-    ordered = sorted(utterances, key=lambda u: (u.start, u.end, u.channel))
+    lanes = _Lanes(utterances)
     out = []
-    for u in ordered:
+    for u in sorted(utterances, key=lambda u: (u.start, u.end, u.channel)):
         short = u.speech_s < FLOOR_SPEECH_S
-        inside = _covered(u, ordered) >= 0.5 * (u.end - u.start) and u.end > u.start
+        inside = u.end > u.start and _covered(u, lanes) >= 0.5 * (u.end - u.start)
         out.append(_Utterance(u.channel, u.start, u.end, u.speech_s, floor=not (short and inside)))
     return out
 
@@ -230,14 +271,12 @@ def _monologues(turn: Sequence[_Utterance]) -> list[float]:
 def _interruptions(utterances: Sequence[_Utterance]) -> list[tuple[float, int, int]]:
     """``(at, by, of)``: a floor-taking utterance of ``by`` starting inside one of ``of``, the two
     overlapping OVERLAP_MIN_S or more, ``of`` stopping within YIELD_S and before ``by`` does."""
+    lanes = _Lanes(utterances)
     found = []
-    for b in utterances:
-        if not b.floor:
-            continue
-        for a in utterances:
-            if a.channel == b.channel or not a.start < b.start < a.end:
-                continue
-            if _intersection(a, b) >= OVERLAP_MIN_S and a.end - b.start <= YIELD_S and a.end < b.end:
+    for b in (u for u in utterances if u.floor):
+        for channel in lanes.lanes:
+            a = lanes.running_at(channel, b.start) if channel != b.channel else None
+            if a and _intersection(a, b) >= OVERLAP_MIN_S and a.end - b.start <= YIELD_S and a.end < b.end:
                 found.append((b.start, b.channel, a.channel))
     return sorted(found)
 
@@ -271,8 +310,8 @@ def _silence_share(utterances: Sequence[_Utterance], duration_s: float) -> float
 # --- per speaker -----------------------------------------------------------------------------
 
 def _metrics(track: Track, segments: list[dict[str, Any]], talk_s: float, total_talk_s: float,
-             turns: Sequence[list[_Utterance]], interruptions: Sequence[tuple[float, int, int]]
-             ) -> dict[str, Any]:
+             turns: Sequence[list[_Utterance]], interruptions: Sequence[tuple[float, int, int]],
+             rule: EscalationRule) -> dict[str, Any]:
     mine = [t for t in turns if t[0].channel == track.index]
     words, wpm = _words(segments)
     start, end, _ = _thirds(segments)
@@ -283,7 +322,7 @@ def _metrics(track: Track, segments: list[dict[str, Any]], talk_s: float, total_
         "turns": len(mine), "interruptions": sum(1 for _, by, _ in interruptions if by == track.index),
         "emotion_share": _emotion_share(segments),
         "negative_start": start, "negative_end": end,
-        "escalations": _moments(segments, start),
+        "escalations": _moments(segments, start, rule),
     }
 
 
@@ -334,8 +373,10 @@ def _thirds(segments: Sequence[dict[str, Any]]) -> tuple[float | None, float | N
     return level(0.0, third), level(total - third, total), third
 
 
-def _moments(segments: Sequence[dict[str, Any]], opening: float | None) -> list[dict[str, Any]]:
-    """Escalation moments: runs of consecutive segments each MOMENT_MARGIN above the baseline."""
+def _moments(segments: Sequence[dict[str, Any]], opening: float | None, rule: EscalationRule
+             ) -> list[dict[str, Any]]:
+    """Escalation moments: runs of consecutive segments each ``rule.margin`` above the baseline
+    (the lower of the speaker's speech-weighted median and ``opening``, their first third)."""
     if opening is None:
         return []
     speech = np.array([_speech(s) for s in segments])
@@ -344,10 +385,10 @@ def _moments(segments: Sequence[dict[str, Any]], opening: float | None) -> list[
     out: list[dict[str, Any]] = []
     run: list[int] = []
     for i in [*range(len(segments)), -1]:  # -1 closes the last run
-        if i >= 0 and negative[i] - baseline >= MOMENT_MARGIN:
+        if i >= 0 and negative[i] - baseline >= rule.margin:
             run.append(i)
             continue
-        if run and speech[run].sum() >= MOMENT_SPEECH_S:
+        if run and speech[run].sum() >= rule.moment_speech_s:
             out.append(_moment([segments[k] for k in run], speech[run], negative[run], baseline))
         run = []
     return out
@@ -378,9 +419,9 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
 # --- the conversation transcript -------------------------------------------------------------
 
 def _transcript(tracks: Sequence[Track], segments: dict[int, list[dict[str, Any]]]
-                ) -> list[schemas.TranscriptLine] | None:
+                ) -> list[dict[str, Any]] | None:
     """Every segment with text, in time order (ties by channel); None when none has any."""
-    lines = [schemas.TranscriptLine(start=round(float(s["start"]), 3), end=round(float(s["end"]), 3),
-                                    channel=t.index, label=t.label, text=_text(s))
+    lines = [{"start": round(float(s["start"]), 3), "end": round(float(s["end"]), 3), "channel": t.index,
+              "label": t.label, "text": _text(s)}
              for t in tracks for s in segments[t.index] if _text(s)]
-    return sorted(lines, key=lambda line: (line.start, line.channel)) or None
+    return sorted(lines, key=lambda line: (line["start"], line["channel"])) or None
