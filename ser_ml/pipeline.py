@@ -581,77 +581,6 @@ def converse(outcome: Outcome) -> None:
         entry["metrics"] = m
 
 
-def transcribe_all(outcomes: list[Outcome], settings: Settings) -> dict[uuid.UUID, dict[str, Any]]:
-    """Transcripts for the analysed recordings that asked for one (never raises, never blocks
-    longer than ``transcribe_timeout_s`` per recording). Runs after the emotions are stored.
-
-    A recording with several segments is transcribed segment by segment (the budget shared
-    between them): each segment gets its own text, and the recording's is their concatenation.
-    """
-    done: dict[uuid.UUID, dict[str, Any]] = {}
-    for outcome in outcomes:
-        if outcome.audio is None or outcome.transcript is None or outcome.prediction is None:
-            continue
-        if outcome.mode == "split":  # channels transcribed one by one: see _transcribe_channels
-            done[outcome.job_id] = _transcribe_channels(outcome.audio, outcome.transcript, outcome.channels or [],
-                                                        settings)
-        else:
-            done[outcome.job_id] = _transcribe(outcome.audio, outcome.transcript, outcome.segments or [], settings)
-        outcome.audio = None
-        if outcome.channels:
-            converse(outcome)  # words per minute and the conversation transcript
-    return done
-
-
-def transcribe_stored(job: JobInput, transcript: dict[str, Any], segments: list[dict[str, Any]] | None,
-                      settings: Settings, channels: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The transcript stage again, for a recording whose emotion is stored but whose transcript
-    was interrupted (its worker was killed): the stored audio is decoded once more. ``segments``
-    (the stored ones) get their own transcripts, as in ``transcribe_all``; so do a split
-    recording's ``channels`` (see ``_transcribe_channels``, and ``restore_conversation`` after)."""
-    if channels is not None and len(channels) > 1:  # a split recording
-        return _transcribe_stored_channels(job, transcript, channels, settings)
-    try:
-        audio = decode(job.path, job.format, SAMPLE_RATE, settings.max_duration_s)
-    except (AudioError, FileNotFoundError) as exc:
-        message = exc.message if isinstance(exc, AudioError) else "the stored recording is gone"
-        return {**transcript, "status": "unavailable", "text": None, "reason": "audio_missing",
-                "message": message}
-    return _transcribe(audio, transcript, segments or [], settings)
-
-
-def _transcribe(audio: np.ndarray, pending: dict[str, Any], segments: list[dict[str, Any]],
-                settings: Settings) -> dict[str, Any]:
-    from ser_ml.transcribe import transcribe
-
-    engine, language = pending["engine"], pending["language"]
-    # Bookkeeping of the stage (how many times it was started) stays with the finished transcript.
-    kept = {"attempts": pending["attempts"]} if "attempts" in pending else {}
-    started = time.monotonic()
-    if len(segments) > 1:
-        texts, last = [], None
-        for seg in segments:
-            left = settings.transcribe_timeout_s - (time.monotonic() - started)
-            piece = audio[int(seg["start"] * SAMPLE_RATE) : int(seg["end"] * SAMPLE_RATE)]
-            last = transcribe(piece, SAMPLE_RATE, engine, language, timeout_s=max(left, 0.0),
-                              google_key=settings.google_speech_key)
-            seg["transcript"] = last.text if last.status == "succeeded" else None
-            if last.text:
-                texts.append(last.text)
-            if last.reason in ("timeout", "network_error", "rate_limited", "engine_missing"):
-                break  # the engine is gone or the budget spent: later segments would fail alike
-        ok = bool(texts)
-        return {
-            "status": "succeeded" if ok else "unavailable", "engine": engine, "language": language,
-            "text": " ".join(texts) if ok else None, "reason": None if ok else (last.reason if last else None),
-            "message": None if ok else (last.message if last else None),
-            "seconds": round(time.monotonic() - started, 3), "segments": True, **kept}
-    t = transcribe(audio, SAMPLE_RATE, engine, language, timeout_s=settings.transcribe_timeout_s,
-                   google_key=settings.google_speech_key)
-    return {"status": t.status, "engine": engine, "language": language, "text": t.text,
-            "reason": t.reason, "message": t.message, "seconds": round(t.seconds, 3), **kept}
-
-
 # --- The transcript stage of a split recording: each channel through ``_transcribe`` ---------------
 
 def _transcribe_channels(audio: np.ndarray, pending: dict[str, Any], entries: list[dict[str, Any]],
@@ -721,3 +650,74 @@ def restore_conversation(job_id: uuid.UUID, segments: list[dict[str, Any]] | Non
                       channels=entries)
     converse(outcome)
     return outcome
+
+
+def transcribe_all(outcomes: list[Outcome], settings: Settings) -> dict[uuid.UUID, dict[str, Any]]:
+    """Transcripts for the analysed recordings that asked for one (never raises, never blocks
+    longer than ``transcribe_timeout_s`` per recording). Runs after the emotions are stored.
+
+    A recording with several segments is transcribed segment by segment (the budget shared
+    between them): each segment gets its own text, and the recording's is their concatenation.
+    """
+    done: dict[uuid.UUID, dict[str, Any]] = {}
+    for outcome in outcomes:
+        if outcome.audio is None or outcome.transcript is None or outcome.prediction is None:
+            continue
+        if outcome.mode == "split":  # channels transcribed one by one: see _transcribe_channels
+            done[outcome.job_id] = _transcribe_channels(outcome.audio, outcome.transcript, outcome.channels or [],
+                                                        settings)
+        else:
+            done[outcome.job_id] = _transcribe(outcome.audio, outcome.transcript, outcome.segments or [], settings)
+        outcome.audio = None
+        if outcome.channels:
+            converse(outcome)  # words per minute and the conversation transcript
+    return done
+
+
+def transcribe_stored(job: JobInput, transcript: dict[str, Any], segments: list[dict[str, Any]] | None,
+                      settings: Settings, channels: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The transcript stage again, for a recording whose emotion is stored but whose transcript
+    was interrupted (its worker was killed): the stored audio is decoded once more. ``segments``
+    (the stored ones) get their own transcripts, as in ``transcribe_all``; so do a split
+    recording's ``channels`` (see ``_transcribe_channels``, and ``restore_conversation`` after)."""
+    if channels is not None and len(channels) > 1:  # a split recording
+        return _transcribe_stored_channels(job, transcript, channels, settings)
+    try:
+        audio = decode(job.path, job.format, SAMPLE_RATE, settings.max_duration_s)
+    except (AudioError, FileNotFoundError) as exc:
+        message = exc.message if isinstance(exc, AudioError) else "the stored recording is gone"
+        return {**transcript, "status": "unavailable", "text": None, "reason": "audio_missing",
+                "message": message}
+    return _transcribe(audio, transcript, segments or [], settings)
+
+
+def _transcribe(audio: np.ndarray, pending: dict[str, Any], segments: list[dict[str, Any]],
+                settings: Settings) -> dict[str, Any]:
+    from ser_ml.transcribe import transcribe
+
+    engine, language = pending["engine"], pending["language"]
+    # Bookkeeping of the stage (how many times it was started) stays with the finished transcript.
+    kept = {"attempts": pending["attempts"]} if "attempts" in pending else {}
+    started = time.monotonic()
+    if len(segments) > 1:
+        texts, last = [], None
+        for seg in segments:
+            left = settings.transcribe_timeout_s - (time.monotonic() - started)
+            piece = audio[int(seg["start"] * SAMPLE_RATE) : int(seg["end"] * SAMPLE_RATE)]
+            last = transcribe(piece, SAMPLE_RATE, engine, language, timeout_s=max(left, 0.0),
+                              google_key=settings.google_speech_key)
+            seg["transcript"] = last.text if last.status == "succeeded" else None
+            if last.text:
+                texts.append(last.text)
+            if last.reason in ("timeout", "network_error", "rate_limited", "engine_missing"):
+                break  # the engine is gone or the budget spent: later segments would fail alike
+        ok = bool(texts)
+        return {
+            "status": "succeeded" if ok else "unavailable", "engine": engine, "language": language,
+            "text": " ".join(texts) if ok else None, "reason": None if ok else (last.reason if last else None),
+            "message": None if ok else (last.message if last else None),
+            "seconds": round(time.monotonic() - started, 3), "segments": True, **kept}
+    t = transcribe(audio, SAMPLE_RATE, engine, language, timeout_s=settings.transcribe_timeout_s,
+                   google_key=settings.google_speech_key)
+    return {"status": t.status, "engine": engine, "language": language, "text": t.text,
+            "reason": t.reason, "message": t.message, "seconds": round(t.seconds, 3), **kept}
