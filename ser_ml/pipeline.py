@@ -606,13 +606,14 @@ def _transcribe_channels(audio: np.ndarray, pending: dict[str, Any], entries: li
         if len(segments) == 1 and made["status"] == "succeeded" and segments[0].get("transcript") is None:
             segments[0]["transcript"] = made["text"]  # transcribed whole: its one segment's text
         done.append(made)
-    ok = any(t["status"] == "succeeded" for t in done)
-    last = done[-1] if done else {"reason": "timeout", "message": "no time was left for the transcript"}
+    # The recording's transcript is a channel's (the first that succeeded, else the last that
+    # failed, with whatever else the engine reports) with every channel's text, in time order.
+    ok = [t for t in done if t["status"] == "succeeded"]
+    base = ok[0] if ok else done[-1] if done else {
+        "status": "unavailable", "engine": pending["engine"], "language": pending["language"],
+        "reason": "timeout", "message": "no time was left for the transcript"}
     kept = {"attempts": pending["attempts"]} if "attempts" in pending else {}
-    return {"status": "succeeded" if ok else "unavailable", "engine": pending["engine"],
-            "language": pending["language"],
-            "text": " ".join(s["transcript"] for s in merged(entries) if s.get("transcript")) if ok else None,
-            "reason": None if ok else last["reason"], "message": None if ok else last["message"],
+    return {**base, "text": " ".join(s["transcript"] for s in merged(entries) if s.get("transcript")) if ok else None,
             "seconds": round(time.monotonic() - started, 3), "segments": True, **kept}
 
 
