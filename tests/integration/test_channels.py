@@ -366,7 +366,7 @@ def _check_transcribed(result: Any, call: Call) -> None:
     assert {line["channel"] for line in lines} == {0, 1}
     # The turns' sentences: "Kids are talking by the door" (agent, customer), then "Dogs are sitting
     # by the door" (agent). Even Sphinx hears their first word, on the channel that said it.
-    assert [line["text"].split()[0] for line in lines] == ["kids", "kids", "dogs"], lines
+    assert [line["text"].split()[0].strip(".,!?").lower() for line in lines] == ["kids", "kids", "dogs"], lines
     for entry in result.channels:
         assert entry["metrics"]["words"] and entry["metrics"]["words_per_minute"]
     assert result.segments == merged_in_time(result.channels)
