@@ -14,22 +14,24 @@ recording.
     ``spread < COPY_DB`` (8 dB): the same signal at a steady level ratio, as one microphone written
     to two channels gives. All channels near-copies: ``mix``; otherwise ``split``.
 
-    Measured (``tests/integration/test_channels.py`` keeps the first and last rows honest): a
-    duplicated channel has spread 0 dB; a copy at -12 dB (a recorder's safety track) 1.4 dB; two
-    microphones in one room (different reverberation) 4-5 dB; the two-actor test calls 48 dB with
-    -25 dB crosstalk, also through 8 kHz µ-law, 30 dB with -15 dB crosstalk and still 12 dB with
-    -6 dB crosstalk, where a talker on their own channel is only 6 dB over their leakage into the
-    other. The 95th percentile, not the median: a customer who speaks in only a tenth of the call
-    still makes the spread large; a steady level ratio (a copy) keeps it small everywhere. 8 dB
-    sits between the copies' 5 and the calls' 12.
+    Measured (``tests/integration/test_channels.py`` checks the duplicated channel and the -25 dB
+    call): a duplicated channel has spread 0 dB; a copy at -12 dB (a recorder's safety track, with
+    its own noise) 1.4 dB; two microphones in one room (simulated: two different 0.5 s
+    reverberations of the same speech) 4.0-4.9 dB; the two-actor test call 48 dB with -25 dB
+    crosstalk (also through 8 kHz µ-law), 30 dB with -15 dB and still 12 dB with -6 dB, where a
+    talker on their own channel is only 6 dB over their leakage into the other. The 95th
+    percentile, not the median: a customer who speaks in only a tenth of the call still makes the
+    spread large, while a steady level ratio (a copy) keeps it small everywhere. 8 dB sits between
+    the copies' 5 and the calls' 12.
 
     A silent or near-silent channel (only noise, or only the other's faint crosstalk) is not a
     copy (its offset is -15 dB or lower, or its spread large): the recording is split, and that
     channel is reported as a speaker with no speech (emotion null). For a call that is the truth
     (the customer said nothing); for a mono recording written to one channel of a stereo file, the
     recording's own result is exactly the live channel's, where mixing would have blended it with
-    the dead one. Crosstalk louder than -3 dB makes two talkers' channels near-copies: ``auto``
-    mixes them (ask for ``split`` to keep them apart).
+    the dead one. Crosstalk of -3 dB or louder makes two talkers' channels near-copies (the test
+    call splits at -4 dB, spread 8.2, and mixes at -3 dB, spread 6.2): ``auto`` mixes them; ask for
+    ``split`` to keep them apart.
 
 Crosstalk (``own_speech``)
     A channel's frame counts as its own speech only when no other channel that the speech
