@@ -1,6 +1,6 @@
 """Two-speaker "calls" made of real speech, and what analysing one per channel costs.
 
-    python -m bench.calls [--data ../shared/datasets] [--rounds 5]
+    python -m bench.calls [--data ../shared/datasets] [--rounds 5] [--long-rounds 10]
 
 A call (``build_call``) puts two RAVDESS actors on the left and right channels of a 16 kHz
 recording, taking turns as a script says: pauses between turns, some turns starting before the
@@ -10,10 +10,12 @@ to its speech first (Silero's regions of the clip alone), so the script's times 
 ``Call.turns`` is the ground truth the tests compare the analysis with. The tests build their
 calls with it too.
 
-The benchmark: the emotion analysis (``pipeline.run``, no transcript) of a stereo call split into
-its two speakers against the same call mixed to mono, interleaved over ``--rounds`` rounds in one
-process, one core. The issue's bound: the stereo call costs at most twice its mono mix (it holds
-two speakers' speech). Prints a table, then one JSON line.
+The benchmark: the emotion analysis (``pipeline.run``, no transcript) of a stereo call
+(``channels=auto``, which splits it into its two speakers) against the same call mixed to mono,
+CPU time, interleaved over ``--rounds`` rounds in one process, one core: a 20 s call (decoded
+whole) and one of ``--long-rounds`` times the script (streamed, over a minute). The issue's
+bound: the stereo call costs at most twice its mono mix (it holds two speakers' speech). Prints a
+table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # before numpy loads: one core per worker process, as served
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -32,6 +35,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -90,28 +94,42 @@ class Call:
 
 
 AGENT, CUSTOMER = 2, 3  # RAVDESS actors: a calm agent, a customer who is angry
-# Alternating turns with pauses, the customer cutting in on the agent twice and the agent once.
+# Alternating turns with pauses; the customer cuts in on the agent once (the agent stops 1 s later)
+# and the agent on the customer once: two overlaps of about a second, two interruptions, 8 turns.
 SCRIPT = (
     Line(0, AGENT, NEUTRAL, statement="01", gap_s=0.5),
     Line(1, CUSTOMER, ANGRY, "02", "01", gap_s=0.9),
     Line(0, AGENT, NEUTRAL, statement="02", gap_s=0.8),
-    Line(1, CUSTOMER, ANGRY, "02", "02", gap_s=-0.6),
+    Line(1, CUSTOMER, ANGRY, "02", "02", gap_s=-1.0),
     Line(0, AGENT, NEUTRAL, statement="01", rep="02", gap_s=1.0),
     Line(1, CUSTOMER, ANGRY, "02", "01", rep="02", gap_s=0.7),
-    Line(0, AGENT, NEUTRAL, statement="02", rep="02", gap_s=-0.5),
-    Line(1, CUSTOMER, ANGRY, "02", "02", rep="02", gap_s=-0.4),
+    Line(0, AGENT, NEUTRAL, statement="02", rep="02", gap_s=-0.9),
+    Line(1, CUSTOMER, ANGRY, "02", "02", rep="02", gap_s=0.8),
 )
-# The customer starts calm and ends angry (for the escalation flag).
+SCRIPT_OVERLAPS = 2
+# The customer starts calm and ends angry (the call's escalation flag), no overlaps; each third of
+# the customer's speech is over 3 s (ser_ml.conversation.THIRD_SPEECH_S).
 ESCALATING = (
     Line(0, AGENT, NEUTRAL, statement="01", gap_s=0.5),
     Line(1, CUSTOMER, NEUTRAL, statement="01", gap_s=0.8),
     Line(0, AGENT, NEUTRAL, statement="02", gap_s=0.8),
     Line(1, CUSTOMER, NEUTRAL, statement="02", gap_s=0.9),
     Line(0, AGENT, NEUTRAL, statement="01", rep="02", gap_s=0.8),
-    Line(1, CUSTOMER, ANGRY, "02", "01", gap_s=-0.5),
+    Line(1, CUSTOMER, NEUTRAL, statement="01", rep="02", gap_s=0.7),
     Line(0, AGENT, NEUTRAL, statement="02", rep="02", gap_s=1.0),
-    Line(1, CUSTOMER, ANGRY, "02", "02", rep="02", gap_s=0.7),
+    Line(1, CUSTOMER, ANGRY, "02", "01", gap_s=0.7),
+    Line(0, AGENT, NEUTRAL, statement="01", gap_s=0.9),
+    Line(1, CUSTOMER, ANGRY, "02", "02", gap_s=0.8),
+    Line(0, AGENT, NEUTRAL, statement="02", gap_s=0.8),
+    Line(1, CUSTOMER, ANGRY, "02", "01", rep="02", gap_s=0.7),
 )
+
+
+def long_script(rounds: int) -> tuple[Line, ...]:
+    """SCRIPT over and over (``rounds`` times: about 20 s each), a longer pause between rounds."""
+    return tuple(Line(line.channel, line.actor, line.emotion, line.intensity, line.statement, line.rep,
+                      1.5 if i == 0 and r else line.gap_s)
+                 for r in range(rounds) for i, line in enumerate(SCRIPT))
 
 
 def ravdess_path(root: Path, line: Line) -> Path:
@@ -119,6 +137,7 @@ def ravdess_path(root: Path, line: Line) -> Path:
         f"03-01-{line.emotion}-{line.intensity}-{line.statement}-{line.rep}-{line.actor:02d}.flac")
 
 
+@functools.lru_cache(maxsize=64)
 def speech_of(path: Path) -> np.ndarray:
     """A RAVDESS clip at RATE cut to its speech (from Silero's first region to its last, 30 ms
     either side: the silence before and after would only lengthen the pauses), its speech level
@@ -167,7 +186,7 @@ def build_call(ravdess: Path, script: Sequence[Line] = SCRIPT, crosstalk_db: flo
 
 def write(audio: np.ndarray, path: Path, rate: int = RATE) -> Path:
     """(channels, samples) or mono float audio as 16-bit PCM WAV."""
-    sf.write(path, audio.T if audio.ndim == 2 else audio, rate, subtype="PCM_16")
+    sf.write(path, audio.T if audio.ndim == 2 else audio, rate, subtype="PCM_16", format="WAV")
     return path
 
 
@@ -186,37 +205,49 @@ def _cpu_ms(run) -> float:  # type: ignore[no-untyped-def]
     return (time.process_time() - started) * 1000
 
 
-def main(argv: list[str] | None = None) -> None:
-    from ser_ml.inference import Ensemble
+def compare(ensemble, call: Call, folder: Path, rounds: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """CPU ms of the stereo call (``channels=auto``, which splits it) and of its mono mix, interleaved."""
     from ser_ml.pipeline import JobInput, run
     from ser_shared.settings import Settings
+
+    settings = Settings(env="test")
+    stereo, mono = write(call.audio, folder / "call.wav"), write(call.mono(), folder / "mono.wav")
+    jobs = {"stereo": JobInput(uuid.uuid4(), stereo, "wav"), "mono": JobInput(uuid.uuid4(), mono, "wav")}
+    outcomes = {name: run(ensemble, [job], settings)[0] for name, job in jobs.items()}  # warm-up
+    if outcomes["stereo"].mode != "split":
+        raise SystemExit(f"the stereo call was not split: {outcomes['stereo'].mode}")
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            times[name].append(_cpu_ms(lambda job=job: run(ensemble, [job], settings)))
+    ms = {name: statistics.median(v) for name, v in times.items()}
+    return {"duration_s": round(call.duration_s, 1), "ms": {k: round(v, 1) for k, v in ms.items()},
+            "ratio": round(ms["stereo"] / ms["mono"], 3),
+            "segments": {k: len(o.segments or []) for k, o in outcomes.items()},
+            "speech_s": {k: round(sum(s["speech_s"] for s in o.segments or []), 1) for k, o in outcomes.items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ser_ml.inference import Ensemble
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "datasets")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--long-rounds", type=int, default=10, help="script repeats of the streamed call (~20 s each)")
     args = p.parse_args(argv)
-    call = build_call(args.data / "ravdess")
+    ravdess = args.data / "ravdess"
     ensemble = Ensemble.load(REPO_ROOT / "models")
-    settings = Settings(env="test")
+    calls = {"short": build_call(ravdess), "streamed": build_call(ravdess, long_script(args.long_rounds))}
     with tempfile.TemporaryDirectory() as tmp:
-        stereo, mono = write(call.audio, Path(tmp) / "call.wav"), write(call.mono(), Path(tmp) / "mono.wav")
-        jobs = {"stereo (split)": JobInput(uuid.uuid4(), stereo, "wav", channels="split"),
-                "mono mix": JobInput(uuid.uuid4(), mono, "wav")}
-        outcomes = {name: run(ensemble, [job], settings)[0] for name, job in jobs.items()}  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in jobs}
-        for _ in range(args.rounds):
-            for name, job in jobs.items():
-                times[name].append(_cpu_ms(lambda job=job: run(ensemble, [job], settings)))
-    median = {name: statistics.median(v) for name, v in times.items()}
-    ratio = median["stereo (split)"] / median["mono mix"]
-    speech = {name: sum(s["speech_s"] for s in o.segments or []) for name, o in outcomes.items()}
-    print(f"call: {call.duration_s:.1f} s, {len(call.turns)} turns; CPU ms per analysis (median of {args.rounds})")
-    for name in jobs:
-        print(f"  {name:15s} {median[name]:8.1f} ms  segments {len(outcomes[name].segments or [])}  "
-              f"speech analysed {speech[name]:.1f} s")
-    print(f"  stereo / mono: {ratio:.2f}x (bound: 2x)")
-    print(json.dumps({"duration_s": round(call.duration_s, 2), "ms": {k: round(v, 1) for k, v in median.items()},
-                      "ratio": round(ratio, 3), "speech_s": {k: round(v, 2) for k, v in speech.items()}}))
+        rows = {name: compare(ensemble, call, Path(tmp), args.rounds) for name, call in calls.items()}
+    print(f"CPU ms per analysis, median of {args.rounds} interleaved rounds, one core")
+    print(f"{'call':>10} {'length':>8} {'stereo (split)':>15} {'mono mix':>10} {'ratio':>7}  segments, speech analysed")
+    for name, r in rows.items():
+        print(f"{name:>10} {r['duration_s']:7.1f}s {r['ms']['stereo']:15.1f} {r['ms']['mono']:10.1f} "
+              f"{r['ratio']:6.2f}x  {r['segments']['stereo']} vs {r['segments']['mono']}, "
+              f"{r['speech_s']['stereo']} s vs {r['speech_s']['mono']} s")
+    print("bound: stereo <= 2x its mono mix")
+    print(json.dumps(rows))
 
 
 if __name__ == "__main__":

@@ -14,35 +14,42 @@ recording.
     ``spread < COPY_DB`` (8 dB): the same signal at a steady level ratio, as one microphone written
     to two channels gives. All channels near-copies: ``mix``; otherwise ``split``.
 
-    Measured (``tests/integration/test_channels.py`` keeps the first and last rows honest): a
-    duplicated channel has spread 0 dB; a copy at -12 dB (a recorder's safety track) 1.4 dB; two
-    microphones in one room (different reverberation) 4-5 dB; the two-actor test calls 48 dB with
-    -25 dB crosstalk, also through 8 kHz µ-law, 30 dB with -15 dB crosstalk and still 12 dB with
-    -6 dB crosstalk, where a talker on their own channel is only 6 dB over their leakage into the
-    other. The 95th percentile, not the median: a customer who speaks in only a tenth of the call
-    still makes the spread large; a steady level ratio (a copy) keeps it small everywhere. 8 dB
-    sits between the copies' 5 and the calls' 12.
+    Measured (``tests/integration/test_channels.py`` checks the duplicated channel and the -25 dB
+    call): a duplicated channel has spread 0 dB; a copy at -12 dB (a recorder's safety track, with
+    its own noise) 1.4 dB; two microphones in one room (simulated: two different 0.5 s
+    reverberations of the same speech) 4.0-4.9 dB; the two-actor test call 48 dB with -25 dB
+    crosstalk (also through 8 kHz µ-law), 30 dB with -15 dB and still 12 dB with -6 dB, where a
+    talker on their own channel is only 6 dB over their leakage into the other. The 95th
+    percentile, not the median: a customer who speaks in only a tenth of the call still makes the
+    spread large, while a steady level ratio (a copy) keeps it small everywhere. 8 dB sits between
+    the copies' 5 and the calls' 12.
 
     A silent or near-silent channel (only noise, or only the other's faint crosstalk) is not a
     copy (its offset is -15 dB or lower, or its spread large): the recording is split, and that
     channel is reported as a speaker with no speech (emotion null). For a call that is the truth
     (the customer said nothing); for a mono recording written to one channel of a stereo file, the
     recording's own result is exactly the live channel's, where mixing would have blended it with
-    the dead one. Crosstalk louder than -3 dB makes two talkers' channels near-copies: ``auto``
-    mixes them (ask for ``split`` to keep them apart).
+    the dead one. Crosstalk of -3 dB or louder makes two talkers' channels near-copies (the test
+    call splits at -4 dB, spread 8.2, and mixes at -3 dB, spread 6.2): ``auto`` mixes them; ask for
+    ``split`` to keep them apart.
 
 Crosstalk (``own_speech``)
-    A channel's frame counts as its own speech only when no channel that the speech detector hears
-    there is more than ``CROSSTALK_DB`` (15 dB) louder, each channel's level taken as its maximum
-    over the 5 frames (50 ms) around the frame. Leakage is an attenuated copy of another channel
-    (-25 dB in the tests, 20-40 dB on telephone lines), so it sits that far under its source in
-    every frame and is dropped with 10 dB to spare; two people talking at once at comparable levels
-    stay within 15 dB of each other (the maximum bridges the dips between syllables, and the
-    segments bridge pauses under 0.5 s), so a real overlap stays speech on both channels. Only
-    channels with speech count as rivals, so one channel's hiss does not silence a quiet talker on
-    another. Levels are compared as recorded, not normalised: leakage is a fixed attenuation of its
-    source, which normalising each channel to its own level would hide. A talker recorded 15 dB or
-    more under the other loses the frames where both speak at once (not their solo speech).
+    A channel's frame counts as its own speech only when no other channel that the speech
+    detector hears around it is more than ``CROSSTALK_DB`` (15 dB) louder. The channel's level is
+    its maximum over the 5 frames (50 ms) around the frame; a rival's is its maximum over the 31
+    frames (±150 ms) around it, so the pauses between a talker's words (where their level drops to
+    the line noise, and so does their leakage) still count as theirs. Leakage is an attenuated copy
+    of another channel (-25 dB in the tests, 20-40 dB on telephone lines), so it sits that far
+    under its source and is dropped with 10 dB to spare; two people talking at once at comparable
+    levels stay within 15 dB of each other's peaks (and the segments bridge the dips under 0.5 s),
+    so a real overlap stays speech on both channels. Only channels with speech count as rivals, so
+    one channel's hiss does not silence a quiet talker on another. Levels are compared as
+    recorded, not normalised: leakage is a fixed attenuation of its source, which normalising each
+    channel to its own level would hide. A talker recorded 15 dB or more under the other loses the
+    frames where both speak at once (not their solo speech). On the test calls (8 kHz µ-law
+    included) the segments' edges stay within 0.13 s of the speech's, 0.1 s of it the segments'
+    padding; with the rival's level taken over 50 ms as well, pauses inside the other's turn let
+    leakage through and a segment started 0.34 s early.
 
 Splitting is for a few speakers: a recording with more than ``MAX_SPEAKERS`` channels is mixed by
 ``auto``, and ``split`` refuses it.
@@ -60,7 +67,8 @@ MODES = ("auto", "mix", "split")
 ACTIVE_DB = 20.0
 COPY_DB = 8.0
 CROSSTALK_DB = 15.0
-SMOOTH_FRAMES = 5  # 50 ms of 10 ms frames
+OWN_FRAMES = 5  # 50 ms of 10 ms frames
+RIVAL_FRAMES = 31  # 310 ms
 SPREAD_PERCENTILE = 95
 MAX_SPEAKERS = 8
 LOUD_PERCENTILE = 99
@@ -96,12 +104,18 @@ def own_speech(energies: np.ndarray, speech: np.ndarray, margin_db: float = CROS
     """Per channel and frame: False where the frame is another channel's crosstalk (module doc).
 
     ``energies``: (channels, frames) levels in dB; ``speech``: the same shape, the speech detector's
-    flags. Frames where no channel has speech are True (nothing to take them from).
+    flags. Frames where no other channel has speech are True (nothing to take them from).
     """
     e = np.asarray(energies, dtype=np.float32)
-    smooth = maximum_filter1d(e, size=SMOOTH_FRAMES, axis=1, mode="nearest")
-    rival = np.where(np.asarray(speech, dtype=bool), smooth, -np.inf).max(axis=0)
-    return np.asarray(smooth >= rival - margin_db)
+    own = maximum_filter1d(e, size=OWN_FRAMES, axis=1, mode="nearest")
+    heard = np.where(np.asarray(speech, dtype=bool), e, -np.inf)
+    rivals = maximum_filter1d(heard, size=RIVAL_FRAMES, axis=1, mode="nearest")
+    keep = np.ones(e.shape, dtype=bool)
+    for c in range(e.shape[0]):
+        others = np.delete(rivals, c, axis=0)
+        if others.size:
+            keep[c] = own[c] >= others.max(axis=0) - margin_db
+    return keep
 
 
 def labels(count: int, given: Sequence[str] | None) -> list[str]:

@@ -581,6 +581,78 @@ def converse(outcome: Outcome) -> None:
         entry["metrics"] = m
 
 
+# --- The transcript stage of a split recording: each channel through ``_transcribe`` ---------------
+
+def _transcribe_channels(audio: np.ndarray, pending: dict[str, Any], entries: list[dict[str, Any]],
+                         settings: Settings) -> dict[str, Any]:
+    """Each channel of (channels, samples) ``audio`` transcribed with its own segments (``entries``:
+    the outcome's ``schemas.Channel`` dicts, whose segments get their text), the budget shared
+    between the channels; the recording's text is all segments' in time order.
+
+    Outside its segments a channel is muted first: there it holds only the other speakers'
+    crosstalk, which an engine given the whole channel would transcribe as this speaker's words.
+    """
+    started = time.monotonic()
+    done: list[dict[str, Any]] = []
+    for entry in entries:
+        segments = entry["segments"]
+        left = settings.transcribe_timeout_s - (time.monotonic() - started)
+        if not segments:
+            continue
+        if left <= 0:
+            break
+        made = _transcribe(_only(audio[entry["index"]], segments), pending, segments,
+                           settings.model_copy(update={"transcribe_timeout_s": left}))
+        if len(segments) == 1 and made["status"] == "succeeded" and segments[0].get("transcript") is None:
+            segments[0]["transcript"] = made["text"]  # transcribed whole: its one segment's text
+        done.append(made)
+    # The recording's transcript is a channel's (the first that succeeded, else the last that
+    # failed, with whatever else the engine reports) with every channel's text, in time order.
+    ok = [t for t in done if t["status"] == "succeeded"]
+    base = ok[0] if ok else done[-1] if done else {
+        "status": "unavailable", "engine": pending["engine"], "language": pending["language"],
+        "reason": "timeout", "message": "no time was left for the transcript"}
+    kept = {"attempts": pending["attempts"]} if "attempts" in pending else {}
+    return {**base, "text": " ".join(s["transcript"] for s in merged(entries) if s.get("transcript")) if ok else None,
+            "seconds": round(time.monotonic() - started, 3), "segments": True, **kept}
+
+
+def _only(audio: np.ndarray, segments: Sequence[dict[str, Any]]) -> np.ndarray:
+    """A copy of ``audio`` silent outside ``segments``."""
+    out = np.zeros_like(audio)
+    for seg in segments:
+        start, end = int(seg["start"] * SAMPLE_RATE), int(seg["end"] * SAMPLE_RATE)
+        out[start:end] = audio[start:end]
+    return out
+
+
+def _transcribe_stored_channels(job: JobInput, transcript: dict[str, Any], entries: list[dict[str, Any]],
+                                settings: Settings) -> dict[str, Any]:
+    try:
+        audio = decode_channels(job.path, job.format, SAMPLE_RATE, settings.max_duration_s, job.channel_count)
+    except (AudioError, FileNotFoundError) as exc:
+        message = exc.message if isinstance(exc, AudioError) else "the stored recording is gone"
+        return {**transcript, "status": "unavailable", "text": None, "reason": "audio_missing",
+                "message": message}
+    return _transcribe_channels(audio, transcript, entries, settings)
+
+
+def restore_conversation(job_id: uuid.UUID, segments: list[dict[str, Any]] | None, entries: list[dict[str, Any]],
+                         stored: dict[str, Any] | None) -> Outcome:
+    """A stored result's segments, channels and conversation once ``transcribe_stored`` has given
+    their segments text: the recording's segments and its channels' are the same again (they
+    were stored apart) and the metrics and conversation are made anew."""
+    mode = (stored or {}).get("channels", "mono")
+    if mode == "split":
+        segments = merged(entries)
+    elif entries and segments is not None:
+        entries[0]["segments"] = segments
+    outcome = Outcome(job_id, duration_s=(stored or {}).get("duration_s"), segments=segments, mode=mode,
+                      channels=entries)
+    converse(outcome)
+    return outcome
+
+
 def transcribe_all(outcomes: list[Outcome], settings: Settings) -> dict[uuid.UUID, dict[str, Any]]:
     """Transcripts for the analysed recordings that asked for one (never raises, never blocks
     longer than ``transcribe_timeout_s`` per recording). Runs after the emotions are stored.
@@ -650,74 +722,3 @@ def _transcribe(audio: np.ndarray, pending: dict[str, Any], segments: list[dict[
                    google_key=settings.google_speech_key)
     return {"status": t.status, "engine": engine, "language": language, "text": t.text,
             "reason": t.reason, "message": t.message, "seconds": round(t.seconds, 3), **kept}
-
-
-# --- The transcript stage of a split recording: each channel through ``_transcribe`` ---------------
-
-def _transcribe_channels(audio: np.ndarray, pending: dict[str, Any], entries: list[dict[str, Any]],
-                         settings: Settings) -> dict[str, Any]:
-    """Each channel of (channels, samples) ``audio`` transcribed with its own segments (``entries``:
-    the outcome's ``schemas.Channel`` dicts, whose segments get their text), the budget shared
-    between the channels; the recording's text is all segments' in time order.
-
-    Outside its segments a channel is muted first: there it holds only the other speakers'
-    crosstalk, which an engine given the whole channel would transcribe as this speaker's words.
-    """
-    started = time.monotonic()
-    done: list[dict[str, Any]] = []
-    for entry in entries:
-        segments = entry["segments"]
-        left = settings.transcribe_timeout_s - (time.monotonic() - started)
-        if not segments:
-            continue
-        if left <= 0:
-            break
-        made = _transcribe(_only(audio[entry["index"]], segments), pending, segments,
-                           settings.model_copy(update={"transcribe_timeout_s": left}))
-        if len(segments) == 1 and made["status"] == "succeeded" and segments[0].get("transcript") is None:
-            segments[0]["transcript"] = made["text"]  # transcribed whole: its one segment's text
-        done.append(made)
-    ok = any(t["status"] == "succeeded" for t in done)
-    last = done[-1] if done else {"reason": "timeout", "message": "no time was left for the transcript"}
-    kept = {"attempts": pending["attempts"]} if "attempts" in pending else {}
-    return {"status": "succeeded" if ok else "unavailable", "engine": pending["engine"],
-            "language": pending["language"],
-            "text": " ".join(s["transcript"] for s in merged(entries) if s.get("transcript")) if ok else None,
-            "reason": None if ok else last["reason"], "message": None if ok else last["message"],
-            "seconds": round(time.monotonic() - started, 3), "segments": True, **kept}
-
-
-def _only(audio: np.ndarray, segments: Sequence[dict[str, Any]]) -> np.ndarray:
-    """A copy of ``audio`` silent outside ``segments``."""
-    out = np.zeros_like(audio)
-    for seg in segments:
-        start, end = int(seg["start"] * SAMPLE_RATE), int(seg["end"] * SAMPLE_RATE)
-        out[start:end] = audio[start:end]
-    return out
-
-
-def _transcribe_stored_channels(job: JobInput, transcript: dict[str, Any], entries: list[dict[str, Any]],
-                                settings: Settings) -> dict[str, Any]:
-    try:
-        audio = decode_channels(job.path, job.format, SAMPLE_RATE, settings.max_duration_s, job.channel_count)
-    except (AudioError, FileNotFoundError) as exc:
-        message = exc.message if isinstance(exc, AudioError) else "the stored recording is gone"
-        return {**transcript, "status": "unavailable", "text": None, "reason": "audio_missing",
-                "message": message}
-    return _transcribe_channels(audio, transcript, entries, settings)
-
-
-def restore_conversation(job_id: uuid.UUID, segments: list[dict[str, Any]] | None, entries: list[dict[str, Any]],
-                         stored: dict[str, Any] | None) -> Outcome:
-    """A stored result's segments, channels and conversation once ``transcribe_stored`` has given
-    their segments text: the recording's segments and its channels' are the same again (they
-    were stored apart) and the metrics and conversation are made anew."""
-    mode = (stored or {}).get("channels", "mono")
-    if mode == "split":
-        segments = merged(entries)
-    elif entries and segments is not None:
-        entries[0]["segments"] = segments
-    outcome = Outcome(job_id, duration_s=(stored or {}).get("duration_s"), segments=segments, mode=mode,
-                      channels=entries)
-    converse(outcome)
-    return outcome

@@ -173,8 +173,7 @@ def _transcripts(factory: sessionmaker[Session], outcomes: list[pipeline.Outcome
                 metrics.observe_transcript(started)
                 transcripts.update(made)
         done = [o for o in outcomes if o.job_id in transcripts]
-        with_segments = {o.job_id: o.segments for o in done
-                         if o.segments and (len(o.segments) > 1 or o.mode == "split")}
+        with_segments = {o.job_id: o.segments for o in done if o.segments}
         talks: dict[uuid.UUID, results.Talk] = {o.job_id: (o.channels, o.conversation) for o in done if o.channels}
         results.save_transcripts(factory, transcripts, with_segments, talks)
     except SoftTimeLimitExceeded:
@@ -203,7 +202,7 @@ def _owed_transcripts(factory: sessionmaker[Session], job_ids: list[uuid.UUID], 
             if item.channels:  # the channels' segments got their text: the conversation follows
                 talk = pipeline.restore_conversation(item.job.id, item.segments, item.channels, item.conversation)
                 talks[item.job.id], kept = (talk.channels, talk.conversation), talk.segments
-            if kept and (len(kept) > 1 or len(item.channels or []) > 1):
+            if kept:
                 segments[item.job.id] = kept
     except SoftTimeLimitExceeded:
         results.abandon_transcripts(factory, [o.job.id for o in owed if o.job.id not in done], "time_limit",

@@ -13,12 +13,13 @@ import soundfile as sf
 
 from ser_ml.features import SAMPLE_RATE
 from ser_ml.segments import EnergyMeter, frame_energy_db
-from ser_shared.audio import decode, stream
+from ser_shared.audio import decode, decode_channels, stream, stream_channels
 from ser_shared.settings import REPO_ROOT
 from tests.conftest import RAVDESS, settings_env
 
 
-@pytest.mark.parametrize(("fmt", "rate", "channels"), [("wav", 48000, 2), ("flac", 16000, 1), ("m4a", 44100, 1)])
+@pytest.mark.parametrize(("fmt", "rate", "channels"), [("wav", 48000, 2), ("flac", 16000, 1), ("m4a", 44100, 1),
+                                                       ("flac", 8000, 3), ("m4a", 44100, 2)])
 def test_streamed_decode_equals_whole_decode(tmp_path: Path, fmt: str, rate: int, channels: int) -> None:
     rng = np.random.default_rng(3)
     audio = (0.1 * rng.standard_normal((rate * 7, channels))).astype(np.float32)
@@ -38,6 +39,13 @@ def test_streamed_decode_equals_whole_decode(tmp_path: Path, fmt: str, rate: int
     for block in blocks:
         meter.feed(block)
     np.testing.assert_array_equal(meter.finish(), frame_energy_db(whole))
+    # Channel by channel: (channels, samples) blocks that join to the whole decode, whose mean is the mono one.
+    apart = decode_channels(path, fmt, SAMPLE_RATE, 600.0)
+    planar = list(stream_channels(path, fmt, SAMPLE_RATE, 600.0, block_s=1.3))
+    assert apart.shape == (channels, whole.size) and all(b.shape[0] == channels for b in planar)
+    np.testing.assert_allclose(np.concatenate(planar, axis=1), apart, atol=1e-6)
+    if fmt != "m4a":  # ffmpeg's own downmix is louder than the channels' mean
+        np.testing.assert_allclose(apart.mean(axis=0), whole, atol=1e-6)
 
 
 PROBE = """
