@@ -173,7 +173,7 @@ def _transcripts(factory: sessionmaker[Session], outcomes: list[pipeline.Outcome
                 metrics.observe_transcript(started)
                 transcripts.update(made)
         with_segments = {o.job_id: o.segments for o in outcomes
-                         if o.job_id in transcripts and o.segments and len(o.segments) > 1}
+                         if o.job_id in transcripts and o.segments}
         results.save_transcripts(factory, transcripts, with_segments)
     except SoftTimeLimitExceeded:
         left = {o.job_id: {**(o.transcript or {}), "status": "unavailable", "reason": "time_limit",
@@ -195,7 +195,7 @@ def _owed_transcripts(factory: sessionmaker[Session], job_ids: list[uuid.UUID], 
         for item in owed:
             with spool.local_inputs(settings, [item.job]) as (local,):
                 done[item.job.id] = pipeline.transcribe_stored(local, item.transcript, item.segments, settings)
-            if item.segments and len(item.segments) > 1:
+            if item.segments:
                 segments[item.job.id] = item.segments
     except SoftTimeLimitExceeded:
         results.abandon_transcripts(factory, [o.job.id for o in owed if o.job.id not in done], "time_limit",
