@@ -57,6 +57,7 @@ PRIOR_COST = {"tiny.en": 0.03, "base": 0.06}
 # Whisper's own front end (80 mel bins for tiny and base), given explicitly: without it faster-whisper
 # looks for a preprocessor_config.json under the model's name, relative to the working directory.
 PREPROCESSOR = {"feature_size": 80, "sampling_rate": RATE, "hop_length": 160, "chunk_length": 30, "n_fft": 400}
+LEFT_OVER_S = 1.0  # audio after a pack's last segment that may be only a pause, not words still to come
 AUXILIARY = ("config.json", "vocabulary.txt", "tokenizer.json")
 # BCP-47 primary subtags that Whisper spells differently.
 WHISPER_CODES = {"iw": "he", "jv": "jw", "nb": "no", "fil": "tl", "mo": "ro"}
@@ -269,7 +270,9 @@ def _decode(session: Session, packed: np.ndarray, deadline: float, heard: list[H
             found.extend((float(w.start), float(w.end), w.word, True) for w in segment.words)
         elif segment.text.strip():
             found.append((float(segment.start), float(segment.end), segment.text, False))
-        if time.monotonic() > deadline:
+        # Past the deadline with audio still to decode (Whisper moves to its next window): stop. A
+        # pack whose last words are in is kept, its cost already spent.
+        if time.monotonic() > deadline and packed.size / RATE - float(segment.end) > LEFT_OVER_S:
             raise OutOfTime(heard)
     return found
 
