@@ -24,7 +24,7 @@ budget runs out (its socket timeout ends it soon after). Whisper decodes in C an
 mid-window, so its work is cut into packs of at most ``whisper_asr.PACK_S`` seconds and the deadline is
 checked between them (and between the segments Whisper yields); a pack is not started when the speed
 seen so far says it would overrun. The overshoot is at most about one pack (a few seconds). Loading a
-model (first use in a process: ~1 s for tiny.en, ~2 s for base) counts against the budget too.
+model (first use in a process: ~1 s for tiny.en, ~2 s for base) comes on top, once per process.
 
 When the budget runs out, or an engine fails part-way through a long recording, the result is
 ``unavailable`` with no text at all: ``text`` is set if and only if ``status == "succeeded"``, so a
@@ -198,10 +198,14 @@ def _whisper(pcm: np.ndarray, language: str, spans: Sequence[tuple[float, float]
     except ImportError as exc:
         raise _Unavailable("engine_missing", f"faster-whisper is not installed ({exc})") from exc
     run.model = f"whisper-{name}"
+    loading = time.monotonic()
     try:
         session = whisper_asr.Session(whisper_asr.model(name), code, whisper_asr.PRIOR_COST[name])
     except WeightsError as exc:
         raise _Unavailable("engine_missing", str(exc)) from exc
+    # A process's first transcript loads the model (~1 s for tiny.en, ~2 s for base, once): that is
+    # not the recording's time, so the budget starts after it.
+    deadline += time.monotonic() - loading
     whole = spans is None
     segments = [(0.0, pcm.size / SAMPLE_RATE)] if spans is None else list(spans)
     pieces, owner = _pieces(pcm, segments)
