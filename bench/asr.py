@@ -7,8 +7,9 @@ One run, the same audio for every engine:
 1. **espeak-ng English**: the fixed ``SENTENCES`` (Harvard sentences, IEEE 1969), spoken by espeak-ng
    with one fixed voice and speed (``VOICE``, ``SPEED``), each a clip of its own.
 2. **RAVDESS**: its two sentences ("Kids are talking by the door", "Dogs are sitting by the door")
-   from every actor (``--actors``, speaker-balanced: 12 women, 12 men), each sentence neutral
-   (normal intensity) and angry (strong intensity), first repetition: 4 files per actor, 96 in all.
+   from actors 1-20 (``--actors``; odd actors are men, even ones women, so 10 of each), each
+   sentence neutral (normal intensity) and angry (strong intensity), first repetition: 4 files per
+   actor, 80 in all.
 
 Word error rate (WER) is the word-level Levenshtein distance between the reference and the
 engine's text, both lowercased with punctuation removed (:func:`normalise`), summed over the clips
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "datasets")
     parser.add_argument("--sentences", type=int, default=len(SENTENCES))
-    parser.add_argument("--actors", type=int, default=24)
+    parser.add_argument("--actors", type=int, default=20)
     parser.add_argument("--ravdess-limit", type=int, help="only the first N RAVDESS files (a quick run)")
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--json", type=Path, help="also write the summary here")
