@@ -264,6 +264,7 @@ def _decode(session: Session, packed: np.ndarray, deadline: float, heard: list[H
     if session.language is None:  # detected on this first pack: every later pack keeps it
         session.language = session.detected = info.language
         session.probability = round(float(info.language_probability), 3)
+        log.info("whisper detected language=%s probability=%.2f", session.detected, session.probability)
     found: _Found = []
     for segment in segments:  # a generator: each window is decoded as it is asked for
         if segment.words:
