@@ -657,8 +657,9 @@ def transcribe_all(outcomes: list[Outcome], settings: Settings) -> dict[uuid.UUI
     """Transcripts for the analysed recordings that asked for one (never raises, never blocks
     longer than ``transcribe_timeout_s`` per recording). Runs after the emotions are stored.
 
-    A recording with several segments is transcribed segment by segment (the budget shared
-    between them): each segment gets its own text, and the recording's is their concatenation.
+    A recording with segments is transcribed segment by segment (the budget shared between them):
+    each segment gets its own text (and words, from Whisper), and the recording's is their
+    concatenation.
     """
     done: dict[uuid.UUID, dict[str, Any]] = {}
     for outcome in outcomes:
@@ -694,31 +695,19 @@ def transcribe_stored(job: JobInput, transcript: dict[str, Any], segments: list[
 
 def _transcribe(audio: np.ndarray, pending: dict[str, Any], segments: list[dict[str, Any]],
                 settings: Settings) -> dict[str, Any]:
-    from ser_ml.transcribe import transcribe
+    """The finished transcript for ``pending``; each of ``segments`` gets its ``transcript`` (and,
+    from Whisper, its ``words``, timed from the start of the recording)."""
+    from ser_ml.transcribe import transcribe_segments
 
     engine, language = pending["engine"], pending["language"]
     # Bookkeeping of the stage (how many times it was started) stays with the finished transcript.
     kept = {"attempts": pending["attempts"]} if "attempts" in pending else {}
-    started = time.monotonic()
-    if len(segments) > 1:
-        texts, last = [], None
-        for seg in segments:
-            left = settings.transcribe_timeout_s - (time.monotonic() - started)
-            piece = audio[int(seg["start"] * SAMPLE_RATE) : int(seg["end"] * SAMPLE_RATE)]
-            last = transcribe(piece, SAMPLE_RATE, engine, language, timeout_s=max(left, 0.0),
-                              google_key=settings.google_speech_key)
-            seg["transcript"] = last.text if last.status == "succeeded" else None
-            if last.text:
-                texts.append(last.text)
-            if last.reason in ("timeout", "network_error", "rate_limited", "engine_missing"):
-                break  # the engine is gone or the budget spent: later segments would fail alike
-        ok = bool(texts)
-        return {
-            "status": "succeeded" if ok else "unavailable", "engine": engine, "language": language,
-            "text": " ".join(texts) if ok else None, "reason": None if ok else (last.reason if last else None),
-            "message": None if ok else (last.message if last else None),
-            "seconds": round(time.monotonic() - started, 3), "segments": True, **kept}
-    t = transcribe(audio, SAMPLE_RATE, engine, language, timeout_s=settings.transcribe_timeout_s,
-                   google_key=settings.google_speech_key)
-    return {"status": t.status, "engine": engine, "language": language, "text": t.text,
-            "reason": t.reason, "message": t.message, "seconds": round(t.seconds, 3), **kept}
+    spans = [(float(seg["start"]), float(seg["end"])) for seg in segments] or None
+    t, heard = transcribe_segments(audio, SAMPLE_RATE, engine, language, spans,
+                                   timeout_s=settings.transcribe_timeout_s, google_key=settings.google_speech_key)
+    for seg, got in zip(segments, heard, strict=True):
+        seg.pop("words", None)  # a stage made again (its worker was killed) starts from what is heard now
+        seg["transcript"] = None if got is None else got.text
+        if got is not None and got.words is not None:
+            seg["words"] = [{"start": w.start, "end": w.end, "word": w.word} for w in got.words]
+    return {**t.stored(), **({"segments": True} if segments else {}), **kept}

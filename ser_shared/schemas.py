@@ -151,7 +151,7 @@ class Transcript(Emitted):
 
     status: Literal["pending", "succeeded", "unavailable"]
     engine: Engine
-    language: str
+    language: str = Field(description="As asked (BCP-47); `und` (undetermined) asks Whisper to detect it.")
     text: str | None = None
     reason: str | None = Field(
         default=None, description="Why it is unavailable: network_error, rate_limited, http_error, no_speech, "
@@ -163,6 +163,11 @@ class Transcript(Emitted):
     attempts: int | SkipJsonSchema[None] = Field(
         default=None, description="How many times the transcript stage was started: more than 1 after a worker "
                                   "was killed during it (then `worker_lost` ends it).")
+    model: str | SkipJsonSchema[None] = Field(
+        default=None, description="The model that made it: `whisper-tiny.en` (English) or `whisper-base` (other "
+                                  "languages, detection). Engines `whisper` and `sphinx` (which Whisper now serves).")
+    detected_language: str | SkipJsonSchema[None] = Field(
+        default=None, description="The language Whisper detected (its code, e.g. `hi`), when `language` was `und`.")
 
 
 class Word(Emitted):

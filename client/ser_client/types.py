@@ -67,6 +67,8 @@ class Transcript(Model):
     seconds: float | None = None
     segments: bool | None = None
     attempts: int | None = None  # more than 1 after a worker was killed during the transcript
+    model: str | None = None  # whisper-tiny.en or whisper-base (engines whisper and sphinx)
+    detected_language: str | None = None  # Whisper's code for the language it detected (language=und)
 
 
 class Word(Model):

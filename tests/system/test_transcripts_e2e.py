@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,9 +15,9 @@ from tests.helpers import multipart, read
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng makes the test speech")
 
 
-def _speech(tmp_path: Path, text: str) -> tuple[str, bytes]:
+def _speech(tmp_path: Path, text: str, voice: str = "en-us+f2", speed: int = 150) -> tuple[str, bytes]:
     out = tmp_path / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us+f2", "-s", "150", "-w", str(out), text], check=True)
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(out), text], check=True)
     return out.name, out.read_bytes()
 
 
@@ -26,18 +27,40 @@ def _finished(client, url: str) -> dict | None:  # type: ignore[no-untyped-def]
     return job if job["status"] == "succeeded" and transcript.get("status") != "pending" else None
 
 
+@pytest.mark.parametrize("engine", ["whisper", "sphinx"])
 def test_offline_transcript_comes_back_with_the_emotion(client, pg_worker: WorkerProcess,  # type: ignore[no-untyped-def]
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, engine: str) -> None:
+    """Whisper tiny.en, asked for as whisper or, by an old client, as sphinx (which Whisper now serves)."""
     resp = client.post("/api/v1/jobs", data=multipart([_speech(tmp_path, "we are going to the market this afternoon")],
-                                                      transcribe="sphinx", language="en-US"),
+                                                      transcribe=engine, language="en-US"),
                        content_type="multipart/form-data")
     assert resp.status_code == 202
     job = wait_for(lambda: _finished(client, resp.get_json()["jobs"][0]["url"]), timeout=120)
     transcript = job["result"]["transcript"]
-    assert transcript["status"] == "succeeded" and transcript["engine"] == "sphinx"
+    assert transcript["status"] == "succeeded" and transcript["engine"] == engine, transcript
+    assert transcript["model"] == "whisper-tiny.en"
     words = set(transcript["text"].lower().split())
     assert len(words & {"going", "market", "afternoon"}) >= 2, transcript
-    assert job["result"]["emotion"] and job["options"]["transcribe"] == "sphinx"
+    assert job["result"]["emotion"] and job["options"]["transcribe"] == engine
+    (segment,) = job["result"]["segments"]  # a short recording: one segment, with its words in it
+    assert segment["transcript"] == transcript["text"]
+    assert [w["word"] for w in segment["words"]] == transcript["text"].split()
+    assert all(segment["start"] <= w["start"] <= w["end"] <= segment["end"] for w in segment["words"])
+
+
+def test_hindi_speech_comes_back_in_devanagari(client, pg_worker: WorkerProcess,  # type: ignore[no-untyped-def]
+                                                tmp_path: Path) -> None:
+    resp = client.post("/api/v1/jobs", data=multipart([_speech(tmp_path, "मेरा नाम राम है और मैं दिल्ली में रहता हूँ",
+                                                               voice="hi", speed=130)],
+                                                      transcribe="whisper", language="hi-IN"),
+                       content_type="multipart/form-data")
+    assert resp.status_code == 202
+    job = wait_for(lambda: _finished(client, resp.get_json()["jobs"][0]["url"]), timeout=120)
+    transcript = job["result"]["transcript"]
+    assert (transcript["status"], transcript["model"], transcript["language"]) == ("succeeded", "whisper-base",
+                                                                                   "hi-IN"), transcript
+    assert sum("\u0900" <= ch <= "\u097f" for ch in transcript["text"]) >= 5, transcript
+    assert job["result"]["emotion"]
 
 
 def test_unreachable_google_leaves_the_emotion_intact(client, pg_worker: WorkerProcess) -> None:  # type: ignore[no-untyped-def]
@@ -53,7 +76,7 @@ def test_unreachable_google_leaves_the_emotion_intact(client, pg_worker: WorkerP
     assert job["result"]["emotion"] and job["error"] is None
 
 
-@pytest.mark.parametrize("fields", [{"transcribe": "whisper"}, {"transcribe": "google", "language": "english!"}])
+@pytest.mark.parametrize("fields", [{"transcribe": "vosk"}, {"transcribe": "google", "language": "english!"}])
 def test_bad_transcript_options_are_400(client, fields: dict) -> None:  # type: ignore[no-untyped-def]
     resp = client.post("/api/v1/jobs", data=multipart([read(ravdess_file(8, "03"))], **fields),
                        content_type="multipart/form-data")
@@ -69,6 +92,7 @@ def test_each_segment_of_a_long_recording_gets_its_own_transcript(tmp_path: Path
     from ser_ml.features import SAMPLE_RATE
     from ser_ml.inference import Ensemble
     from ser_ml.pipeline import JobInput, run, transcribe_all
+    from ser_shared import schemas
     from ser_shared.audio import decode
     from ser_shared.settings import REPO_ROOT, Settings
 
@@ -83,11 +107,16 @@ def test_each_segment_of_a_long_recording_gets_its_own_transcript(tmp_path: Path
     path = tmp_path / "three.wav"
     sf.write(path, np.concatenate(parts), SAMPLE_RATE, subtype="PCM_16")
     settings = Settings(env="test", transcribe_timeout_s=60.0)
-    job = JobInput(uuid.uuid4(), path, "wav", transcribe="sphinx", language="en-US")
+    job = JobInput(uuid.uuid4(), path, "wav", transcribe="whisper", language="en-US")
     (outcome,) = run(Ensemble.load(REPO_ROOT / "models"), [job], settings)
     assert outcome.segments is not None and len(outcome.segments) == 3
     transcript = transcribe_all([outcome], settings)[job.id]
     assert transcript["status"] == "succeeded" and transcript["segments"] is True
     for segment, text in zip(outcome.segments, sentences, strict=True):
-        heard = set((segment["transcript"] or "").lower().split())
+        heard = set(re.sub(r"[^\w\s]", "", segment["transcript"] or "").lower().split())
         assert len(heard & set(text.split()) - {"the", "is", "in", "to", "are", "and"}) >= 2, (segment, text)
+        # Word times are the recording's: inside this segment, in order.
+        times = [(w["start"], w["end"]) for w in segment["words"]]
+        assert times and all(segment["start"] <= a <= b <= segment["end"] for a, b in times), (segment, times)
+        assert all(b1 <= a2 for (_, b1), (a2, _) in zip(times, times[1:], strict=False))
+        schemas.Segment.model_validate(segment)  # what the worker stores is the served shape
