@@ -245,8 +245,11 @@ def _build_encoder(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    """Print the metrics (and write the JSON) first, the plot last: a missing plotting library costs
+    the picture, never the minutes of analysis. Exit 1 when an asked-for plot could not be written."""
     from ser_ml.conditions import parse
-    from ser_ml.train.evaluation import evaluate, summary
+    from ser_ml.train.evaluation import evaluate, plot_confusion, summary
+    from ser_ml.train.plots import PlotsUnavailable
 
     try:
         parse(args.condition)
@@ -255,8 +258,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = get_settings()
     models = Path(args.models) if args.models else settings.models_dir
     rep = evaluate(Path(args.dir), models, settings, Path(args.json) if args.json else None,
-                   Path(args.plot) if args.plot else None, condition=args.condition)
-    print(summary(rep))
+                   condition=args.condition)
+    print(summary(rep), flush=True)
+    if args.plot:
+        try:
+            plot_confusion(rep, Path(args.plot))
+        except PlotsUnavailable as exc:
+            print(f"ser evaluate: {args.plot} not written: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

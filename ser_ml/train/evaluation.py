@@ -266,7 +266,9 @@ def summary(rep: dict[str, Any]) -> str:
 
 
 def evaluate(root: Path, models_dir: Path, settings: Settings, json_path: Path | None = None,
-             plot_path: Path | None = None, condition: str = "clean") -> dict[str, Any]:
+             condition: str = "clean") -> dict[str, Any]:
+    """Score the models in ``models_dir`` on the labelled recordings under ``root``; write the JSON
+    report to ``json_path`` if given. Raises SystemExit when ``root`` holds no labelled recording."""
     conditions.parse(condition)  # a bad name fails before the models load
     tune_malloc()  # as in a worker process
     items = labelled_files(root)
@@ -277,10 +279,16 @@ def evaluate(root: Path, models_dir: Path, settings: Settings, json_path: Path |
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(rep, indent=2) + "\n")
-    if plot_path is not None and rep["n"]:
-        from ser_ml.train.plots import confusion_png
-
-        confusion_png(np.asarray(rep["confusion"]["matrix"]), list(EMOTIONS), plot_path,
-                      title=f"{root.name} ({condition}): accuracy {rep['accuracy']:.3f}, "
-                            f"macro-F1 {rep['macro_f1']:.3f}")
     return rep
+
+
+def plot_confusion(rep: dict[str, Any], path: Path) -> None:
+    """The report's confusion matrix as a PNG (nothing when no recording was analysed); raises
+    ``ser_ml.train.plots.PlotsUnavailable`` without matplotlib."""
+    if not rep["n"]:
+        return
+    from ser_ml.train.plots import confusion_png
+
+    confusion_png(np.asarray(rep["confusion"]["matrix"]), list(EMOTIONS), path,
+                  title=f"{Path(rep['root']).name} ({rep['condition']}): accuracy {rep['accuracy']:.3f}, "
+                        f"macro-F1 {rep['macro_f1']:.3f}")
