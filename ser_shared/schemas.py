@@ -355,7 +355,9 @@ class Job(Emitted):
     url: Uri
     audio_url: Uri | None
     audio_deleted_at: UtcDateTime | None
-    webhooks: list[WebhookDelivery]
+    webhooks: list[WebhookDelivery] = Field(
+        description="The job's webhook deliveries and their attempts, oldest first; the same wherever the job "
+                    "appears (a job, a page of the list, a batch).")
 
 
 class JobSummary(Emitted):

@@ -287,3 +287,17 @@ def test_production_serves_a_stored_shape_it_does_not_know() -> None:
         schemas.set_strict(True)
     # Served without the key it cannot describe; what it can describe is as stored.
     assert served.to_json() == {k: v for k, v in stored.items() if k != "legacy_key"}
+
+
+def test_listed_jobs_carry_the_webhooks_their_own_page_shows(seeded_app: tuple[Flask, dict[str, Any]]) -> None:
+    """A job's `webhooks` in the list and in its batch are what GET /jobs/<id> says, attempts and all:
+    an empty list there would say that nothing was sent."""
+    app, seeded = seeded_app
+    client = app.test_client()
+    own = {j: client.get(f"/api/v1/jobs/{j}").get_json()["webhooks"] for j in seeded["job_id"]}
+    assert any(d["attempts"] for deliveries in own.values() for d in deliveries)
+    listed = client.get("/api/v1/jobs", query_string={"ids": ",".join(seeded["job_id"])}).get_json()["jobs"]
+    assert {j["id"]: j["webhooks"] for j in listed} == own
+    batch = client.get(f"/api/v1/batches/{seeded['batch_id'][0]}").get_json()
+    assert {j["id"]: j["webhooks"] for j in batch["jobs"]} == own
+    assert all(d["id"] not in {o["id"] for ds in own.values() for o in ds} for d in batch["webhooks"])
