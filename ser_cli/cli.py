@@ -343,11 +343,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> int:
+    """stdout's reader went away (``ser keys list | head``): stop quietly, as the Python docs advise
+    (signal module, "Note on SIGPIPE"), with the status a shell gives SIGPIPE (128 + 13)."""
+    # Python flushes stdout once more at exit; pointed at devnull, that flush cannot fail again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Client commands run on machines with no server configuration: they never build Settings.
     logs.configure("WARNING" if getattr(args, "client", False) else get_settings().log_level)
-    return int(args.func(args) or 0)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not in the flush at exit
+    except BrokenPipeError:
+        return _stdout_closed()
+    return code
 
 
 if __name__ == "__main__":

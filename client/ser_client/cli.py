@@ -39,6 +39,7 @@ from ser_client.types import EMOTIONS, Job
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm"})
 EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a command ended by SIGPIPE (`ser history | head`)
 HISTORY_PAGE = 200  # the server's largest page
 BLOCK = 1 << 20
 
@@ -55,6 +56,7 @@ exit status:
   2  usage error: no audio files found, or an --output name that is not .csv or .json
   3  the server could not be reached or refused the request (API key, limits, bad options)
   4  --timeout passed before every job finished; the output holds what was known
+  141  the output's reader stopped early (| head); the command stops quietly
 """
 
 
@@ -337,10 +339,23 @@ def explain(exc: SERError, args: argparse.Namespace) -> str:
 Command = Callable[[argparse.Namespace], int]
 
 
+def stdout_closed() -> int:
+    """The reader of stdout went away (``ser history --json | head``): stop quietly, as the Python
+    docs advise (signal module, "Note on SIGPIPE"), with the status a shell gives SIGPIPE."""
+    # Python flushes stdout once more at exit; pointed at devnull, that flush cannot fail again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
 def _run(func: Command, args: argparse.Namespace) -> int:
     """Run a client command; a failure becomes one clear line on stderr and an exit status."""
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not in the flush at exit
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

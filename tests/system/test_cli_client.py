@@ -26,7 +26,8 @@ from ser_client._progress import Progress
 from ser_client.cli import history
 
 from ser_shared.emotions import EMOTIONS
-from tests.conftest import WorkerProcess, ravdess_file
+from ser_shared.settings import Settings
+from tests.conftest import WorkerProcess, ravdess_file, settings_env
 from tests.live_server import FlakyProxy, free_port
 
 pytestmark = pytest.mark.slow
@@ -295,3 +296,21 @@ def test_upload_progress_counts_bytes_and_notes_the_batch() -> None:
     lines = log.getvalue().splitlines()
     assert lines[-2].endswith(" 50%|" + "#" * 15 + " " * 15 + "| 1.50M/3.00MB, batch 1/2")
     assert lines[-1].endswith("100%|" + "#" * 30 + "| 3.00M/3.00MB, batch 2/2")
+
+
+@pytest.mark.parametrize("argv", [("-m", "ser_cli", "history", "--json"), ("-m", "ser_cli", "history", "--csv"),
+                                  ("-m", "ser_client", "history"), ("-m", "ser_cli", "keys", "list", "--json")])
+def test_a_reader_that_left_early_ends_the_command_quietly(live_server: str, pg_settings: Settings,
+                                                           argv: tuple[str, ...]) -> None:
+    """``ser history --json | head``: once head has gone, the next write fails; the command stops
+    with the shell's SIGPIPE status and no traceback, client and server commands alike."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader already gone, as head is after its lines: every write fails (EPIPE)
+    env = settings_env(pg_settings) | {"SER_URL": live_server}
+    try:
+        proc = subprocess.run([sys.executable, *argv], stdout=write_end, stderr=subprocess.PIPE, env=env,
+                              text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141
