@@ -208,6 +208,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if stopping else next((c for c in codes if c), 1)
 
 
+def _webhook_secret(_: argparse.Namespace) -> int:
+    """Print the webhook signing secret the workers use. Never creates one: run from the wrong
+    folder, a new key there would be a wrong answer, so that is an error that says what to check."""
+    from ser_shared.settings import NoStoredSecret, stored_secret
+    from ser_shared.webhooks import public_secret
+
+    settings = get_settings()
+    if not (settings.webhook_secret or settings.secret_key):
+        try:
+            stored_secret(settings.resolved_data_dir, create=False)
+        except NoStoredSecret as exc:
+            print(f"ser webhook-secret: {exc} Run it where the service runs, or set SER_DATA_DIR.",
+                  file=sys.stderr)
+            return 1
+    print(public_secret(settings))
+    return 0
+
+
 # Kept here (not imported from ser_ml.train.training) so that `ser --help` does not load ser_ml.
 AUGMENTATIONS = "telephone,noise,reverb,phone-noisy,speed"
 EVAL_CONDITIONS = "telephone,telephone:gsm,noise:20,noise:10,noise:0,reverb:0.6,phone-noisy:10"
@@ -298,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     p.set_defaults(func=_migrate)
+
+    p = sub.add_parser("webhook-secret", help="print the secret webhooks are signed with (whsec_...), for "
+                                              "receivers to verify them")
+    p.set_defaults(func=_webhook_secret)
 
     keys.register(sub)
     _register_client(sub)
