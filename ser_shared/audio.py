@@ -1,8 +1,8 @@
 """Audio format sniffing, cheap probing (web tier) and decoding to mono float (workers).
 
-libsndfile (through soundfile) reads WAV, FLAC, OGG/Vorbis/Opus and MP3 in process; M4A/AAC and
-WebM go through ffmpeg, which the worker image installs. Everything lands as mono float32 at the
-pipeline's sample rate.
+libsndfile (through soundfile) reads WAV, FLAC, OGG/Vorbis/Opus, MP3 and AIFF in process; M4A/AAC
+and WebM go through ffmpeg, which the worker image installs (``ser_shared.formats`` lists them all).
+Everything lands as mono float32 at the pipeline's sample rate.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from ser_shared import formats
 from ser_shared.audio_headers import check_wav, flac_length, mp3_length
 from ser_shared.errors import (
     AudioTooLong,
@@ -28,18 +29,9 @@ from ser_shared.errors import (
     UnsupportedSampleRate,
 )
 
-SOUNDFILE_FORMATS = {"wav", "flac", "ogg", "mp3", "aiff"}
-FFMPEG_FORMATS = {"m4a", "aac", "webm"}
-MIME_TYPES = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "ogg": "audio/ogg",
-    "mp3": "audio/mpeg",
-    "aiff": "audio/aiff",
-    "m4a": "audio/mp4",
-    "aac": "audio/aac",
-    "webm": "audio/webm",
-}
+SOUNDFILE_FORMATS = formats.decoded_by("soundfile")
+FFMPEG_FORMATS = formats.decoded_by("ffmpeg")
+MIME_TYPES = {f.name: f.mime for f in formats.FORMATS}
 # Real recordings run from 8 kHz telephony to 768 kHz studio rates and up to 64-channel arrays. A
 # header outside that is hostile or broken; resampling 50 Hz "audio" to 16 kHz would only make noise.
 MIN_RATE, MAX_RATE = 4000, 768_000
@@ -85,7 +77,7 @@ def sniff_format(head: bytes) -> str:
             return "aac"
         if head[1] & 0xE0 == 0xE0:  # MPEG audio frame sync
             return "mp3"
-    raise UnsupportedFormat("not a recognised audio file (WAV, FLAC, OGG/Opus, MP3, M4A/AAC, WebM)")
+    raise UnsupportedFormat(f"not a recognised audio file ({formats.LABELS})")
 
 
 def probe(path: Path, fmt: str, max_s: float | None = None) -> AudioInfo:

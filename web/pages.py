@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, flash, make_response, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
-from ser_shared import storage
+from ser_shared import formats, storage
 from ser_shared.emotions import EMOTIONS
 from ser_shared.errors import Gone
 from ser_shared.models import Job
@@ -65,13 +65,13 @@ def dominant(segments: list[dict[str, Any]] | None, top: int = 3, at_least: floa
 
 # What the upload page's script accepts before sending; the server still sniffs the content, this
 # only spares the user an upload that would fail (names as browsers and recorders give them).
-UPLOAD_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
-                     ".aif", ".aiff")
+UPLOAD_EXTENSIONS = formats.EXTENSIONS
 
 
 @bp.get("/")
 def upload_form() -> str:
-    return render_template("upload.html", settings=services().settings, extensions=UPLOAD_EXTENSIONS)
+    return render_template("upload.html", settings=services().settings, extensions=UPLOAD_EXTENSIONS,
+                           format_labels=formats.LABELS)
 
 
 @bp.post("/upload")

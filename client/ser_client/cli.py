@@ -36,16 +36,19 @@ from ser_client.client import Client
 from ser_client.errors import APIConnectionError, APIStatusError, SERError, WaitTimeoutError
 from ser_client.types import EMOTIONS, Job
 
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm"})
+# The file names the server takes: ser_shared.formats.EXTENSIONS, copied because this distribution
+# installs without the server (tests/unit/test_formats.py keeps the two equal).
+AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".m4a",
+                    ".mp4", ".aac", ".webm")
 EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command ended by SIGPIPE (`ser history | head`)
 HISTORY_PAGE = 200  # the server's largest page
 BLOCK = 1 << 20
 
-SUBMIT_EPILOG = """\
-Folders are searched for audio (.wav .flac .mp3 .ogg .opus .m4a .aac .webm; hidden files are
-skipped), with --recursive also their subfolders; files named directly are always sent. Each
+SUBMIT_EPILOG = f"""\
+Folders are searched for audio files ({" ".join(AUDIO_EXTENSIONS)}; hidden
+files are skipped), with --recursive also their subfolders; files named directly are always sent. Each
 request carries an Idempotency-Key made from its files' names and bytes and the options, so
 running the same command again within 24 hours (after a network failure, say) returns the jobs it
 created before instead of new ones; --fresh analyses the files again.
@@ -250,7 +253,9 @@ def _submit(args: argparse.Namespace) -> int:
     check_output(args.output)
     files, skipped = find_files(args.paths, args.recursive)
     if skipped:
-        print(f"skipped {len(skipped)} files that are not audio (by extension)", file=sys.stderr)
+        kinds = ", ".join(sorted({p.suffix.lower() or "no extension" for p in skipped}))
+        print(f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} not named as audio ({kinds}; "
+              f"audio is {' '.join(AUDIO_EXTENSIONS)})", file=sys.stderr)
     if not files:
         raise CommandError("no audio files found" + ("" if args.recursive else " (subfolders need --recursive)"),
                            EXIT_USAGE)

@@ -34,9 +34,10 @@ from ser_ml.pipeline import JobInput, Outcome, run
 from ser_shared.audio import decode, sniff_format
 from ser_shared.emotions import EMOTIONS, parse_ravdess_name
 from ser_shared.errors import AudioError
+from ser_shared.formats import EXTENSIONS
 from ser_shared.settings import Settings
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".webm", ".aiff"}
+AUDIO_SUFFIXES = frozenset(EXTENSIONS)
 # The field recordings' self-reported labels; calm is neutral, as in RAVDESS.
 FIELD_LABELS = {"calm": "neutral", "neutral": "neutral", "happy": "happy", "sad": "sad", "angry": "angry",
                 "fearful": "fearful", "disgust": "disgust", "surprised": "surprised"}

@@ -93,7 +93,7 @@ def test_submit_wait_writes_one_row_per_file(first_run: tuple[subprocess.Complet
     proc, rows = first_run
     folder = folder_of(workdir)
     assert proc.returncode == 1, proc.stderr  # the broken file failed: documented as exit status 1
-    assert "skipped 1 files that are not audio" in proc.stderr
+    assert "skipped 1 file not named as audio (.txt;" in proc.stderr
     assert "4 files in 2 batches" in proc.stderr
     by_path = {Path(r["path"]).relative_to(folder).as_posix(): r for r in rows}
     # --recursive found sub/; notes.txt and the hidden ._angry.flac were left out.
