@@ -16,10 +16,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ser_cli import keys
 from ser_cli.keys import get_settings  # lazy: client commands never build server settings
 from ser_shared import logs
+
+if TYPE_CHECKING:
+    from ser_shared.settings import Settings
 
 log = logging.getLogger("ser")
 
@@ -52,19 +56,29 @@ def _migrate(_: argparse.Namespace) -> int:
     return 0
 
 
-def _web_argv(host: str, port: int, workers: int) -> list[str]:
+def _web_argv(host: str, port: int, workers: int, access_log: str = "all", quiet: bool = False) -> list[str]:
+    """gunicorn's command line; ``access_log`` is SER_ACCESS_LOG's all|errors|off, ``quiet`` keeps
+    its start-up lines (pids, sockets) to warnings and errors."""
     # web/gunicorn_conf.py: the multiprocess metrics folder (cleared at start, dead workers marked).
-    return [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--config", "python:web.gunicorn_conf",
+    argv = [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--config", "python:web.gunicorn_conf",
             "--bind", f"{host}:{port}",
             "--workers", str(workers), "--threads", "4", "--timeout", "300",
             # Trust no client's X-Forwarded-* here: web/proxy.py honours SER_TRUSTED_PROXIES hops.
-            "--access-logfile", "-", "--forwarded-allow-ips", ""]
+            "--forwarded-allow-ips", ""]
+    if access_log != "off":
+        argv += ["--access-logfile", "-"]
+    if access_log == "errors":
+        argv += ["--logger-class", "web.gunicorn_conf.ErrorsOnlyAccessLog"]
+    if quiet:
+        argv += ["--log-level", "warning"]
+    return argv
 
 
-def _worker_argv(queues: str, concurrency: int, pool: str, loglevel: str) -> list[str]:
+def _worker_argv(queues: str, concurrency: int, pool: str, loglevel: str, quiet: bool = False) -> list[str]:
+    """The Celery worker's command line; ``quiet`` leaves out its start-up banner."""
     # The entry point builds the worker from this environment (create_worker(get_settings()), on
     # first access of worker.celery_app.app) in the exec'd process, never in this one.
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker",
+    return [sys.executable, "-m", "celery", *(["--quiet"] if quiet else []), "-A", "worker.celery_app:app", "worker",
             "--queues", queues, "--concurrency", str(concurrency), "--pool", pool,
             "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
 
@@ -72,7 +86,7 @@ def _worker_argv(queues: str, concurrency: int, pool: str, loglevel: str) -> lis
 def _web(args: argparse.Namespace) -> int:
     if _public_without_auth(args.host):
         return 2
-    os.execv(sys.executable, _web_argv(args.host, args.port, args.workers))
+    os.execv(sys.executable, _web_argv(args.host, args.port, args.workers, get_settings().access_log))
     return 1  # not reached
 
 
@@ -166,11 +180,26 @@ def _public_without_auth(host: str) -> bool:
     return True
 
 
+# Celery warns, over seven lines, that a worker run as root should not be. `ser serve` is one user's
+# service on 127.0.0.1: its web tier runs as the same user, its queue is that user's folder, and its
+# messages are JSON (the case Celery refuses outright, pickle from a broker others can write to,
+# cannot arise). The warning stays for `ser worker`, where an operator chooses the user.
+SERVE_WARNINGS = "ignore:You're running the worker with superuser privileges"
+
+
+def _serve_worker_env(settings: Settings) -> dict[str, str]:
+    env = _worker_env(settings.worker_metrics_port)
+    env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), SERVE_WARNINGS) if w)
+    return env
+
+
 def _serve(args: argparse.Namespace) -> int:
-    """Migrate, then run web and worker together until interrupted."""
+    """Migrate, then run web and worker together until interrupted. The screen gets the URL and
+    what matters: no start-up banners, no access line for every poll (SER_ACCESS_LOG)."""
     settings = get_settings()
     if _public_without_auth(args.host) or not _models_ready(settings.models_dir):
         return 2
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # "migrations applied" says it
     _migrate(args)
     if not settings.auth_enabled:
         log.warning("single-user mode: authentication is off (SER_AUTH=false); listening on %s only", args.host)
@@ -179,8 +208,8 @@ def _serve(args: argparse.Namespace) -> int:
                  "for Postgres and Redis)", settings.db_url, settings.queue_url)
     procs = [
         subprocess.Popen(_worker_argv(args.queues, args.concurrency or settings.worker_concurrency,
-                                      "prefork", settings.log_level), env=_worker_env(settings.worker_metrics_port)),
-        subprocess.Popen(_web_argv(args.host, args.port, args.web_workers)),
+                                      "prefork", settings.log_level, quiet=True), env=_serve_worker_env(settings)),
+        subprocess.Popen(_web_argv(args.host, args.port, args.web_workers, settings.access_log, quiet=True)),
     ]
     mode = "" if settings.auth_enabled else " in single-user mode (no authentication, local only)"
     print(f"SER service running at http://{args.host}:{args.port}/{mode}  (Ctrl-C to stop)", flush=True)

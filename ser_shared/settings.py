@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # "json": one JSON object per log line (request, job, batch ids and tenant as fields).
     log_format: Literal["text", "json"] = "text"
+    # gunicorn's access log: every request, only those answered with an error (>= 400; a page
+    # polling for progress would otherwise write a line a second), or none.
+    access_log: Literal["all", "errors", "off"] = "errors"
     # Prometheus: a bearer token /metrics requires when set (None: open, like /healthz); the port
     # each worker node's main process serves its metrics on (None: no metrics server).
     metrics_token: str | None = None
@@ -194,7 +197,8 @@ class Settings(BaseSettings):
 
     @property
     def queue_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        # kombu's filesystem transport ignores the host, but warns on every connection without one.
+        return self.broker_url or "filesystem://localhost/"
 
     @property
     def upload_dir(self) -> Path:

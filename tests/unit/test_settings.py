@@ -54,7 +54,7 @@ def test_embedded_defaults_under_data_dir(env: pytest.MonkeyPatch, tmp_path: Pat
     assert s.env == "development"
     assert s.database_url is None and s.broker_url is None
     assert s.db_url == f"sqlite:///{data.resolve() / 'ser.sqlite3'}"
-    assert s.queue_url == "filesystem://"
+    assert s.queue_url == "filesystem://localhost/"
     assert s.is_embedded
     assert s.upload_dir == data.resolve() / "uploads"
     assert s.broker_folder == data.resolve() / "broker"
@@ -81,7 +81,7 @@ def test_empty_url_counts_as_unset(name: str, env: pytest.MonkeyPatch, tmp_path:
     env.setenv(name, "")
     s = Settings()
     assert s.database_url is None and s.broker_url is None
-    assert s.db_url.startswith("sqlite:///") and s.queue_url == "filesystem://"
+    assert s.db_url.startswith("sqlite:///") and s.queue_url == "filesystem://localhost/"
 
 
 def test_production_complete_is_valid(env: pytest.MonkeyPatch) -> None:
