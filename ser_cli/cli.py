@@ -316,81 +316,124 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ser", description="Speech emotion recognition job service")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, except where there is none to show (None, a flag)
+    or its text already names it."""
 
-    p = sub.add_parser("serve", help="apply migrations, run web and worker together")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--web-workers", type=int, default=2)
-    p.add_argument("--concurrency", type=int, default=None)
-    p.add_argument("--queues", default="cpu")
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str,  # type: ignore[type-arg]
+             details: str = "") -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with ``summary`` (also its line in ``ser --help``) and
+    shows every option's default."""
+    return sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {details}".strip(),
+                          formatter_class=_Help)
+
+
+def _listen_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                   help="address to listen on; one other than loopback needs SER_AUTH=true")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="port to listen on")
+
+
+def _add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = _command(sub, "serve", "apply migrations, run web and worker together",
+                 "With no SER_DATABASE_URL / SER_BROKER_URL: SQLite and a filesystem queue in SER_DATA_DIR "
+                 "(./var). Stops both on Ctrl-C or SIGTERM.")
+    _listen_options(p)
+    p.add_argument("--web-workers", type=int, default=2, metavar="N", help="gunicorn processes, 4 threads each")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="worker processes analysing recordings (default: SER_WORKER_CONCURRENCY, itself 2)")
+    p.add_argument("--queues", default="cpu", metavar="NAMES",
+                   help="queues the worker takes jobs from, comma-separated: cpu, gpu")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("web", help="run the web tier under gunicorn")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=2)
+    p = _command(sub, "web", "run the web tier (API and pages) under gunicorn",
+                 "Put nginx in front of it in production (deploy/nginx/ser.conf.template).")
+    _listen_options(p)
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="gunicorn processes, 4 threads each")
     p.set_defaults(func=_web)
 
-    p = sub.add_parser("worker", help="run a Celery worker")
-    p.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
-    p.add_argument("--concurrency", type=int, default=None)
-    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    p = _command(sub, "worker", "run a Celery worker", "It checks the model artifacts before it starts.")
+    p.add_argument("--queues", default="cpu", metavar="NAMES",
+                   help="queues to take jobs from, comma-separated: cpu, gpu")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="processes analysing recordings (default: SER_WORKER_CONCURRENCY, itself 2)")
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                   help="Celery's execution pool; solo for one GPU")
     p.add_argument("--check", action="store_true",
                    help="liveness probe: exit 0 if a worker on this host wrote its heartbeat lately, 1 if not")
     p.add_argument("--node", help="with --check: the node id (or its start) to check instead of this host's")
     p.set_defaults(func=_worker)
 
-    p = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
+    p = _command(sub, "migrate", "apply database migrations (alembic upgrade head)",
+                 "The database is SER_DATABASE_URL, or SQLite in SER_DATA_DIR (./var). A migrated database is "
+                 "left as is, so it is safe to run at every deployment.")
     p.set_defaults(func=_migrate)
 
-    p = sub.add_parser("webhook-secret", help="print the secret webhooks are signed with (whsec_...), for "
-                                              "receivers to verify them")
+    p = _command(sub, "webhook-secret", "print the secret webhooks are signed with (whsec_...)",
+                 "For receivers to verify signatures; it uses the same settings as the service.")
     p.set_defaults(func=_webhook_secret)
 
-    keys.register(sub)
-    _register_client(sub)
 
-    p = sub.add_parser("train", help="train and cross-validate the models, write models/")
-    p.add_argument("--data", default=str(Path("..") / "shared" / "datasets" / "ravdess"))
-    p.add_argument("--out", default="models")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--trees", type=int, default=300)
-    p.add_argument("--augment", default=AUGMENTATIONS,
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ravdess = str(Path("..") / "shared" / "datasets" / "ravdess")
+    p = _command(sub, "train", "train and cross-validate the models, write models/",
+                 "Speaker-independent cross-validation (folds grouped by actor), then the shipped models "
+                 "fitted on every actor.")
+    p.add_argument("--data", default=ravdess, metavar="DIR", help="the RAVDESS folder (its Actor_NN folders)")
+    p.add_argument("--out", default="models", metavar="DIR", help="folder to write the artifacts and manifest.json to")
+    p.add_argument("--folds", type=int, default=5, metavar="N", help="cross-validation folds, grouped by actor")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (folds, forest, LSTM, degradations)")
+    p.add_argument("--epochs", type=int, default=40, metavar="N",
+                   help="LSTM training epochs at most (early stopping may end sooner)")
+    p.add_argument("--trees", type=int, default=300, metavar="N", help="RandomForest trees")
+    p.add_argument("--augment", default=AUGMENTATIONS, metavar="RECIPES",
                    help="training-copy recipes (one degraded copy of each recording per recipe), "
                         "comma-separated, or 'none'")
-    p.add_argument("--conditions", default=EVAL_CONDITIONS,
+    p.add_argument("--conditions", default=EVAL_CONDITIONS, metavar="CONDITIONS",
                    help="conditions every test fold is also scored under (see ser evaluate --condition), "
                         "comma-separated, or 'none'")
-    p.add_argument("--limit-per-actor", type=int, default=None)
+    p.add_argument("--limit-per-actor", type=int, default=None, metavar="N",
+                   help="at most this many recordings per actor, spread over the emotions, for a quick run "
+                        "(default: all)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("train-speech-detector",
-                       help="(re)train only the no_speech check of a models folder (ser train includes it)")
-    p.add_argument("--data", default=str(Path("..") / "shared" / "datasets" / "ravdess"))
-    p.add_argument("--models", default="models")
-    p.add_argument("--seed", type=int, default=0)
+    p = _command(sub, "train-speech-detector",
+                 "(re)train only the no_speech check of a models folder (ser train includes it)")
+    p.add_argument("--data", default=ravdess, metavar="DIR", help="the RAVDESS folder: the speech it learns from")
+    p.add_argument("--models", default="models", metavar="DIR", help="the models folder to add it to")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
     p.set_defaults(func=_train_speech_detector)
 
-    p = sub.add_parser("build-encoder", help="write the Whisper encoder artifact (the layers the models use) "
-                                             "from the installed wheel, checking its hashes")
-    p.add_argument("--out", default="models")
+    p = _command(sub, "build-encoder", "write the Whisper encoder artifact (the layers the models use) "
+                                       "from the installed wheel, checking its hashes")
+    p.add_argument("--out", default="models", metavar="DIR", help="folder to write it to")
     p.set_defaults(func=_build_encoder)
 
-    p = sub.add_parser("evaluate", help="score the served models on a folder of labelled recordings")
+    p = _command(sub, "evaluate", "score the served models on a folder of labelled recordings")
     p.add_argument("dir", help="folder with RAVDESS-named or Indian EmoSpeech-named audio (searched recursively)")
     p.add_argument("--json", help="write the full report (metrics, per-file predictions) here")
-    p.add_argument("--plot", help="write the confusion-matrix PNG here")
+    p.add_argument("--plot", help="write the confusion-matrix PNG here (needs matplotlib)")
     p.add_argument("--models", help="model directory (default: SER_MODELS_DIR)")
     p.add_argument("--condition", default="clean",
-                   help="degrade each recording first, reproducibly (seeded by its name): clean (default), "
+                   help="degrade each recording first, reproducibly (seeded by its name): clean, "
                         "telephone, telephone:alaw, telephone:gsm, noise:SNR, noise:TYPE:SNR (white, pink, brown, "
                         "babble), reverb, reverb:RT60, gain:DB, speed:F, phone-noisy:SNR")
     p.set_defaults(func=_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ser", description="Speech emotion recognition job service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_service_commands(sub)
+    keys.register(sub)
+    _register_client(sub)
+    _add_model_commands(sub)
     return parser
 
 
