@@ -158,8 +158,14 @@ def _say_retry(event: RetryEvent) -> None:
           file=sys.stderr, flush=True)
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.server, args.api_key or "", max_retries=args.retries, on_retry=_say_retry)
+def _client(args: argparse.Namespace, retries: list[RetryEvent] | None = None) -> Client:
+    """The SDK client of the command's options; each retry is said, and added to ``retries``."""
+    def on_retry(event: RetryEvent) -> None:
+        _say_retry(event)
+        if retries is not None:
+            retries.append(event)
+
+    return Client(args.server, args.api_key or "", max_retries=args.retries, on_retry=on_retry)
 
 
 def _fields(args: argparse.Namespace) -> dict[str, str]:
@@ -177,30 +183,44 @@ def _batches(files: list[LocalFile], size: int) -> Iterator[list[LocalFile]]:
 Uploaded = dict[str, tuple[LocalFile, dict[str, Any]]]
 
 
+@dataclass
+class Sent:
+    """What ``upload_all`` did: the batches, each file with its upload answer by job id, and how
+    many of the jobs an earlier run of the command had created (answers replayed for its keys)."""
+
+    batch_ids: list[str]
+    jobs: Uploaded
+    reused: int = 0
+
+
 def upload_all(client: Client, files: list[LocalFile], fields: dict[str, str], batch_size: int,
-               salt: str) -> tuple[list[str], Uploaded]:
-    """Upload in batches; returns the batch ids and, by job id, each file with its upload answer."""
+               salt: str, retries: list[RetryEvent] | None = None) -> Sent:
+    """Upload in batches. ``retries`` (the client's retry events, as they happen) tells a replay of
+    this run's own lost answer, which is no earlier run's, from one of an earlier run."""
     progress = Progress("uploading", sum(f.size for f in files), "MB")
-    batch_ids: list[str] = []
-    jobs: Uploaded = {}
+    sent = Sent([], {})
+    retries = retries if retries is not None else []
     chunks = list(_batches(files, batch_size))
     for n, chunk in enumerate(chunks, start=1):
         start = progress.value
         progress.set(start, f"batch {n}/{len(chunks)}")
 
         # A retried request sends its files again: the bar goes back to where this batch began.
-        def sent(done: int, _total: int | None, start: int = start) -> None:
+        def moved(done: int, _total: int | None, start: int = start) -> None:
             progress.set(start + done)
 
+        retried_before = len(retries)
         answer = client.jobs.create([(f.name, f.path) for f in chunk], transcribe=fields["transcribe"],
-                                    language=fields.get("language"), on_progress=sent,
+                                    language=fields.get("language"), on_progress=moved,
                                     idempotency_key=idempotency_key(chunk, fields, salt))
-        batch_ids.append(answer.batch_id)
+        if answer.replayed and not any(e.method == "POST" for e in retries[retried_before:]):
+            sent.reused += len(answer.jobs)
+        sent.batch_ids.append(answer.batch_id)
         # The server answers with the jobs in the order the files were sent.
         for f, job in zip(chunk, answer.jobs, strict=True):
-            jobs[job.id] = (f, job.to_dict() | {"batch_id": answer.batch_id})
+            sent.jobs[job.id] = (f, job.to_dict() | {"batch_id": answer.batch_id})
     progress.finish()
-    return batch_ids, jobs
+    return sent
 
 
 def wait_all(client: Client, jobs: dict[str, dict[str, Any]], timeout_s: float | None) -> bool:
@@ -244,6 +264,13 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(table(rows, ["job_id", "status", "error_code", "path"]))
 
 
+def _reused_notice(reused: int, total: int) -> str:
+    """What a rerun says: the server gave back jobs an earlier run created, not new analyses."""
+    count = f"{reused} jobs" if reused == total else f"{reused} of {total} jobs"
+    return (f"already submitted: reusing {count} (the same files and options were sent within 24 h); "
+            "--fresh to analyse again")
+
+
 def check_output(name: str | None) -> None:
     if name and Path(name).suffix.lower() not in (".csv", ".json"):
         raise CommandError(f"--output must end in .csv or .json: {name}", EXIT_USAGE)
@@ -259,12 +286,15 @@ def _submit(args: argparse.Namespace) -> int:
     if not files:
         raise CommandError("no audio files found" + ("" if args.recursive else " (subfolders need --recursive)"),
                            EXIT_USAGE)
-    with _client(args) as client:
+    retries: list[RetryEvent] = []
+    with _client(args, retries) as client:
         # A cheap authenticated read first: a missing key or a wrong URL is reported before megabytes are sent.
         client.jobs.page(page_size=1)
-        batch_ids, uploaded = upload_all(client, files, _fields(args), args.batch_size,
-                                         new_salt() if args.fresh else "")
+        sent = upload_all(client, files, _fields(args), args.batch_size, new_salt() if args.fresh else "", retries)
+        batch_ids, uploaded = sent.batch_ids, sent.jobs
         latest = {job_id: job for job_id, (_, job) in uploaded.items()}
+        if sent.reused:
+            print(_reused_notice(sent.reused, len(uploaded)), file=sys.stderr)
         batches = f"{len(batch_ids)} batch" + ("es" if len(batch_ids) > 1 else "")
         print(f"{len(files)} files in {batches}: {', '.join(batch_ids)}", file=sys.stderr)
         complete = True

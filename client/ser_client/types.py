@@ -172,6 +172,13 @@ class UploadAccepted(Model):
     jobs: list[JobSummary]
     # Only when the queue was unreachable: the jobs are stored and queued when it returns.
     warning: str | None = None
+    _replayed: bool = PrivateAttr(default=False)
+
+    @property
+    def replayed(self) -> bool:
+        """True when the server answered with the jobs an earlier request with the same
+        Idempotency-Key created (``Idempotent-Replayed: true``), instead of creating them."""
+        return self._replayed
 
 
 class JobPage(Model):
