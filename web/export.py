@@ -61,12 +61,18 @@ def _all(factory: sessionmaker[Session], f: queries.JobFilter, segments: bool) -
             return
 
 
+def csv_cells(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its booleans written as the JSON export writes them, ``true``/``false`` (the csv
+    module would write Python's ``True``/``False``); None stays an empty cell."""
+    return {k: ("true" if v else "false") if isinstance(v, bool) else v for k, v in row.items()}
+
+
 def csv_stream(factory: sessionmaker[Session], f: queries.JobFilter, segments: bool) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for n, row in enumerate(_all(factory, f, segments), start=1):
-        writer.writerow(row)
+        writer.writerow(csv_cells(row))
         if n % 200 == 0:
             yield buffer.getvalue()
             buffer.seek(0)

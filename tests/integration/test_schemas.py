@@ -117,6 +117,18 @@ def test_export_rows_are_export_rows(seeded_app: tuple[Flask, dict[str, Any]]) -
     assert [c for c in schemas.EXPORT_COLUMNS if c.startswith("p_")] == [f"p_{e}" for e in EMOTIONS]
 
 
+def test_export_csv_writes_booleans_as_the_json_does(seeded_app: tuple[Flask, dict[str, Any]]) -> None:
+    """`uncertain` is true/false in the CSV, as in the JSON (not Python's True/False); null is empty."""
+    app, _ = seeded_app
+    client = app.test_client()
+    query = "segments=true&client_reference=seed"
+    as_json = json.loads(client.get(f"/api/v1/export?format=json&{query}").data)
+    as_csv = list(csv.DictReader(io.StringIO(client.get(f"/api/v1/export?format=csv&{query}").get_data(as_text=True))))
+    assert {r["uncertain"] for r in as_json} == {True, False, None}  # the seed has each
+    assert [r["uncertain"] for r in as_csv] == [{True: "true", False: "false", None: ""}[r["uncertain"]]
+                                                for r in as_json]
+
+
 # --- unknown keys fail -----------------------------------------------------------------------
 
 def test_a_key_without_a_field_fails(seeded_app: tuple[Flask, dict[str, Any]]) -> None:

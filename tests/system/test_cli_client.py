@@ -112,7 +112,7 @@ def test_submit_wait_writes_one_row_per_file(first_run: tuple[subprocess.Complet
         assert probabilities == pytest.approx(job["result"]["probabilities"])
         assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-3)
         assert float(row["confidence"]) == pytest.approx(job["result"]["confidence"])
-        assert row["uncertain"] in ("True", "False")
+        assert row["uncertain"] == json.dumps(job["result"]["uncertain"])  # true/false as in JSON, not True/False
 
 
 def test_rerun_replays_instead_of_duplicating(first_run: tuple[subprocess.CompletedProcess, list[dict[str, str]]],
