@@ -43,6 +43,8 @@ MAX_NONFINITE_SHARE = 0.01
 # holding more than this (MP3 counts include the encoder's delay and padding) is decoded by ffmpeg,
 # which reads what is really there: analysing the declared fragment would pass it off as the whole.
 UNDERSTATED_SHARE, UNDERSTATED_S = 0.02, 0.5
+# How far a decoded length may be from the header's and still be the same recording (declared_if_different).
+LENGTH_SLACK_S, LENGTH_SLACK_SHARE = 0.3, 0.02
 SF_UNKNOWN_FRAMES = 1 << 62  # libsndfile's frame count for a stream of unknown length (SF_COUNT_MAX)
 
 
@@ -193,6 +195,15 @@ def check_duration(duration_s: float | None, min_s: float, max_s: float) -> None
         raise AudioTooLong(f"recording is {duration_s:.1f} s; the limit is {max_s:.0f} s")
     if duration_s < min_s:
         raise AudioTooShort(f"recording is {duration_s:.3f} s; at least {min_s:.2f} s is needed")
+
+
+def declared_if_different(declared_s: float | None, decoded_s: float) -> float | None:
+    """``declared_s`` (the header's length) when the decoded length differs from it by more than
+    codecs account for, else None. MP3 and AAC add priming and padding (a few hundred ms at low
+    rates) and resampling rounds; a copy cut short, or frames a decoder skipped, differ by more."""
+    if declared_s is None or abs(declared_s - decoded_s) <= max(LENGTH_SLACK_S, LENGTH_SLACK_SHARE * declared_s):
+        return None
+    return declared_s
 
 
 def decode(path: Path, fmt: str, sample_rate: int, max_s: float) -> np.ndarray:

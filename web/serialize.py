@@ -97,6 +97,7 @@ def job_model(job: Job, deliveries: Sequence[WebhookDelivery] = (), segments: bo
         "content_hash": job.content_hash,
         "format": job.format,
         "duration_s": job.duration_s,
+        "declared_duration_s": job.declared_duration_s,
         "sample_rate": job.sample_rate,
         "channels": job.channels,
         "options": job.options,

@@ -130,6 +130,8 @@ class Job(Model):
     content_hash: str | None = None
     format: str | None = None
     duration_s: float | None = None
+    # What the file's header declares, when the worker decoded a different length (None: they agree).
+    declared_duration_s: float | None = None
     sample_rate: int | None = None
     channels: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)
