@@ -1,5 +1,5 @@
 # Sourced by scripts/serve and scripts/test: installs what the project needs, idempotently.
-# Usage: source scripts/bootstrap.sh EXTRAS   (EXTRAS: worker | test)
+# Usage: source scripts/bootstrap.sh EXTRAS   (EXTRAS: worker,train | test; comma-separated extras)
 
 ser_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ser_extras="${1:-worker}"

@@ -16,10 +16,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ser_cli import keys
 from ser_cli.keys import get_settings  # lazy: client commands never build server settings
 from ser_shared import logs
+
+if TYPE_CHECKING:
+    from ser_shared.settings import Settings
 
 log = logging.getLogger("ser")
 
@@ -52,19 +56,29 @@ def _migrate(_: argparse.Namespace) -> int:
     return 0
 
 
-def _web_argv(host: str, port: int, workers: int) -> list[str]:
+def _web_argv(host: str, port: int, workers: int, access_log: str = "all", quiet: bool = False) -> list[str]:
+    """gunicorn's command line; ``access_log`` is SER_ACCESS_LOG's all|errors|off, ``quiet`` keeps
+    its start-up lines (pids, sockets) to warnings and errors."""
     # web/gunicorn_conf.py: the multiprocess metrics folder (cleared at start, dead workers marked).
-    return [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--config", "python:web.gunicorn_conf",
+    argv = [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--config", "python:web.gunicorn_conf",
             "--bind", f"{host}:{port}",
             "--workers", str(workers), "--threads", "4", "--timeout", "300",
             # Trust no client's X-Forwarded-* here: web/proxy.py honours SER_TRUSTED_PROXIES hops.
-            "--access-logfile", "-", "--forwarded-allow-ips", ""]
+            "--forwarded-allow-ips", ""]
+    if access_log != "off":
+        argv += ["--access-logfile", "-"]
+    if access_log == "errors":
+        argv += ["--logger-class", "web.gunicorn_conf.ErrorsOnlyAccessLog"]
+    if quiet:
+        argv += ["--log-level", "warning"]
+    return argv
 
 
-def _worker_argv(queues: str, concurrency: int, pool: str, loglevel: str) -> list[str]:
+def _worker_argv(queues: str, concurrency: int, pool: str, loglevel: str, quiet: bool = False) -> list[str]:
+    """The Celery worker's command line; ``quiet`` leaves out its start-up banner."""
     # The entry point builds the worker from this environment (create_worker(get_settings()), on
     # first access of worker.celery_app.app) in the exec'd process, never in this one.
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker",
+    return [sys.executable, "-m", "celery", *(["--quiet"] if quiet else []), "-A", "worker.celery_app:app", "worker",
             "--queues", queues, "--concurrency", str(concurrency), "--pool", pool,
             "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
 
@@ -72,7 +86,7 @@ def _worker_argv(queues: str, concurrency: int, pool: str, loglevel: str) -> lis
 def _web(args: argparse.Namespace) -> int:
     if _public_without_auth(args.host):
         return 2
-    os.execv(sys.executable, _web_argv(args.host, args.port, args.workers))
+    os.execv(sys.executable, _web_argv(args.host, args.port, args.workers, get_settings().access_log))
     return 1  # not reached
 
 
@@ -166,11 +180,26 @@ def _public_without_auth(host: str) -> bool:
     return True
 
 
+# Celery warns, over seven lines, that a worker run as root should not be. `ser serve` is one user's
+# service on 127.0.0.1: its web tier runs as the same user, its queue is that user's folder, and its
+# messages are JSON (the case Celery refuses outright, pickle from a broker others can write to,
+# cannot arise). The warning stays for `ser worker`, where an operator chooses the user.
+SERVE_WARNINGS = "ignore:You're running the worker with superuser privileges"
+
+
+def _serve_worker_env(settings: Settings) -> dict[str, str]:
+    env = _worker_env(settings.worker_metrics_port)
+    env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), SERVE_WARNINGS) if w)
+    return env
+
+
 def _serve(args: argparse.Namespace) -> int:
-    """Migrate, then run web and worker together until interrupted."""
+    """Migrate, then run web and worker together until interrupted. The screen gets the URL and
+    what matters: no start-up banners, no access line for every poll (SER_ACCESS_LOG)."""
     settings = get_settings()
     if _public_without_auth(args.host) or not _models_ready(settings.models_dir):
         return 2
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # "migrations applied" says it
     _migrate(args)
     if not settings.auth_enabled:
         log.warning("single-user mode: authentication is off (SER_AUTH=false); listening on %s only", args.host)
@@ -179,8 +208,8 @@ def _serve(args: argparse.Namespace) -> int:
                  "for Postgres and Redis)", settings.db_url, settings.queue_url)
     procs = [
         subprocess.Popen(_worker_argv(args.queues, args.concurrency or settings.worker_concurrency,
-                                      "prefork", settings.log_level), env=_worker_env(settings.worker_metrics_port)),
-        subprocess.Popen(_web_argv(args.host, args.port, args.web_workers)),
+                                      "prefork", settings.log_level, quiet=True), env=_serve_worker_env(settings)),
+        subprocess.Popen(_web_argv(args.host, args.port, args.web_workers, settings.access_log, quiet=True)),
     ]
     mode = "" if settings.auth_enabled else " in single-user mode (no authentication, local only)"
     print(f"SER service running at http://{args.host}:{args.port}/{mode}  (Ctrl-C to stop)", flush=True)
@@ -206,6 +235,24 @@ def _serve(args: argparse.Namespace) -> int:
             codes.append(p.wait())
     # Asked to stop: a clean exit. Otherwise one child died, and its failure is ours.
     return 0 if stopping else next((c for c in codes if c), 1)
+
+
+def _webhook_secret(_: argparse.Namespace) -> int:
+    """Print the webhook signing secret the workers use. Never creates one: run from the wrong
+    folder, a new key there would be a wrong answer, so that is an error that says what to check."""
+    from ser_shared.settings import NoStoredSecret, stored_secret
+    from ser_shared.webhooks import public_secret
+
+    settings = get_settings()
+    if not (settings.webhook_secret or settings.secret_key):
+        try:
+            stored_secret(settings.resolved_data_dir, create=False)
+        except NoStoredSecret as exc:
+            print(f"ser webhook-secret: {exc} Run it where the service runs, or set SER_DATA_DIR.",
+                  file=sys.stderr)
+            return 1
+    print(public_secret(settings))
+    return 0
 
 
 # Kept here (not imported from ser_ml.train.training) so that `ser --help` does not load ser_ml.
@@ -245,8 +292,11 @@ def _build_encoder(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    """Print the metrics (and write the JSON) first, the plot last: a missing plotting library costs
+    the picture, never the minutes of analysis. Exit 1 when an asked-for plot could not be written."""
     from ser_ml.conditions import parse
-    from ser_ml.train.evaluation import evaluate, summary
+    from ser_ml.train.evaluation import evaluate, plot_confusion, summary
+    from ser_ml.train.plots import PlotsUnavailable
 
     try:
         parse(args.condition)
@@ -255,90 +305,156 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = get_settings()
     models = Path(args.models) if args.models else settings.models_dir
     rep = evaluate(Path(args.dir), models, settings, Path(args.json) if args.json else None,
-                   Path(args.plot) if args.plot else None, condition=args.condition)
-    print(summary(rep))
+                   condition=args.condition)
+    print(summary(rep), flush=True)
+    if args.plot:
+        try:
+            plot_confusion(rep, Path(args.plot))
+        except PlotsUnavailable as exc:
+            print(f"ser evaluate: {args.plot} not written: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ser", description="Speech emotion recognition job service")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, except where there is none to show (None, a flag)
+    or its text already names it."""
 
-    p = sub.add_parser("serve", help="apply migrations, run web and worker together")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--web-workers", type=int, default=2)
-    p.add_argument("--concurrency", type=int, default=None)
-    p.add_argument("--queues", default="cpu")
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str,  # type: ignore[type-arg]
+             details: str = "") -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with ``summary`` (also its line in ``ser --help``) and
+    shows every option's default."""
+    return sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {details}".strip(),
+                          formatter_class=_Help)
+
+
+def _listen_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                   help="address to listen on; one other than loopback needs SER_AUTH=true")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="port to listen on")
+
+
+def _add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = _command(sub, "serve", "apply migrations, run web and worker together",
+                 "With no SER_DATABASE_URL / SER_BROKER_URL: SQLite and a filesystem queue in SER_DATA_DIR "
+                 "(./var). Stops both on Ctrl-C or SIGTERM.")
+    _listen_options(p)
+    p.add_argument("--web-workers", type=int, default=2, metavar="N", help="gunicorn processes, 4 threads each")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="worker processes analysing recordings (default: SER_WORKER_CONCURRENCY, itself 2)")
+    p.add_argument("--queues", default="cpu", metavar="NAMES",
+                   help="queues the worker takes jobs from, comma-separated: cpu, gpu")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("web", help="run the web tier under gunicorn")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=2)
+    p = _command(sub, "web", "run the web tier (API and pages) under gunicorn",
+                 "Put nginx in front of it in production (deploy/nginx/ser.conf.template).")
+    _listen_options(p)
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="gunicorn processes, 4 threads each")
     p.set_defaults(func=_web)
 
-    p = sub.add_parser("worker", help="run a Celery worker")
-    p.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
-    p.add_argument("--concurrency", type=int, default=None)
-    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    p = _command(sub, "worker", "run a Celery worker", "It checks the model artifacts before it starts.")
+    p.add_argument("--queues", default="cpu", metavar="NAMES",
+                   help="queues to take jobs from, comma-separated: cpu, gpu")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="processes analysing recordings (default: SER_WORKER_CONCURRENCY, itself 2)")
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                   help="Celery's execution pool; solo for one GPU")
     p.add_argument("--check", action="store_true",
                    help="liveness probe: exit 0 if a worker on this host wrote its heartbeat lately, 1 if not")
     p.add_argument("--node", help="with --check: the node id (or its start) to check instead of this host's")
     p.set_defaults(func=_worker)
 
-    p = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
+    p = _command(sub, "migrate", "apply database migrations (alembic upgrade head)",
+                 "The database is SER_DATABASE_URL, or SQLite in SER_DATA_DIR (./var). A migrated database is "
+                 "left as is, so it is safe to run at every deployment.")
     p.set_defaults(func=_migrate)
 
-    keys.register(sub)
-    _register_client(sub)
+    p = _command(sub, "webhook-secret", "print the secret webhooks are signed with (whsec_...)",
+                 "For receivers to verify signatures; it uses the same settings as the service.")
+    p.set_defaults(func=_webhook_secret)
 
-    p = sub.add_parser("train", help="train and cross-validate the models, write models/")
-    p.add_argument("--data", default=str(Path("..") / "shared" / "datasets" / "ravdess"))
-    p.add_argument("--out", default="models")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--trees", type=int, default=300)
-    p.add_argument("--augment", default=AUGMENTATIONS,
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ravdess = str(Path("..") / "shared" / "datasets" / "ravdess")
+    p = _command(sub, "train", "train and cross-validate the models, write models/",
+                 "Speaker-independent cross-validation (folds grouped by actor), then the shipped models "
+                 "fitted on every actor.")
+    p.add_argument("--data", default=ravdess, metavar="DIR", help="the RAVDESS folder (its Actor_NN folders)")
+    p.add_argument("--out", default="models", metavar="DIR", help="folder to write the artifacts and manifest.json to")
+    p.add_argument("--folds", type=int, default=5, metavar="N", help="cross-validation folds, grouped by actor")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (folds, forest, LSTM, degradations)")
+    p.add_argument("--epochs", type=int, default=40, metavar="N",
+                   help="LSTM training epochs at most (early stopping may end sooner)")
+    p.add_argument("--trees", type=int, default=300, metavar="N", help="RandomForest trees")
+    p.add_argument("--augment", default=AUGMENTATIONS, metavar="RECIPES",
                    help="training-copy recipes (one degraded copy of each recording per recipe), "
                         "comma-separated, or 'none'")
-    p.add_argument("--conditions", default=EVAL_CONDITIONS,
+    p.add_argument("--conditions", default=EVAL_CONDITIONS, metavar="CONDITIONS",
                    help="conditions every test fold is also scored under (see ser evaluate --condition), "
                         "comma-separated, or 'none'")
-    p.add_argument("--limit-per-actor", type=int, default=None)
+    p.add_argument("--limit-per-actor", type=int, default=None, metavar="N",
+                   help="at most this many recordings per actor, spread over the emotions, for a quick run "
+                        "(default: all)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("train-speech-detector",
-                       help="(re)train only the no_speech check of a models folder (ser train includes it)")
-    p.add_argument("--data", default=str(Path("..") / "shared" / "datasets" / "ravdess"))
-    p.add_argument("--models", default="models")
-    p.add_argument("--seed", type=int, default=0)
+    p = _command(sub, "train-speech-detector",
+                 "(re)train only the no_speech check of a models folder (ser train includes it)")
+    p.add_argument("--data", default=ravdess, metavar="DIR", help="the RAVDESS folder: the speech it learns from")
+    p.add_argument("--models", default="models", metavar="DIR", help="the models folder to add it to")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
     p.set_defaults(func=_train_speech_detector)
 
-    p = sub.add_parser("build-encoder", help="write the Whisper encoder artifact (the layers the models use) "
-                                             "from the installed wheel, checking its hashes")
-    p.add_argument("--out", default="models")
+    p = _command(sub, "build-encoder", "write the Whisper encoder artifact (the layers the models use) "
+                                       "from the installed wheel, checking its hashes")
+    p.add_argument("--out", default="models", metavar="DIR", help="folder to write it to")
     p.set_defaults(func=_build_encoder)
 
-    p = sub.add_parser("evaluate", help="score the served models on a folder of labelled recordings")
+    p = _command(sub, "evaluate", "score the served models on a folder of labelled recordings")
     p.add_argument("dir", help="folder with RAVDESS-named or Indian EmoSpeech-named audio (searched recursively)")
     p.add_argument("--json", help="write the full report (metrics, per-file predictions) here")
-    p.add_argument("--plot", help="write the confusion-matrix PNG here")
+    p.add_argument("--plot", help="write the confusion-matrix PNG here (needs matplotlib)")
     p.add_argument("--models", help="model directory (default: SER_MODELS_DIR)")
     p.add_argument("--condition", default="clean",
-                   help="degrade each recording first, reproducibly (seeded by its name): clean (default), "
+                   help="degrade each recording first, reproducibly (seeded by its name): clean, "
                         "telephone, telephone:alaw, telephone:gsm, noise:SNR, noise:TYPE:SNR (white, pink, brown, "
                         "babble), reverb, reverb:RT60, gain:DB, speed:F, phone-noisy:SNR")
     p.set_defaults(func=_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ser", description="Speech emotion recognition job service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_service_commands(sub)
+    keys.register(sub)
+    _register_client(sub)
+    _add_model_commands(sub)
     return parser
+
+
+def _stdout_closed() -> int:
+    """stdout's reader went away (``ser keys list | head``): stop quietly, as the Python docs advise
+    (signal module, "Note on SIGPIPE"), with the status a shell gives SIGPIPE (128 + 13)."""
+    # Python flushes stdout once more at exit; pointed at devnull, that flush cannot fail again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Client commands run on machines with no server configuration: they never build Settings.
     logs.configure("WARNING" if getattr(args, "client", False) else get_settings().log_level)
-    return int(args.func(args) or 0)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not in the flush at exit
+    except BrokenPipeError:
+        return _stdout_closed()
+    return code
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Audio format sniffing, cheap probing (web tier) and decoding to float (workers).
 
-libsndfile (through soundfile) reads WAV, FLAC, OGG/Vorbis/Opus and MP3 in process; M4A/AAC and
-WebM go through ffmpeg, which the worker image installs. Everything lands as float32 at the
-pipeline's sample rate: mono (``decode``, ``stream``: the channels averaged) or one row per channel
-(``decode_channels``, ``stream_channels``: a call's speakers kept apart). The mono functions do no
-per-channel work at all, so a mono recording pays nothing for the multi-channel ones.
+libsndfile (through soundfile) reads WAV, FLAC, OGG/Vorbis/Opus, MP3 and AIFF in process; M4A/AAC
+and WebM go through ffmpeg, which the worker image installs (``ser_shared.formats`` lists them all).
+Everything lands as float32 at the pipeline's sample rate: mono (``decode``, ``stream``: the channels
+averaged) or one row per channel (``decode_channels``, ``stream_channels``: a call's speakers kept
+apart). The mono functions do no per-channel work at all, so a mono recording pays nothing for the
+multi-channel ones.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from ser_shared import formats
 from ser_shared.audio_headers import check_wav, flac_length, mp3_length
 from ser_shared.errors import (
     AudioTooLong,
@@ -30,18 +32,9 @@ from ser_shared.errors import (
     UnsupportedSampleRate,
 )
 
-SOUNDFILE_FORMATS = {"wav", "flac", "ogg", "mp3", "aiff"}
-FFMPEG_FORMATS = {"m4a", "aac", "webm"}
-MIME_TYPES = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "ogg": "audio/ogg",
-    "mp3": "audio/mpeg",
-    "aiff": "audio/aiff",
-    "m4a": "audio/mp4",
-    "aac": "audio/aac",
-    "webm": "audio/webm",
-}
+SOUNDFILE_FORMATS = formats.decoded_by("soundfile")
+FFMPEG_FORMATS = formats.decoded_by("ffmpeg")
+MIME_TYPES = {f.name: f.mime for f in formats.FORMATS}
 # Real recordings run from 8 kHz telephony to 768 kHz studio rates and up to 64-channel arrays. A
 # header outside that is hostile or broken; resampling 50 Hz "audio" to 16 kHz would only make noise.
 MIN_RATE, MAX_RATE = 4000, 768_000
@@ -53,6 +46,8 @@ MAX_NONFINITE_SHARE = 0.01
 # holding more than this (MP3 counts include the encoder's delay and padding) is decoded by ffmpeg,
 # which reads what is really there: analysing the declared fragment would pass it off as the whole.
 UNDERSTATED_SHARE, UNDERSTATED_S = 0.02, 0.5
+# How far a decoded length may be from the header's and still be the same recording (declared_if_different).
+LENGTH_SLACK_S, LENGTH_SLACK_SHARE = 0.3, 0.02
 SF_UNKNOWN_FRAMES = 1 << 62  # libsndfile's frame count for a stream of unknown length (SF_COUNT_MAX)
 
 
@@ -87,7 +82,7 @@ def sniff_format(head: bytes) -> str:
             return "aac"
         if head[1] & 0xE0 == 0xE0:  # MPEG audio frame sync
             return "mp3"
-    raise UnsupportedFormat("not a recognised audio file (WAV, FLAC, OGG/Opus, MP3, M4A/AAC, WebM)")
+    raise UnsupportedFormat(f"not a recognised audio file ({formats.LABELS})")
 
 
 def probe(path: Path, fmt: str, max_s: float | None = None) -> AudioInfo:
@@ -203,6 +198,15 @@ def check_duration(duration_s: float | None, min_s: float, max_s: float) -> None
         raise AudioTooLong(f"recording is {duration_s:.1f} s; the limit is {max_s:.0f} s")
     if duration_s < min_s:
         raise AudioTooShort(f"recording is {duration_s:.3f} s; at least {min_s:.2f} s is needed")
+
+
+def declared_if_different(declared_s: float | None, decoded_s: float) -> float | None:
+    """``declared_s`` (the header's length) when the decoded length differs from it by more than
+    codecs account for, else None. MP3 and AAC add priming and padding (a few hundred ms at low
+    rates) and resampling rounds; a copy cut short, or frames a decoder skipped, differ by more."""
+    if declared_s is None or abs(declared_s - decoded_s) <= max(LENGTH_SLACK_S, LENGTH_SLACK_SHARE * declared_s):
+        return None
+    return declared_s
 
 
 def decode(path: Path, fmt: str, sample_rate: int, max_s: float) -> np.ndarray:

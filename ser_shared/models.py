@@ -175,7 +175,10 @@ class Job(Base):
     # Set when retention removed the audio (the result stays); storage_key is then NULL.
     audio_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     format: Mapped[str | None] = mapped_column(String(16))
+    # The header's length at upload, then what the worker decoded. When those differ (a copy cut
+    # short decodes in part), the header's is kept here: what was analysed is not all the file claims.
     duration_s: Mapped[float | None] = mapped_column(Float)
+    declared_duration_s: Mapped[float | None] = mapped_column(Float)
     sample_rate: Mapped[int | None] = mapped_column(Integer)
     channels: Mapped[int | None] = mapped_column(Integer)
     options: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)

@@ -349,7 +349,11 @@ class Job(Emitted):
     size_bytes: int
     content_hash: str | None
     format: str | None
-    duration_s: float | None
+    duration_s: float | None = Field(description="Seconds of audio: what the file's header declares until a worker "
+                                                 "decodes it, then what it decoded (and analysed).")
+    declared_duration_s: float | None = Field(
+        description="What the file's header declares, when the worker decoded a different length (a copy cut "
+                    "short decodes in part; the result is for the part decoded); null when they agree.")
     sample_rate: int | None
     channels: int | None
     options: Options
@@ -364,7 +368,9 @@ class Job(Emitted):
     url: Uri
     audio_url: Uri | None
     audio_deleted_at: UtcDateTime | None
-    webhooks: list[WebhookDelivery]
+    webhooks: list[WebhookDelivery] = Field(
+        description="The job's webhook deliveries and their attempts, oldest first; the same wherever the job "
+                    "appears (a job, a page of the list, a batch).")
 
 
 class JobSummary(Emitted):

@@ -8,6 +8,8 @@ Postgres and Redis.
 
 from __future__ import annotations
 
+import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -17,6 +19,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The data folder's own secret key, when SER_SECRET_KEY is unset (see ``stored_secret``).
+SECRET_FILE = "secret_key"
 
 
 class Settings(BaseSettings):
@@ -42,6 +46,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # "json": one JSON object per log line (request, job, batch ids and tenant as fields).
     log_format: Literal["text", "json"] = "text"
+    # gunicorn's access log: every request, only those answered with an error (>= 400; a page
+    # polling for progress would otherwise write a line a second), or none.
+    access_log: Literal["all", "errors", "off"] = "errors"
     # Prometheus: a bearer token /metrics requires when set (None: open, like /healthz); the port
     # each worker node's main process serves its metrics on (None: no metrics server).
     metrics_token: str | None = None
@@ -190,7 +197,8 @@ class Settings(BaseSettings):
 
     @property
     def queue_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        # kombu's filesystem transport ignores the host, but warns on every connection without one.
+        return self.broker_url or "filesystem://localhost/"
 
     @property
     def upload_dir(self) -> Path:
@@ -207,8 +215,42 @@ class Settings(BaseSettings):
 
     @property
     def flask_secret(self) -> str:
-        # Development only: a per-install key, so sessions survive restarts on one machine.
-        return self.secret_key or "dev-insecure-" + str(self.resolved_data_dir)
+        """SER_SECRET_KEY, or the data folder's own key (created on first use): every process that
+        shares the folder (web, worker, ``ser webhook-secret``) agrees, wherever it was started from."""
+        return self.secret_key or stored_secret(self.resolved_data_dir)
+
+
+class NoStoredSecret(RuntimeError):
+    """The data folder holds no secret key (``stored_secret(..., create=False)``)."""
+
+
+@lru_cache(maxsize=8)
+def stored_secret(folder: Path, create: bool = True) -> str:
+    """The secret key kept in ``folder/secret_key`` (mode 0600), generated there the first time.
+
+    It belongs to the data folder, not to the path it is reached by: moved, renamed or mounted
+    elsewhere, the folder keeps its key. Processes starting together agree: each writes a candidate
+    and hard-links it into place, which never replaces a file, so the first link wins. Raises
+    NoStoredSecret when ``create`` is False and there is none, OSError when the folder is not writable.
+    """
+    path = folder / SECRET_FILE
+    if path.exists() or not create:
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            raise NoStoredSecret(f"no secret key in {folder} (the service writes {SECRET_FILE} there on first "
+                                 "start): is SER_DATA_DIR the service's data folder?") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    candidate = folder / f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    with os.fdopen(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(secrets.token_hex(32) + "\n")
+    try:
+        os.link(candidate, path)
+    except FileExistsError:
+        pass  # another process got there first: its key is the folder's
+    finally:
+        candidate.unlink()
+    return path.read_text().strip()
 
 
 @lru_cache(maxsize=1)

@@ -6,7 +6,7 @@ transaction as the state change they announce (``record_events``), then handed t
 
 Signing follows https://www.standardwebhooks.com: headers ``webhook-id``, ``webhook-timestamp``
 and ``webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">``. The key is derived here
-from the settings alone (the README prints it that way); the signature itself is made by the
+from the settings alone (``ser webhook-secret`` prints it); the signature itself is made by the
 ``standardwebhooks`` library in ``worker.delivery``, the only place that sends.
 """
 
@@ -47,7 +47,8 @@ MAX_URL = 2048
 # --- signing ---------------------------------------------------------------------------------
 
 def secret_bytes(settings: Settings) -> bytes:
-    """The signing key: the configured ``whsec_`` secret, or one derived from the secret key."""
+    """The signing key: the configured ``whsec_`` secret, or one derived from the secret key (which,
+    unset, is the data folder's own: ``Settings.flask_secret``)."""
     if settings.webhook_secret:
         return base64.b64decode(settings.webhook_secret.removeprefix("whsec_"))
     return hmac.new(settings.flask_secret.encode(), b"ser-webhooks", hashlib.sha256).digest()

@@ -91,7 +91,7 @@ def list_jobs() -> Response:
     jobs, next_cursor = queries.list_jobs(db(), f, limit, request.args.get("cursor"))
     # Segments make long recordings' rows large: listed only on request.
     segments = queries.parse_flag(request.args.get("segments"))
-    return jsonify(job_page(jobs, next_cursor, segments))
+    return jsonify(job_page(jobs, next_cursor, segments, queries.deliveries_by_job(db(), [j.id for j in jobs])))
 
 
 @bp.get(f"{API}/export")

@@ -85,9 +85,10 @@ def _all(factory: sessionmaker[Session], f: queries.JobFilter, segments: bool) -
             return
 
 
-def _cell(value: Any) -> Any:
-    """A CSV cell: booleans as JSON writes them (true, false), not Python's True and False."""
-    return ("true" if value else "false") if isinstance(value, bool) else value
+def csv_cells(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its booleans written as the JSON export writes them, ``true``/``false`` (the csv
+    module would write Python's ``True``/``False``); None stays an empty cell."""
+    return {k: ("true" if v else "false") if isinstance(v, bool) else v for k, v in row.items()}
 
 
 def csv_stream(factory: sessionmaker[Session], f: queries.JobFilter, segments: bool) -> Iterator[str]:
@@ -95,7 +96,7 @@ def csv_stream(factory: sessionmaker[Session], f: queries.JobFilter, segments: b
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for n, row in enumerate(_all(factory, f, segments), start=1):
-        writer.writerow({k: _cell(v) for k, v in row.items()})
+        writer.writerow(csv_cells(row))
         if n % 200 == 0:
             yield buffer.getvalue()
             buffer.seek(0)

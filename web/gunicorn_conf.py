@@ -7,6 +7,8 @@ variable must be set before any process imports prometheus_client (this file is 
 master before the app is loaded in the workers), the folder must be emptied at start (values of
 a previous run would be added to this one's), and a worker that exits must be marked dead so its
 gauges stop counting.
+
+``ErrorsOnlyAccessLog`` is the access log of ``SER_ACCESS_LOG=errors``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from gunicorn.glogging import Logger
 
 
 def metrics_dir(bind: str) -> Path:
@@ -38,3 +42,12 @@ def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+class ErrorsOnlyAccessLog(Logger):
+    """gunicorn's logger, its access log kept to answers of 400 and over: the pages and clients
+    poll for progress, and a line per poll buries what went wrong."""
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        if (getattr(resp, "status_code", None) or 500) >= 400:
+            super().access(resp, req, environ, request_time)

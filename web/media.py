@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from flask import Response, request, send_file
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
+from ser_shared import formats
 from ser_shared.audio import MIME_TYPES
 from ser_shared.errors import Conflict
 from ser_shared.models import Job
@@ -31,8 +32,7 @@ NEVER_DECODED = frozenset({"empty_file", "unsupported_format", "decode_failed", 
                            "too_many_channels"})
 # Names a downloaded recording may keep; any other gets the sniffed format's extension added, so a
 # file uploaded as "page.html" is saved as "page.html.wav", never as a document.
-EXTENSIONS = {"wav": (".wav", ".wave"), "flac": (".flac",), "ogg": (".ogg", ".oga", ".opus"), "mp3": (".mp3",),
-              "aiff": (".aif", ".aiff", ".aifc"), "m4a": (".m4a", ".mp4"), "aac": (".aac",), "webm": (".webm",)}
+EXTENSIONS = {f.name: f.extensions for f in formats.FORMATS}
 # Opened as a page rather than played, the response may run nothing, load nothing, be framed nowhere.
 AUDIO_POLICY = "default-src 'none'; media-src 'self'; sandbox; frame-ancestors 'none'"
 

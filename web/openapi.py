@@ -14,7 +14,7 @@ from functools import cache
 from importlib import metadata
 from typing import Any
 
-from ser_shared import schemas
+from ser_shared import formats, schemas
 from ser_shared.emotions import EMOTIONS
 from ser_shared.schemas import EXPORT_COLUMNS, STATUSES
 from web import idempotency
@@ -32,8 +32,7 @@ from web.uploads import (
 
 Schema = dict[str, Any]
 
-AUDIO_TYPES = ["audio/wav", "audio/flac", "audio/ogg", "audio/mpeg", "audio/aiff", "audio/mp4", "audio/aac",
-               "audio/webm", "application/octet-stream"]
+AUDIO_TYPES = [*(f.mime for f in formats.FORMATS), "application/octet-stream"]
 
 DESCRIPTION = """\
 Upload recordings, get the emotion expressed in each (and, on request, a transcript).
@@ -132,7 +131,7 @@ def _path_id(name: str, what: str) -> Schema:
 def _upload_body() -> Schema:
     form = obj({
         "file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                 "description": "The recordings, one part each (WAV, FLAC, OGG, MP3, AIFF, M4A, AAC, WebM)."},
+                 "description": f"The recordings, one part each ({formats.LABELS})."},
         "device": {"type": "string", "enum": list(DEVICES), "default": "auto"},
         "transcribe": {"type": "string", "enum": list(TRANSCRIBE), "default": "none",
                        "description": "Also transcribe the speech, with this engine."},

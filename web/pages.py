@@ -11,7 +11,7 @@ from flask import Blueprint, flash, make_response, redirect, render_template, re
 from markupsafe import Markup
 from werkzeug.wrappers import Response
 
-from ser_shared import storage
+from ser_shared import formats, storage
 from ser_shared.emotions import EMOTIONS
 from ser_shared.errors import Gone, NotFound
 from ser_shared.models import Batch, Job
@@ -72,14 +72,13 @@ def dominant(segments: list[dict[str, Any]] | None, top: int = 3, at_least: floa
 
 # What the upload page's script accepts before sending; the server still sniffs the content, this
 # only spares the user an upload that would fail (names as browsers and recorders give them).
-UPLOAD_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
-                     ".aif", ".aiff")
+UPLOAD_EXTENSIONS = formats.EXTENSIONS
 
 
 @bp.get("/")
 def upload_form() -> str:
     return render_template("upload.html", settings=services().settings, extensions=UPLOAD_EXTENSIONS,
-                           transcribe_choices=TRANSCRIBE,
+                           transcribe_choices=TRANSCRIBE, format_labels=formats.LABELS,
                            labels_max_length=MAX_CHANNEL_LABELS * (MAX_LABEL_LENGTH + 1) - 1)
 
 

@@ -7,12 +7,13 @@ import binascii
 import json
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, func, select, tuple_
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, defer, selectinload
 
 from ser_shared.clock import as_utc
 from ser_shared.emotions import EMOTIONS
@@ -306,11 +307,28 @@ def status_counts(batch: Batch) -> dict[str, int]:
     return counts
 
 
+# Rows of one transaction share created_at (Postgres's now()): the id settles their order.
+_DELIVERY_ORDER = (WebhookDelivery.created_at, WebhookDelivery.id)
+
+
 def deliveries_for_job(session: Session, job_id: uuid.UUID) -> list[WebhookDelivery]:
     return list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
-                                .order_by(WebhookDelivery.created_at)))
+                                .order_by(*_DELIVERY_ORDER)))
+
+
+def deliveries_by_job(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[WebhookDelivery]]:
+    """The webhook deliveries of each of ``job_ids`` (one query; payloads not loaded), oldest first."""
+    found: dict[uuid.UUID, list[WebhookDelivery]] = {}
+    if not job_ids:
+        return found
+    rows = session.scalars(select(WebhookDelivery).options(defer(WebhookDelivery.payload))
+                           .where(WebhookDelivery.job_id.in_(list(job_ids))).order_by(*_DELIVERY_ORDER))
+    for row in rows:
+        found.setdefault(row.job_id, []).append(row)  # type: ignore[arg-type]  # IN (...) excludes NULL
+    return found
 
 
 def deliveries_for_batch(session: Session, batch_id: uuid.UUID) -> list[WebhookDelivery]:
-    return list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.batch_id == batch_id,
-                                                              WebhookDelivery.job_id.is_(None))))
+    """Every delivery of the batch, its own (no job) and its jobs', oldest first."""
+    return list(session.scalars(select(WebhookDelivery).options(defer(WebhookDelivery.payload))
+                                .where(WebhookDelivery.batch_id == batch_id).order_by(*_DELIVERY_ORDER)))

@@ -8,7 +8,7 @@ the tests) rather than reaching clients undocumented. The ``*_dict`` functions g
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flask import url_for
@@ -115,6 +115,7 @@ def job_model(job: Job, deliveries: Sequence[WebhookDelivery] = (), segments: bo
         "content_hash": job.content_hash,
         "format": job.format,
         "duration_s": job.duration_s,
+        "declared_duration_s": job.declared_duration_s,
         "sample_rate": job.sample_rate,
         "channels": job.channels,
         "options": job.options,
@@ -138,14 +139,21 @@ def job_dict(job: Job, deliveries: Sequence[WebhookDelivery] | None = None, segm
     return job_model(job, deliveries or (), segments).to_json()
 
 
-def job_page(jobs: Sequence[Job], next_cursor: str | None, segments: bool) -> dict[str, Any]:
-    """One page of the job list."""
-    return schemas.JobPage(jobs=[job_model(j, segments=segments) for j in jobs], next_cursor=next_cursor).to_json()
+def job_page(jobs: Sequence[Job], next_cursor: str | None, segments: bool,
+             deliveries: Mapping[uuid.UUID, Sequence[WebhookDelivery]]) -> dict[str, Any]:
+    """One page of the job list, each job with its webhook deliveries (``deliveries`` by job id)."""
+    return schemas.JobPage(jobs=[job_model(j, deliveries.get(j.id, ()), segments) for j in jobs],
+                           next_cursor=next_cursor).to_json()
 
 
 def batch_dict(batch: Batch, counts: dict[str, int],
                deliveries: Sequence[WebhookDelivery] | None = None) -> dict[str, Any]:
+    """The batch with its jobs; ``deliveries`` are all of the batch's, its own and its jobs'."""
     done = counts.get("succeeded", 0) + counts.get("failed", 0)
+    by_job: dict[uuid.UUID, list[WebhookDelivery]] = {}
+    for d in deliveries or ():
+        if d.job_id is not None:
+            by_job.setdefault(d.job_id, []).append(d)
     return schemas.Batch.build({
         "id": batch.id,
         "created_at": batch.created_at,
@@ -156,7 +164,7 @@ def batch_dict(batch: Batch, counts: dict[str, int],
         "url": url_for("api.batch", batch_id=batch.id, _external=True),
         "webhook_url": batch.webhook_url,
         "webhooks": [delivery_model(d) for d in deliveries or () if d.job_id is None],
-        "jobs": [job_model(j) for j in batch.jobs],
+        "jobs": [job_model(j, by_job.get(j.id, ())) for j in batch.jobs],
     }).to_json()
 
 

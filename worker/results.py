@@ -21,6 +21,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ser_ml.pipeline import JobInput, Outcome
+from ser_shared.audio import declared_if_different
 from ser_shared.db import upsert_insert
 from ser_shared.models import BROKER, FINISHED, Job, JobStatus, Result
 from ser_shared.settings import Settings
@@ -151,6 +152,8 @@ def persist(factory: sessionmaker[Session], outcomes: Sequence[Outcome], version
                 finished.append(job.id)
             outcome = by_id[job.id]
             if outcome.duration_s is not None:
+                job.declared_duration_s = job.declared_duration_s or declared_if_different(job.duration_s,
+                                                                                           outcome.duration_s)
                 job.duration_s = outcome.duration_s
             p = outcome.prediction
             if p is None:

@@ -46,10 +46,12 @@ def speakers(result: dict[str, Any]) -> str:
 
 
 def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """The rows as CSV; booleans as ``true``/``false`` (as in the JSON, and the server's export), None empty."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: ("true" if v else "false") if isinstance(v, bool) else v for k, v in r.items()}
+                     for r in rows)
     return buffer.getvalue()
 
 

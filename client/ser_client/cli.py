@@ -36,15 +36,19 @@ from ser_client.client import Client
 from ser_client.errors import APIConnectionError, APIStatusError, SERError, WaitTimeoutError
 from ser_client.types import EMOTIONS, Job
 
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm"})
+# The file names the server takes: ser_shared.formats.EXTENSIONS, copied because this distribution
+# installs without the server (tests/unit/test_formats.py keeps the two equal).
+AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".m4a",
+                    ".mp4", ".aac", ".webm")
 EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a command ended by SIGPIPE (`ser history | head`)
 HISTORY_PAGE = 200  # the server's largest page
 BLOCK = 1 << 20
 
-SUBMIT_EPILOG = """\
-Folders are searched for audio (.wav .flac .mp3 .ogg .opus .m4a .aac .webm; hidden files are
-skipped), with --recursive also their subfolders; files named directly are always sent. Each
+SUBMIT_EPILOG = f"""\
+Folders are searched for audio files ({" ".join(AUDIO_EXTENSIONS)}; hidden
+files are skipped), with --recursive also their subfolders; files named directly are always sent. Each
 request carries an Idempotency-Key made from its files' names and bytes and the options, so
 running the same command again within 24 hours (after a network failure, say) returns the jobs it
 created before instead of new ones; --fresh analyses the files again.
@@ -55,6 +59,7 @@ exit status:
   2  usage error: no audio files found, or an --output name that is not .csv or .json
   3  the server could not be reached or refused the request (API key, limits, bad options)
   4  --timeout passed before every job finished; the output holds what was known
+  141  the output's reader stopped early (| head); the command stops quietly
 """
 
 
@@ -153,8 +158,14 @@ def _say_retry(event: RetryEvent) -> None:
           file=sys.stderr, flush=True)
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.server, args.api_key or "", max_retries=args.retries, on_retry=_say_retry)
+def _client(args: argparse.Namespace, retries: list[RetryEvent] | None = None) -> Client:
+    """The SDK client of the command's options; each retry is said, and added to ``retries``."""
+    def on_retry(event: RetryEvent) -> None:
+        _say_retry(event)
+        if retries is not None:
+            retries.append(event)
+
+    return Client(args.server, args.api_key or "", max_retries=args.retries, on_retry=on_retry)
 
 
 def _fields(args: argparse.Namespace) -> dict[str, str]:
@@ -178,31 +189,45 @@ def _batches(files: list[LocalFile], size: int) -> Iterator[list[LocalFile]]:
 Uploaded = dict[str, tuple[LocalFile, dict[str, Any]]]
 
 
+@dataclass
+class Sent:
+    """What ``upload_all`` did: the batches, each file with its upload answer by job id, and how
+    many of the jobs an earlier run of the command had created (answers replayed for its keys)."""
+
+    batch_ids: list[str]
+    jobs: Uploaded
+    reused: int = 0
+
+
 def upload_all(client: Client, files: list[LocalFile], fields: dict[str, str], batch_size: int,
-               salt: str) -> tuple[list[str], Uploaded]:
-    """Upload in batches; returns the batch ids and, by job id, each file with its upload answer."""
+               salt: str, retries: list[RetryEvent] | None = None) -> Sent:
+    """Upload in batches. ``retries`` (the client's retry events, as they happen) tells a replay of
+    this run's own lost answer, which is no earlier run's, from one of an earlier run."""
     progress = Progress("uploading", sum(f.size for f in files), "MB")
-    batch_ids: list[str] = []
-    jobs: Uploaded = {}
+    sent = Sent([], {})
+    retries = retries if retries is not None else []
     chunks = list(_batches(files, batch_size))
     for n, chunk in enumerate(chunks, start=1):
         start = progress.value
         progress.set(start, f"batch {n}/{len(chunks)}")
 
         # A retried request sends its files again: the bar goes back to where this batch began.
-        def sent(done: int, _total: int | None, start: int = start) -> None:
+        def moved(done: int, _total: int | None, start: int = start) -> None:
             progress.set(start + done)
 
+        retried_before = len(retries)
         answer = client.jobs.create([(f.name, f.path) for f in chunk], transcribe=fields["transcribe"],
                                     language=fields.get("language"), channels=fields.get("channels"),
-                                    channel_labels=fields.get("channel_labels"), on_progress=sent,
+                                    channel_labels=fields.get("channel_labels"), on_progress=moved,
                                     idempotency_key=idempotency_key(chunk, fields, salt))
-        batch_ids.append(answer.batch_id)
+        if answer.replayed and not any(e.method == "POST" for e in retries[retried_before:]):
+            sent.reused += len(answer.jobs)
+        sent.batch_ids.append(answer.batch_id)
         # The server answers with the jobs in the order the files were sent.
         for f, job in zip(chunk, answer.jobs, strict=True):
-            jobs[job.id] = (f, job.to_dict() | {"batch_id": answer.batch_id})
+            sent.jobs[job.id] = (f, job.to_dict() | {"batch_id": answer.batch_id})
     progress.finish()
-    return batch_ids, jobs
+    return sent
 
 
 def wait_all(client: Client, jobs: dict[str, dict[str, Any]], timeout_s: float | None) -> bool:
@@ -246,6 +271,13 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(table(rows, ["job_id", "status", "error_code", "path"]))
 
 
+def _reused_notice(reused: int, total: int) -> str:
+    """What a rerun says: the server gave back jobs an earlier run created, not new analyses."""
+    count = f"{reused} jobs" if reused == total else f"{reused} of {total} jobs"
+    return (f"already submitted: reusing {count} (the same files and options were sent within 24 h); "
+            "--fresh to analyse again")
+
+
 def check_output(name: str | None) -> None:
     if name and Path(name).suffix.lower() not in (".csv", ".json"):
         raise CommandError(f"--output must end in .csv or .json: {name}", EXIT_USAGE)
@@ -255,16 +287,21 @@ def _submit(args: argparse.Namespace) -> int:
     check_output(args.output)
     files, skipped = find_files(args.paths, args.recursive)
     if skipped:
-        print(f"skipped {len(skipped)} files that are not audio (by extension)", file=sys.stderr)
+        kinds = ", ".join(sorted({p.suffix.lower() or "no extension" for p in skipped}))
+        print(f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} not named as audio ({kinds}; "
+              f"audio is {' '.join(AUDIO_EXTENSIONS)})", file=sys.stderr)
     if not files:
         raise CommandError("no audio files found" + ("" if args.recursive else " (subfolders need --recursive)"),
                            EXIT_USAGE)
-    with _client(args) as client:
+    retries: list[RetryEvent] = []
+    with _client(args, retries) as client:
         # A cheap authenticated read first: a missing key or a wrong URL is reported before megabytes are sent.
         client.jobs.page(page_size=1)
-        batch_ids, uploaded = upload_all(client, files, _fields(args), args.batch_size,
-                                         new_salt() if args.fresh else "")
+        sent = upload_all(client, files, _fields(args), args.batch_size, new_salt() if args.fresh else "", retries)
+        batch_ids, uploaded = sent.batch_ids, sent.jobs
         latest = {job_id: job for job_id, (_, job) in uploaded.items()}
+        if sent.reused:
+            print(_reused_notice(sent.reused, len(uploaded)), file=sys.stderr)
         batches = f"{len(batch_ids)} batch" + ("es" if len(batch_ids) > 1 else "")
         print(f"{len(files)} files in {batches}: {', '.join(batch_ids)}", file=sys.stderr)
         complete = True
@@ -345,10 +382,23 @@ def explain(exc: SERError, args: argparse.Namespace) -> str:
 Command = Callable[[argparse.Namespace], int]
 
 
+def stdout_closed() -> int:
+    """The reader of stdout went away (``ser history --json | head``): stop quietly, as the Python
+    docs advise (signal module, "Note on SIGPIPE"), with the status a shell gives SIGPIPE."""
+    # Python flushes stdout once more at exit; pointed at devnull, that flush cannot fail again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
 def _run(func: Command, args: argparse.Namespace) -> int:
     """Run a client command; a failure becomes one clear line on stderr and an exit status."""
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not in the flush at exit
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -28,7 +28,16 @@ from typing import IO, Any, Literal, TypedDict, Unpack
 
 import httpx
 
-from ser_client._http import API, DEFAULT_TIMEOUT_S, DEFAULT_URL, AsyncHTTP, RetryHook, RetryPolicy, SyncHTTP
+from ser_client._http import (
+    API,
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_URL,
+    AsyncHTTP,
+    RetryHook,
+    RetryPolicy,
+    SyncHTTP,
+    decode,
+)
 from ser_client._paging import AsyncJobPager, JobPager
 from ser_client._uploads import FileInput, FormFields, ProgressCallback, Upload
 from ser_client.errors import NotFoundError, WaitTimeoutError
@@ -39,6 +48,7 @@ __all__ = ["AsyncClient", "Client", "JobFilters"]
 DEFAULT_MAX_RETRIES = 2
 MAX_PAGE = 200  # the server's largest page (and most ids in one ``ids`` filter)
 MAX_POLL_INTERVAL_S = 5.0
+REPLAYED = "Idempotent-Replayed"  # the server's mark on an answer sent again for a repeated Idempotency-Key
 
 
 class JobFilters(TypedDict, total=False):
@@ -100,6 +110,13 @@ def _quote(job_or_batch_id: str) -> str:
 def _key(idempotency_key: str | None) -> dict[str, str]:
     # One key per call, repeated by every retry of it: the server answers a repeat with the first response.
     return {"Idempotency-Key": idempotency_key or f"ser-sdk-{uuid.uuid4().hex}"}
+
+
+def _accepted(response: httpx.Response, base_url: str) -> UploadAccepted:
+    """An upload's answer, marked ``replayed`` when the server sent the first answer to its key again."""
+    accepted = UploadAccepted.model_validate(decode(response, base_url))
+    accepted._replayed = response.headers.get(REPLAYED, "").lower() == "true"
+    return accepted
 
 
 def _list_params(filters: Mapping[str, Any], page_size: int | None, cursor: str | None,
@@ -176,8 +193,8 @@ class Jobs:
         options = _Options(transcribe, language, device, channels, channel_labels, client_reference, metadata,
                            webhook_url, extra_fields)
         upload = Upload(files, options.fields(), on_progress)
-        body = self._http.json("POST", f"{API}/jobs", upload=upload, headers=_key(idempotency_key))
-        return UploadAccepted.model_validate(body)
+        response = self._http.request("POST", f"{API}/jobs", upload=upload, headers=_key(idempotency_key))
+        return _accepted(response, self._http.base_url)
 
     def get(self, job_id: str) -> Job:
         return Job.model_validate(self._http.json("GET", f"{API}/jobs/{_quote(job_id)}"))
@@ -302,8 +319,8 @@ class AsyncJobs:
         options = _Options(transcribe, language, device, channels, channel_labels, client_reference, metadata,
                            webhook_url, extra_fields)
         upload = Upload(files, options.fields(), on_progress)
-        body = await self._http.json("POST", f"{API}/jobs", upload=upload, headers=_key(idempotency_key))
-        return UploadAccepted.model_validate(body)
+        response = await self._http.request("POST", f"{API}/jobs", upload=upload, headers=_key(idempotency_key))
+        return _accepted(response, self._http.base_url)
 
     async def get(self, job_id: str) -> Job:
         return Job.model_validate(await self._http.json("GET", f"{API}/jobs/{_quote(job_id)}"))

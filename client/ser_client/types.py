@@ -218,6 +218,8 @@ class Job(Model):
     content_hash: str | None = None
     format: str | None = None
     duration_s: float | None = None
+    # What the file's header declares, when the worker decoded a different length (None: they agree).
+    declared_duration_s: float | None = None
     sample_rate: int | None = None
     channels: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)
@@ -260,6 +262,13 @@ class UploadAccepted(Model):
     jobs: list[JobSummary]
     # Only when the queue was unreachable: the jobs are stored and queued when it returns.
     warning: str | None = None
+    _replayed: bool = PrivateAttr(default=False)
+
+    @property
+    def replayed(self) -> bool:
+        """True when the server answered with the jobs an earlier request with the same
+        Idempotency-Key created (``Idempotent-Replayed: true``), instead of creating them."""
+        return self._replayed
 
 
 class JobPage(Model):

@@ -34,9 +34,10 @@ from ser_ml.pipeline import JobInput, Outcome, run
 from ser_shared.audio import decode, sniff_format
 from ser_shared.emotions import EMOTIONS, parse_ravdess_name
 from ser_shared.errors import AudioError
+from ser_shared.formats import EXTENSIONS
 from ser_shared.settings import Settings
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".webm", ".aiff"}
+AUDIO_SUFFIXES = frozenset(EXTENSIONS)
 # The field recordings' self-reported labels; calm is neutral, as in RAVDESS.
 FIELD_LABELS = {"calm": "neutral", "neutral": "neutral", "happy": "happy", "sad": "sad", "angry": "angry",
                 "fearful": "fearful", "disgust": "disgust", "surprised": "surprised"}
@@ -266,7 +267,9 @@ def summary(rep: dict[str, Any]) -> str:
 
 
 def evaluate(root: Path, models_dir: Path, settings: Settings, json_path: Path | None = None,
-             plot_path: Path | None = None, condition: str = "clean") -> dict[str, Any]:
+             condition: str = "clean") -> dict[str, Any]:
+    """Score the models in ``models_dir`` on the labelled recordings under ``root``; write the JSON
+    report to ``json_path`` if given. Raises SystemExit when ``root`` holds no labelled recording."""
     conditions.parse(condition)  # a bad name fails before the models load
     tune_malloc()  # as in a worker process
     items = labelled_files(root)
@@ -277,10 +280,16 @@ def evaluate(root: Path, models_dir: Path, settings: Settings, json_path: Path |
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(rep, indent=2) + "\n")
-    if plot_path is not None and rep["n"]:
-        from ser_ml.train.plots import confusion_png
-
-        confusion_png(np.asarray(rep["confusion"]["matrix"]), list(EMOTIONS), plot_path,
-                      title=f"{root.name} ({condition}): accuracy {rep['accuracy']:.3f}, "
-                            f"macro-F1 {rep['macro_f1']:.3f}")
     return rep
+
+
+def plot_confusion(rep: dict[str, Any], path: Path) -> None:
+    """The report's confusion matrix as a PNG (nothing when no recording was analysed); raises
+    ``ser_ml.train.plots.PlotsUnavailable`` without matplotlib."""
+    if not rep["n"]:
+        return
+    from ser_ml.train.plots import confusion_png
+
+    confusion_png(np.asarray(rep["confusion"]["matrix"]), list(EMOTIONS), path,
+                  title=f"{Path(rep['root']).name} ({rep['condition']}): accuracy {rep['accuracy']:.3f}, "
+                        f"macro-F1 {rep['macro_f1']:.3f}")

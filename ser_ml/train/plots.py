@@ -8,11 +8,17 @@ from typing import Any
 import numpy as np
 
 
+class PlotsUnavailable(RuntimeError):
+    """matplotlib, an optional extra (``train``), is not installed."""
+
+
 def _pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only; raises PlotsUnavailable without matplotlib."""
     try:
         import matplotlib
     except ImportError as exc:  # an optional extra: say how to get it
-        raise SystemExit("plots need matplotlib: pip install -e '.[train]'") from exc
+        raise PlotsUnavailable("plots need matplotlib: pip install 'ser-service[train]' "
+                               "(in the project folder: pip install -e '.[train]')") from exc
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 

@@ -119,6 +119,18 @@ def test_export_rows_are_export_rows(seeded_app: tuple[Flask, dict[str, Any]]) -
     assert [c for c in schemas.EXPORT_COLUMNS if c.startswith("p_")] == [f"p_{e}" for e in EMOTIONS]
 
 
+def test_export_csv_writes_booleans_as_the_json_does(seeded_app: tuple[Flask, dict[str, Any]]) -> None:
+    """`uncertain` is true/false in the CSV, as in the JSON (not Python's True/False); null is empty."""
+    app, _ = seeded_app
+    client = app.test_client()
+    query = "segments=true&client_reference=seed"
+    as_json = json.loads(client.get(f"/api/v1/export?format=json&{query}").data)
+    as_csv = list(csv.DictReader(io.StringIO(client.get(f"/api/v1/export?format=csv&{query}").get_data(as_text=True))))
+    assert {r["uncertain"] for r in as_json} == {True, False, None}  # the seed has each
+    assert [r["uncertain"] for r in as_csv] == [{True: "true", False: "false", None: ""}[r["uncertain"]]
+                                                for r in as_json]
+
+
 # --- unknown keys fail -----------------------------------------------------------------------
 
 def test_a_key_without_a_field_fails(seeded_app: tuple[Flask, dict[str, Any]]) -> None:
@@ -289,3 +301,17 @@ def test_production_serves_a_stored_shape_it_does_not_know() -> None:
         schemas.set_strict(True)
     # Served without the key it cannot describe; what it can describe is as stored.
     assert served.to_json() == {k: v for k, v in stored.items() if k != "legacy_key"}
+
+
+def test_listed_jobs_carry_the_webhooks_their_own_page_shows(seeded_app: tuple[Flask, dict[str, Any]]) -> None:
+    """A job's `webhooks` in the list and in its batch are what GET /jobs/<id> says, attempts and all:
+    an empty list there would say that nothing was sent."""
+    app, seeded = seeded_app
+    client = app.test_client()
+    own = {j: client.get(f"/api/v1/jobs/{j}").get_json()["webhooks"] for j in seeded["job_id"]}
+    assert any(d["attempts"] for deliveries in own.values() for d in deliveries)
+    listed = client.get("/api/v1/jobs", query_string={"ids": ",".join(seeded["job_id"])}).get_json()["jobs"]
+    assert {j["id"]: j["webhooks"] for j in listed} == own
+    batch = client.get(f"/api/v1/batches/{seeded['batch_id'][0]}").get_json()
+    assert {j["id"]: j["webhooks"] for j in batch["jobs"]} == own
+    assert all(d["id"] not in {o["id"] for ds in own.values() for o in ds} for d in batch["webhooks"])

@@ -26,7 +26,8 @@ from ser_client._progress import Progress
 from ser_client.cli import history
 
 from ser_shared.emotions import EMOTIONS
-from tests.conftest import WorkerProcess, ravdess_file
+from ser_shared.settings import Settings
+from tests.conftest import WorkerProcess, ravdess_file, settings_env
 from tests.live_server import FlakyProxy, free_port
 
 pytestmark = pytest.mark.slow
@@ -92,7 +93,8 @@ def test_submit_wait_writes_one_row_per_file(first_run: tuple[subprocess.Complet
     proc, rows = first_run
     folder = folder_of(workdir)
     assert proc.returncode == 1, proc.stderr  # the broken file failed: documented as exit status 1
-    assert "skipped 1 files that are not audio" in proc.stderr
+    assert "skipped 1 file not named as audio (.txt;" in proc.stderr
+    assert "already submitted" not in proc.stderr
     assert "4 files in 2 batches" in proc.stderr
     by_path = {Path(r["path"]).relative_to(folder).as_posix(): r for r in rows}
     # --recursive found sub/; notes.txt and the hidden ._angry.flac were left out.
@@ -110,7 +112,7 @@ def test_submit_wait_writes_one_row_per_file(first_run: tuple[subprocess.Complet
         assert probabilities == pytest.approx(job["result"]["probabilities"])
         assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-3)
         assert float(row["confidence"]) == pytest.approx(job["result"]["confidence"])
-        assert row["uncertain"] in ("True", "False")
+        assert row["uncertain"] == json.dumps(job["result"]["uncertain"])  # true/false as in JSON, not True/False
 
 
 def test_rerun_replays_instead_of_duplicating(first_run: tuple[subprocess.CompletedProcess, list[dict[str, str]]],
@@ -120,6 +122,8 @@ def test_rerun_replays_instead_of_duplicating(first_run: tuple[subprocess.Comple
     again = ser("submit", folder, "--recursive", "--wait", "--output", "again.json", "--batch-size", "2",
                 url=server, cwd=workdir)
     assert again.returncode == 1, again.stderr
+    # Said on the screen, not silently: these are the earlier run's jobs, and how to analyse again.
+    assert "already submitted: reusing 4 jobs" in again.stderr and "--fresh to analyse again" in again.stderr
     replayed = json.loads((workdir / "again.json").read_text())
     assert {r["job_id"] for r in replayed} == {r["job_id"] for r in rows}
     assert all(isinstance(r["confidence"], float) for r in replayed if r["status"] == "succeeded")
@@ -238,6 +242,7 @@ def test_lost_response_and_rate_limit_are_retried_without_duplicates(server: str
         proxy.stop()
     assert proc.returncode == 0, proc.stderr
     assert "rate_limited" not in proc.stderr and proc.stderr.count("retrying in") == 2
+    assert "already submitted" not in proc.stderr  # the replay answered this run's own lost request
     assert "retrying in 1.0 s" in proc.stderr  # the 429's Retry-After, honoured
     assert elapsed >= 1.0
     assert [(m, f) for m, _, f in proxy.log] == [("GET", "429"), ("GET", None), ("POST", "drop"), ("POST", None)]
@@ -295,3 +300,36 @@ def test_upload_progress_counts_bytes_and_notes_the_batch() -> None:
     lines = log.getvalue().splitlines()
     assert lines[-2].endswith(" 50%|" + "#" * 15 + " " * 15 + "| 1.50M/3.00MB, batch 1/2")
     assert lines[-1].endswith("100%|" + "#" * 30 + "| 3.00M/3.00MB, batch 2/2")
+
+
+@pytest.mark.parametrize("argv", [("-m", "ser_cli", "history", "--json"), ("-m", "ser_cli", "history", "--csv"),
+                                  ("-m", "ser_client", "history"), ("-m", "ser_cli", "keys", "list", "--json")])
+def test_a_reader_that_left_early_ends_the_command_quietly(live_server: str, pg_settings: Settings,
+                                                           argv: tuple[str, ...]) -> None:
+    """``ser history --json | head``: once head has gone, the next write fails; the command stops
+    with the shell's SIGPIPE status and no traceback, client and server commands alike."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader already gone, as head is after its lines: every write fails (EPIPE)
+    env = settings_env(pg_settings) | {"SER_URL": live_server}
+    try:
+        proc = subprocess.run([sys.executable, *argv], stdout=write_end, stderr=subprocess.PIPE, env=env,
+                              text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141
+
+
+def test_fresh_analyses_a_submitted_folder_again(first_run: tuple[subprocess.CompletedProcess, list[dict[str, str]]],
+                                                 server: str, workdir: Path) -> None:
+    """--fresh sends the same files as new jobs, without the reuse notice; a partial reuse says how much."""
+    _, rows = first_run
+    folder = folder_of(workdir)
+    fresh = ser("submit", folder, "--recursive", "--fresh", "--batch-size", "2", url=server, cwd=workdir)
+    assert fresh.returncode in (0, 1), fresh.stderr  # 1: broken.wav is refused at upload
+    assert "already submitted" not in fresh.stderr
+    new_ids = {line.split()[0] for line in fresh.stdout.splitlines()[1:] if line.strip()}
+    assert len(new_ids) == 4 and not new_ids & {r["job_id"] for r in rows}
+    # Without sub/: the first batch of two is the first run's (same files, same key), happy.flac alone is new.
+    partial = ser("submit", folder, "--batch-size", "2", url=server, cwd=workdir)
+    assert "already submitted: reusing 2 of 3 jobs" in partial.stderr, partial.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,8 +30,10 @@ def _free_port() -> int:
 def served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     data = tmp_path_factory.mktemp("embedded")
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SER_")}
-    env.update({"SER_DATA_DIR": str(data), "SER_WORKER_CONCURRENCY": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    # A user's environment: nothing that quiets TensorFlow or Python's warnings (ser must do that).
+    quieting = ("SER_", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "PYTHONWARNINGS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(quieting)}
+    env.update({"SER_DATA_DIR": str(data), "SER_WORKER_CONCURRENCY": "1"})
     log = open(data / "serve.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "ser_cli", "serve", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
@@ -84,6 +87,36 @@ def test_embedded_flow_end_to_end(served) -> None:  # type: ignore[no-untyped-de
     assert all(p.name in history for p in paths)
     stored = [p for p in (data / "uploads").rglob("*") if p.is_file()]
     assert len(stored) == 3  # the broken file was not kept
+
+
+# Lines `ser serve` printed before: start-up banners and warnings no user acts on, and a line per poll.
+NOISE = {
+    "TensorFlow's oneDNN notices": "oneDNN",
+    "absl's pre-init notice": "absl::InitializeLog",
+    "Celery's superuser warning": "superuser privileges",
+    "Celery's banner": "[tasks]",
+    "kombu's missing-host warning": "No hostname was supplied",
+    "alembic's plugin list": "setup plugin",
+    "gunicorn's start-up lines": "Booting worker",
+}
+
+
+def test_serve_shows_the_url_and_what_matters(served) -> None:  # type: ignore[no-untyped-def]
+    """After start-up, an analysis and a page's worth of polling, the screen holds the URL, the
+    mode, the work done and the one failed request: no banners, no line per successful poll."""
+    base, data, _ = served
+    for _ in range(5):
+        assert requests.get(f"{base}/api/v1/jobs?limit=1", timeout=5).status_code == 200
+    missing = requests.get(f"{base}/api/v1/jobs/00000000-0000-0000-0000-000000000000", timeout=5)
+    assert missing.status_code == 404
+    time.sleep(1)  # gunicorn writes the access line once the response is sent
+    text = (data / "serve.log").read_text(errors="replace")
+    assert f"SER service running at {base}/ in single-user mode" in text
+    assert "models loaded" in text and "analysed jobs=" in text
+    assert '"GET /api/v1/jobs/00000000-0000-0000-0000-000000000000 HTTP/1.1" 404' in text
+    assert not re.search(r'" [23]\d\d ', text), "an access line for a successful request"
+    heard = {name: marker for name, marker in NOISE.items() if marker in text}
+    assert not heard, f"noise in the output: {heard}\n{text[-3000:]}"
 
 
 def test_sigterm_stops_web_and_worker(served) -> None:  # type: ignore[no-untyped-def]

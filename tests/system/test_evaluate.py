@@ -163,3 +163,26 @@ def test_shipped_models_reproduce_their_recorded_cross_corpus_figures() -> None:
     assert got["n"] + got["n_failed"] == 240
     for key in ("accuracy", "balanced_accuracy", "macro_f1"):
         assert got[key] == pytest.approx(recorded[key], abs=0.01)
+
+
+def test_evaluate_without_matplotlib_prints_the_metrics_and_says_why_there_is_no_plot(tmp_path: Path) -> None:
+    """A missing plotting library costs the picture, not the metrics: they are printed and the JSON
+    written, one line says what to install, and the exit status says the asked-for plot is missing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for code in ("03", "05"):
+        src = ravdess_file(4, code, "02")
+        shutil.copy(src, data / src.name)
+    # sys.modules[name] = None is how Python spells "not installed": the import raises ImportError.
+    code = ("import sys; sys.modules['matplotlib'] = None; from ser_cli.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", code, "evaluate", str(data), "--json", str(tmp_path / "r.json"),
+           "--plot", str(tmp_path / "c.png")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "accuracy" in proc.stdout and "macro-F1" in proc.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["n"] == 2
+    assert not (tmp_path / "c.png").exists()
+    assert "Traceback" not in proc.stderr
+    (notice,) = [line for line in proc.stderr.splitlines() if "matplotlib" in line]
+    assert "c.png not written" in notice and "ser-service[train]" in notice

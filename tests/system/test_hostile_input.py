@@ -245,6 +245,25 @@ def _all_finished(client: Any, jobs: list[dict[str, Any]]) -> list[dict[str, Any
     return current if all(j["status"] in ("succeeded", "failed") for j in current) else None
 
 
+def test_a_flac_cut_short_shows_decoded_and_declared_durations(client: Any, pg_worker: WorkerProcess) -> None:
+    """A copy cut at 75 % of its bytes decodes 2.30 of its 3.67 s: over half, so it is analysed, and
+    the job says how much of what its header declares was decoded, in the API and on its page."""
+    whole = ravdess_file(4, "04", intensity="02").read_bytes()
+    resp = post(client, [("cut_at_75_percent.flac", whole[: len(whole) * 3 // 4]), ("whole.flac", whole)])
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    cut, intact = wait_for(lambda: _all_finished(client, resp.get_json()["jobs"]), timeout=120)
+    assert cut["status"] == intact["status"] == OK, (cut["error"], intact["error"])
+    declared = intact["duration_s"]
+    assert intact["declared_duration_s"] is None  # decoded as long as declared: nothing to say
+    assert cut["declared_duration_s"] == pytest.approx(declared, abs=0.01)
+    assert 0.5 * declared < cut["duration_s"] < 0.8 * declared
+    page = " ".join(client.get(f"/jobs/{cut['id']}").get_data(as_text=True).split())
+    assert (f"Only {cut['duration_s']:.2f} s of the {declared:.2f} s the file's header declares could be decoded"
+            in page)
+    assert f"{cut['duration_s']:.2f} s decoded (the header declares {declared:.2f} s)" in page
+    assert 'id="duration-differs"' not in client.get(f"/jobs/{intact['id']}").get_data(as_text=True)
+
+
 def test_hostile_filenames_are_data_never_paths(client: Any, pg_settings: Settings, speech: np.ndarray) -> None:
     names = ["../../etc/passwd.wav", "nul\x00byte.wav", "b" * 300 + ".wav", "\u202egnp.wav", "😀 angry 🎙️.wav",
              "..", "/abs/path.wav", "con.wav\r\nX-Injected: 1"]

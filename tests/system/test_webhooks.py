@@ -101,8 +101,9 @@ def test_signature_matches_the_specification_example() -> None:
     assert head["content-type"] == "application/json"
 
 
-def test_a_fresh_signature_verifies_and_a_changed_byte_does_not() -> None:
-    settings = Settings(env="test")  # no SER_WEBHOOK_SECRET: the key derived from the secret key
+def test_a_fresh_signature_verifies_and_a_changed_byte_does_not(tmp_path: Path) -> None:
+    # No SER_WEBHOOK_SECRET nor SER_SECRET_KEY: the key derived from the data folder's own (kept out of ./var).
+    settings = Settings(env="test", data_dir=tmp_path)
     body = b'{"type":"job.succeeded","data":{"emotion":"happy"}}'
     head = delivery.signed_headers(webhooks.secret_bytes(settings), "msg_1", int(time.time()), body)
     assert verify(webhooks.public_secret(settings), head, body)

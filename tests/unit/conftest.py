@@ -54,7 +54,7 @@ def embedded_settings(data_dir: Path, **changes: Any) -> Settings:
     settings = Settings(env="test", data_dir=data_dir, database_url=None, broker_url=None, storage_dir=None,
                         models_dir=REPO_ROOT / "models", secret_key="unit-test-secret", chunk_size=4,
                         worker_concurrency=1, **changes)
-    assert settings.db_url.startswith("sqlite:") and settings.queue_url == "filesystem://"
+    assert settings.db_url.startswith("sqlite:") and settings.queue_url == "filesystem://localhost/"
     upgrade(settings)
     return settings
 

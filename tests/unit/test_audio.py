@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ser_shared.audio import AudioInfo, check_duration, decode, probe, sniff_format
+from ser_shared.audio import AudioInfo, check_duration, declared_if_different, decode, probe, sniff_format
 from ser_shared.errors import AudioTooLong, AudioTooShort, DecodeFailed, UnsupportedFormat
 from tests.conftest import ravdess_file
 
@@ -155,6 +155,28 @@ def test_sniff_probe_decode(enc: Encoding, encoded: dict[str, Path], reference: 
         assert rms(audio) == pytest.approx(enc.level * rms(reference), rel=0.15)
         corr = best_lag_corr(audio, reference, max_lag=RATE // 50)  # +-20 ms
         assert corr > 0.9, f"{enc.name}: best correlation {corr:.4f} with the original"
+
+
+@pytest.mark.parametrize("enc", ENCODINGS, ids=lambda e: e.name)
+def test_an_intact_file_decodes_to_its_declared_length(enc: Encoding, encoded: dict[str, Path]) -> None:
+    """Codecs' priming and padding (MP3, AAC, Opus) stay within the slack: an intact file gets no
+    "declared vs decoded" notice, whatever its format."""
+    path = encoded[enc.name]
+    declared = probe(path, enc.fmt).duration_s
+    decoded = decode(path, enc.fmt, RATE, MAX_S).size / RATE
+    assert declared_if_different(declared, decoded) is None, (declared, decoded)
+
+
+def test_a_file_cut_short_keeps_its_declared_length(source: Path, tmp_path: Path) -> None:
+    whole = source.read_bytes()
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(whole[: len(whole) * 64 // 100])  # an incomplete copy: the header promises it all
+    declared = probe(source, "flac").duration_s
+    assert probe(cut, "flac").duration_s == declared
+    decoded = decode(cut, "flac", RATE, MAX_S).size / RATE
+    assert decoded < 0.8 * declared
+    assert declared_if_different(declared, decoded) == declared
+    assert declared_if_different(None, decoded) is None  # a header that declares nothing
 
 
 # --- sniffing -----------------------------------------------------------------------------------

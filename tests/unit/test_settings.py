@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from ser_shared.settings import Settings
+from ser_shared.settings import REPO_ROOT, SECRET_FILE, Settings
+from ser_shared.webhooks import public_secret
 
 PRODUCTION = {
     "SER_ENV": "production",
@@ -51,7 +54,7 @@ def test_embedded_defaults_under_data_dir(env: pytest.MonkeyPatch, tmp_path: Pat
     assert s.env == "development"
     assert s.database_url is None and s.broker_url is None
     assert s.db_url == f"sqlite:///{data.resolve() / 'ser.sqlite3'}"
-    assert s.queue_url == "filesystem://"
+    assert s.queue_url == "filesystem://localhost/"
     assert s.is_embedded
     assert s.upload_dir == data.resolve() / "uploads"
     assert s.broker_folder == data.resolve() / "broker"
@@ -78,7 +81,7 @@ def test_empty_url_counts_as_unset(name: str, env: pytest.MonkeyPatch, tmp_path:
     env.setenv(name, "")
     s = Settings()
     assert s.database_url is None and s.broker_url is None
-    assert s.db_url.startswith("sqlite:///") and s.queue_url == "filesystem://"
+    assert s.db_url.startswith("sqlite:///") and s.queue_url == "filesystem://localhost/"
 
 
 def test_production_complete_is_valid(env: pytest.MonkeyPatch) -> None:
@@ -154,3 +157,52 @@ def test_hard_time_limit_above_soft_is_valid(env: pytest.MonkeyPatch) -> None:
 def test_default_time_limits_are_consistent(env: pytest.MonkeyPatch) -> None:
     s = Settings()
     assert s.task_time_limit_s > s.task_soft_time_limit_s
+
+
+# --- the data folder's own secret key ---------------------------------------------------------
+
+# The key web (sessions) and workers (webhooks, via ser_shared.webhooks.secret_bytes) derive theirs from.
+PRINT_SECRET = "from ser_shared.settings import get_settings; print(get_settings().flask_secret)"
+
+
+def _python(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter on this checkout, in ``cwd``, with no SER_* setting but ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("SER_")}
+    clean["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "client")])
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=clean | env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_one_secret_per_data_folder_from_any_folder_and_path(tmp_path: Path) -> None:
+    """Without SER_SECRET_KEY the key is the data folder's: generated once (0600), then the same for
+    every process that uses the folder, started from any folder, by any path to it, even after a move."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    service = _python(["-c", PRINT_SECRET], cwd=project)  # as ./scripts/serve runs: ./var
+    assert service.returncode == 0, service.stderr
+    assert (project / "var" / SECRET_FILE).stat().st_mode & 0o777 == 0o600
+    signing = public_secret(Settings(env="test", secret_key=service.stdout.strip())) + "\n"
+    printed = _python(["-m", "ser_cli", "webhook-secret"], cwd=elsewhere, SER_DATA_DIR="../project/var")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == signing
+    # From another folder without SER_DATA_DIR: no key made up (and no ./var left behind), a pointer instead.
+    lost = _python(["-m", "ser_cli", "webhook-secret"], cwd=elsewhere)
+    assert lost.returncode == 1 and "SER_DATA_DIR" in lost.stderr and not lost.stdout
+    assert not (elsewhere / "var").exists()
+    (project / "var").rename(tmp_path / "volume")  # the same folder, mounted or moved elsewhere
+    moved = _python(["-m", "ser_cli", "webhook-secret"], cwd=elsewhere, SER_DATA_DIR=str(tmp_path / "volume"))
+    assert moved.stdout == signing
+
+
+def test_processes_starting_together_agree_on_the_new_key(tmp_path: Path) -> None:
+    """Web and worker start at once on a fresh folder: one key is kept, and both use it."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SER_")}
+    env |= {"SER_DATA_DIR": str(tmp_path / "var"), "PYTHONPATH": str(REPO_ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", PRINT_SECRET], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    printed = {p.communicate(timeout=120)[0] for p in procs}
+    assert len(printed) == 1 and all(p.returncode == 0 for p in procs)
+    assert [p.name for p in (tmp_path / "var").iterdir()] == [SECRET_FILE]  # no candidate left behind
+    key = (tmp_path / "var" / SECRET_FILE).read_text().strip()
+    assert Settings(env="test", data_dir=tmp_path / "var").flask_secret == key  # the web tier's session key

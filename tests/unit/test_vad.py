@@ -15,8 +15,22 @@ import pytest
 import soundfile as sf
 
 from ser_ml import vad
-from ser_ml.segments import FRAME_S, Segment, frame_energy_db, segments_from_energy
+from ser_ml.segments import (
+    FRAME_S,
+    MAX_SEGMENT_S,
+    MIN_GAP_S,
+    MIN_SEGMENT_S,
+    MIN_SPEECH_S,
+    PAD_S,
+    WHOLE_UP_TO_S,
+    Segment,
+    frame_energy_db,
+    segments_from_energy,
+    segments_from_flags,
+)
+from ser_ml.vad import HAS_SPEECH_S
 from ser_shared.errors import AudioError, NoSpeech
+from ser_shared.settings import REPO_ROOT
 from tests.conftest import DATASETS, RAVDESS
 from tests.nonspeech import KINDS, make, with_noise
 
@@ -185,3 +199,38 @@ def test_no_speech_is_an_audio_error_with_its_own_code() -> None:
     error = NoSpeech("no speech in the recording")
     assert isinstance(error, AudioError) and error.code == "no_speech" and error.http_status == 422
     assert "no_speech" in ERROR_WORDS
+
+
+def _readme_segment_rules() -> str:
+    readme = (REPO_ROOT / "README.md").read_text()
+    start = readme.index("- **Segment boundaries**")
+    return " ".join(readme[start:readme.index("\n- **", start + 1)].split())
+
+
+def test_a_word_between_pauses_is_a_short_segment_as_the_readme_says() -> None:
+    """Segments are not kept to 2-8 s: a word alone between pauses is its own, short, segment; the
+    README states the rules the code applies (its numbers are the constants)."""
+    (word_file,) = INDIAN.glob("House__yes-safe-happy-20190713144246-*.flac")  # "yes", 0.75 s of it speech
+    word = _read(word_file)
+    sentence = _read(RAVDESS / "Actor_03/03-01-05-02-01-01-03.flac")
+    pause = np.zeros(vad.SAMPLE_RATE, dtype=np.float32)
+    recording = np.concatenate([sentence, pause, word, pause, sentence])
+    assert recording.size / vad.SAMPLE_RATE > WHOLE_UP_TO_S  # so it is cut, not analysed whole
+    at = (sentence.size + pause.size) / vad.SAMPLE_RATE
+    (short,) = [s for s in vad.speech_segments(recording) if at <= s.start and s.end <= at + 3.0]
+    assert HAS_SPEECH_S <= short.end - short.start < MIN_SEGMENT_S, short
+    rules = _readme_segment_rules()
+    assert "between 2 and 8 s" not in rules and "no other minimum" in rules
+    for value in (MIN_GAP_S, HAS_SPEECH_S, MAX_SEGMENT_S, MIN_SEGMENT_S, MIN_SPEECH_S, vad.SEGMENT_PAD_S, PAD_S):
+        assert f"{value:g} s" in rules, value
+    assert f"{MAX_SEGMENT_S + 2 * vad.SEGMENT_PAD_S:g} s" in rules and f"{MAX_SEGMENT_S + 2 * PAD_S:g} s" in rules
+
+
+def test_the_last_piece_of_a_split_run_can_be_under_two_seconds() -> None:
+    """A run over 8 s is cut at its quietest frame 2-8 s in: only the pieces cut off are 2 s or more."""
+    frames = int(8.6 / FRAME_S)
+    energy = np.full(frames, -20.0, dtype=np.float32)
+    energy[int(7.9 / FRAME_S)] = -60.0  # the quietest moment, 7.9 s in
+    (first, last) = segments_from_flags(np.ones(frames, dtype=bool), energy, frames * FRAME_S, pad_s=0.0)
+    assert first.end - first.start == pytest.approx(7.9, abs=0.02)
+    assert last.end - last.start == pytest.approx(0.7, abs=0.02) and last.end - last.start < MIN_SEGMENT_S
