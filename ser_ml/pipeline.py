@@ -653,9 +653,18 @@ def restore_conversation(job_id: uuid.UUID, segments: list[dict[str, Any]] | Non
     return outcome
 
 
+def budgeted(settings: Settings, segments: Sequence[dict[str, Any]]) -> Settings:
+    """``settings`` with the transcript budget of a recording whose speech is ``segments``: the
+    larger of ``transcribe_timeout_s`` and ``transcribe_s_per_speech_s`` per second of speech."""
+    speech = sum(float(seg["end"]) - float(seg["start"]) for seg in segments)
+    budget = max(settings.transcribe_timeout_s, settings.transcribe_s_per_speech_s * speech)
+    return settings if budget == settings.transcribe_timeout_s else \
+        settings.model_copy(update={"transcribe_timeout_s": budget})
+
+
 def transcribe_all(outcomes: list[Outcome], settings: Settings) -> dict[uuid.UUID, dict[str, Any]]:
     """Transcripts for the analysed recordings that asked for one (never raises, never blocks
-    longer than ``transcribe_timeout_s`` per recording). Runs after the emotions are stored.
+    longer than its budget per recording: see ``budgeted``). Runs after the emotions are stored.
 
     A recording with segments is transcribed segment by segment (the budget shared between them):
     each segment gets its own text (and words, from Whisper), and the recording's is their
@@ -665,6 +674,7 @@ def transcribe_all(outcomes: list[Outcome], settings: Settings) -> dict[uuid.UUI
     for outcome in outcomes:
         if outcome.audio is None or outcome.transcript is None or outcome.prediction is None:
             continue
+        settings = budgeted(settings, outcome.segments or [])
         if outcome.mode == "split":  # channels transcribed one by one: see _transcribe_channels
             done[outcome.job_id] = _transcribe_channels(outcome.audio, outcome.transcript, outcome.channels or [],
                                                         settings)
@@ -682,6 +692,7 @@ def transcribe_stored(job: JobInput, transcript: dict[str, Any], segments: list[
     was interrupted (its worker was killed): the stored audio is decoded once more. ``segments``
     (the stored ones) get their own transcripts, as in ``transcribe_all``; so do a split
     recording's ``channels`` (see ``_transcribe_channels``, and ``restore_conversation`` after)."""
+    settings = budgeted(settings, [s for c in channels or [] for s in c["segments"]] if channels else segments or [])
     if channels is not None and len(channels) > 1:  # a split recording
         return _transcribe_stored_channels(job, transcript, channels, settings)
     try:
