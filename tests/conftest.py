@@ -44,6 +44,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "SER_WEBHOOK_ALLOW": settings.webhook_allow, "SER_WEBHOOK_RETRY_BASE_S": str(settings.webhook_retry_base_s),
         "SER_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s), "SER_SECRET_KEY": settings.secret_key,
         "SER_TRANSCRIBE_TIMEOUT_S": str(settings.transcribe_timeout_s),
+        "SER_TRANSCRIBE_S_PER_SPEECH_S": str(settings.transcribe_s_per_speech_s),
         "SER_STORAGE_URL": settings.storage_url, "SER_S3_ENDPOINT_URL": settings.s3_endpoint_url,
         "SER_ORPHAN_GRACE_S": str(settings.orphan_grace_s),
     }

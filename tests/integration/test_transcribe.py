@@ -483,3 +483,16 @@ def test_split_points_cover_the_audio_within_the_limit() -> None:
     assert all(prev[1] == nxt[0] for prev, nxt in zip(ranges, ranges[1:], strict=False))
     assert SAMPLE_RATE * 27 <= ranges[0][1] <= SAMPLE_RATE * 27 + 800
     assert split_points(audio[:SAMPLE_RATE], SAMPLE_RATE, 30.0) == [(0, SAMPLE_RATE)]
+
+
+def test_the_budget_grows_with_the_speech_to_transcribe() -> None:
+    from ser_ml.pipeline import budgeted
+    from ser_shared.settings import Settings
+
+    base = Settings(env="test", transcribe_timeout_s=20.0, transcribe_s_per_speech_s=0.5)
+    ten_minutes = [{"start": float(t), "end": t + 8.0} for t in range(0, 600, 10)]  # 480 s of speech
+    assert budgeted(base, ten_minutes).transcribe_timeout_s == 240.0
+    assert budgeted(base, ten_minutes[:3]).transcribe_timeout_s == 20.0  # 24 s of speech: the floor
+    assert budgeted(base, []).transcribe_timeout_s == 20.0
+    fixed = base.model_copy(update={"transcribe_s_per_speech_s": 0.0})
+    assert budgeted(fixed, ten_minutes).transcribe_timeout_s == 20.0
