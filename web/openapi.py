@@ -134,9 +134,12 @@ def _upload_body() -> Schema:
                  "description": f"The recordings, one part each ({formats.LABELS})."},
         "device": {"type": "string", "enum": list(DEVICES), "default": "auto"},
         "transcribe": {"type": "string", "enum": list(TRANSCRIBE), "default": "none",
-                       "description": "Also transcribe the speech, with this engine."},
+                       "description": "Also transcribe the speech, with this engine: `whisper` offline (Whisper "
+                                      "tiny.en for English, base for other languages), `google` over the "
+                                      "network; `sphinx` is kept for old clients and served by Whisper."},
         "language": {"type": "string", "pattern": LANGUAGE.pattern, "default": "en-US",
-                     "description": "BCP-47 language of the speech, for the transcript."},
+                     "description": "BCP-47 language of the speech, for the transcript; `und` (undetermined) "
+                                    "lets Whisper detect it."},
         "channels": {"type": "string", "enum": list(CHANNEL_MODES), "default": "auto",
                      "description": "How a recording of several channels is analysed: `split` takes each channel "
                                     "as one speaker (a call's agent and customer on the two sides of a stereo "
