@@ -279,16 +279,21 @@ def _decode(session: Session, packed: np.ndarray, deadline: float, heard: list[H
 
 
 def _assign(found: _Found, placed: list[_Placed]) -> list[Heard]:
-    """Give each word to the segment its middle falls in (a word in a gap goes to the segment before
-    it) and move it to the recording's clock, within its segment and in order."""
-    starts = [p.packed_start for p in placed]
+    """Give each word to the segment it starts in (a word starting in the first half of a gap goes to
+    the segment before it, in the second half to the one after) and move it to the recording's
+    clock, within its segment and in order.
+
+    By its start, not its middle: Whisper often stretches a sentence's last word over the silence
+    after it, and a stretched "door." whose middle fell past the gap was given to the speaker's next
+    segment (seen on the two-speaker calls of bench.calls)."""
+    starts = [p.packed_start - (GAP_S / 2 if i else 0.0) for i, p in enumerate(placed)]
     words: list[list[Word]] = [[] for _ in placed]
     texts: list[list[str]] = [[] for _ in placed]
     ends = [p.start for p in placed]  # where each segment's last word ended
     for start, end, text, is_word in found:
         if not text.strip():
             continue
-        k = max(0, bisect.bisect_right(starts, (start + end) / 2) - 1)
+        k = max(0, bisect.bisect_right(starts, start) - 1)
         place = placed[k]
         shift = place.start - place.packed_start
         a = min(max(start + shift, ends[k]), place.end)

@@ -496,3 +496,18 @@ def test_the_budget_grows_with_the_speech_to_transcribe() -> None:
     assert budgeted(base, []).transcribe_timeout_s == 20.0
     fixed = base.model_copy(update={"transcribe_s_per_speech_s": 0.0})
     assert budgeted(fixed, ten_minutes).transcribe_timeout_s == 20.0
+
+
+def test_a_stretched_last_word_stays_with_its_segment() -> None:
+    """Whisper often stretches a sentence's last word over the silence after it; the word belongs
+    to the segment it starts in (seen on two-speaker calls: "door." moved to the next turn)."""
+    from ser_ml.whisper_asr import GAP_S, _assign, _Placed
+
+    placed = [_Placed(0, 0.0, 10.0, 12.0), _Placed(1, 2.0 + GAP_S, 20.0, 22.0)]
+    found = [(0.2, 0.6, " Kids", True), (1.5, 2.0 + GAP_S + 1.0, " door.", True),  # its middle is past the gap
+             (2.0 + GAP_S * 0.8, 2.0 + GAP_S + 0.4, " Dogs", True), (3.0, 3.5, " sitting", True)]
+    first, second = _assign(found, placed)
+    assert first.text == "Kids door." and second.text == "Dogs sitting"
+    assert [w.word for w in first.words or ()] == ["Kids", "door."]
+    assert all(10.0 <= w.start <= w.end <= 12.0 for w in first.words or ())
+    assert all(20.0 <= w.start <= w.end <= 22.0 for w in second.words or ())

@@ -226,14 +226,21 @@ def test_a_call_the_worker_analysed(page: Any, worker: WorkerProcess, tmp_path: 
     path = write(build_call(RAVDESS, TURNING_ANGRY).audio, tmp_path / "stereo-call.wav")
     resp = page.request.post("/api/v1/jobs", multipart={
         "file": {"name": path.name, "mimeType": "audio/wav", "buffer": path.read_bytes()},
-        "channels": "split", "channel_labels": "agent,customer"})
+        "channels": "split", "channel_labels": "agent,customer", "transcribe": "whisper"})
     assert resp.status == 202, resp.text()
     (job,) = wait_jobs(page.request, [resp.json()["jobs"][0]["id"]], timeout=180)
     assert job["status"] == "succeeded", job
+    for _ in range(240):  # the transcript stage follows the emotion: its words go under the bands
+        if job["result"]["transcript"]["status"] != "pending":
+            break
+        page.wait_for_timeout(500)
+        job = page.request.get(f"/api/v1/jobs/{job['id']}").json()
+    assert job["result"]["transcript"]["status"] == "succeeded", job["result"]["transcript"]
     channels = job["result"]["channels"]
     _open(page, job["id"])
     expect(page.locator("svg.lane")).to_have_count(len(channels))
     _assert_aligned(page, channels, job["duration_s"])
+    expect(page.locator("svg.lane svg.words").first).to_be_visible()
     if os.environ.get("SER_SCREENSHOTS") == "1":
         page.screenshot(path=str(REPO_ROOT / "docs" / "screenshots" / "conversation.png"), full_page=True)
 
