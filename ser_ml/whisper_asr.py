@@ -44,7 +44,11 @@ MULTILINGUAL_MODEL = "base"
 THREADS = 2  # CTranslate2 threads per model: the transcript stage may use two cores
 COMPUTE_TYPE = "int8"
 PACK_S = 28.0  # under Whisper's 30 s window, so a pack is usually one window
-GAP_S = 0.4  # silence between packed segments: a pause Whisper ends a segment at
+# Silence between packed segments: a pause Whisper ends a segment at, and room for its timing. A
+# sentence's last word often comes back stretched or late by a few tenths of a second; with 0.4 s
+# its middle fell past the gap and "door." was given to the speaker's next turn (two-speaker calls
+# of bench.calls); at 1.0 s every word stayed with its turn there.
+GAP_S = 1.0
 BEAM_SIZE = 1  # greedy: beam 5 costs ~1.5x on these models for no gain on clear speech
 # Greedy at temperature 0 only, no fallback ladder: Whisper's default (0.0, 0.2, ... 1.0) re-decodes a
 # window up to six times when its log-probability is low, which multiplied the cost (23 s instead of
@@ -279,21 +283,16 @@ def _decode(session: Session, packed: np.ndarray, deadline: float, heard: list[H
 
 
 def _assign(found: _Found, placed: list[_Placed]) -> list[Heard]:
-    """Give each word to the segment it starts in (a word starting in the first half of a gap goes to
-    the segment before it, in the second half to the one after) and move it to the recording's
-    clock, within its segment and in order.
-
-    By its start, not its middle: Whisper often stretches a sentence's last word over the silence
-    after it, and a stretched "door." whose middle fell past the gap was given to the speaker's next
-    segment (seen on the two-speaker calls of bench.calls)."""
-    starts = [p.packed_start - (GAP_S / 2 if i else 0.0) for i, p in enumerate(placed)]
+    """Give each word to the segment its middle falls in (a word in a gap goes to the segment before
+    it) and move it to the recording's clock, within its segment and in order."""
+    starts = [p.packed_start for p in placed]
     words: list[list[Word]] = [[] for _ in placed]
     texts: list[list[str]] = [[] for _ in placed]
     ends = [p.start for p in placed]  # where each segment's last word ended
     for start, end, text, is_word in found:
         if not text.strip():
             continue
-        k = max(0, bisect.bisect_right(starts, start) - 1)
+        k = max(0, bisect.bisect_right(starts, (start + end) / 2) - 1)
         place = placed[k]
         shift = place.start - place.packed_start
         a = min(max(start + shift, ends[k]), place.end)

@@ -499,13 +499,15 @@ def test_the_budget_grows_with_the_speech_to_transcribe() -> None:
 
 
 def test_a_stretched_last_word_stays_with_its_segment() -> None:
-    """Whisper often stretches a sentence's last word over the silence after it; the word belongs
-    to the segment it starts in (seen on two-speaker calls: "door." moved to the next turn)."""
+    """Whisper often stretches a sentence's last word over the silence after it; the gap between
+    packed segments leaves that room, so the word stays with its segment (seen on two-speaker calls:
+    with a 0.4 s gap, "door." moved to the speaker's next turn)."""
     from ser_ml.whisper_asr import GAP_S, _assign, _Placed
 
+    assert GAP_S >= 1.0
     placed = [_Placed(0, 0.0, 10.0, 12.0), _Placed(1, 2.0 + GAP_S, 20.0, 22.0)]
-    found = [(0.2, 0.6, " Kids", True), (1.5, 2.0 + GAP_S + 1.0, " door.", True),  # its middle is past the gap
-             (2.0 + GAP_S * 0.8, 2.0 + GAP_S + 0.4, " Dogs", True), (3.0, 3.5, " sitting", True)]
+    found = [(0.2, 0.6, " Kids", True), (1.6, 2.0 + 0.8, " door.", True),  # stretched 0.8 s into the gap
+             (2.0 + GAP_S - 0.2, 2.0 + GAP_S + 0.4, " Dogs", True), (3.6, 4.0, " sitting", True)]
     first, second = _assign(found, placed)
     assert first.text == "Kids door." and second.text == "Dogs sitting"
     assert [w.word for w in first.words or ()] == ["Kids", "door."]
