@@ -258,8 +258,10 @@ def _summary(candidate: Candidate, y: np.ndarray, pred: np.ndarray, runs: list[d
 
 
 def command_line(data_dir: Path, out_dir: Path, cfg: CompareConfig) -> str:
-    """The ``ser compare`` command that makes this report again."""
-    parts = ["ser compare", f"--data {data_dir}", f"--out {out_dir}", f"--folds {cfg.folds}", f"--seed {cfg.seed}",
+    """The ``ser compare`` command that makes this report again (with the thread limit it ran under)."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    parts = [f"OMP_NUM_THREADS={threads} ser compare" if threads else "ser compare", f"--data {data_dir}",
+             f"--out {out_dir}", f"--folds {cfg.folds}", f"--seed {cfg.seed}",
              f"--trees {cfg.rf_trees}", f"--augment {','.join(cfg.augment) or 'none'}"]
     if cfg.limit_per_actor is not None:
         parts.append(f"--limit-per-actor {cfg.limit_per_actor}")
@@ -401,7 +403,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"- **Data**: {d['corpus']}, {d['files']} files of {len(actors)} actors ({actors[0]}–{actors[-1]}); "
         "calm counted as neutral; " + ", ".join(f"{c} {n}" for c, n in d["files_per_class"].items()) + ".",
         f"- **Features**: `ser train`'s ({feats['feature_version']}): the mean and standard deviation of the "
-        f"second block of {feats['encoder']}'s encoder, {feats['vector_dim']} values per recording.",
+        f"second block of {feats['encoder']}'s encoder, {feats['vector_dim']} values per recording "
+        + (f"(extracted in {feats['extraction_seconds']:.0f} s)." if "extraction_seconds" in feats
+           else "(read from a feature cache made by the same code, data and settings)."),
         f"- **Folds**: {report['protocol']['description']}",
         f"- **Hyper-parameters**: {report['hyperparameters']}.",
         f"- **Timing**: {report['machine']['timing']} ({report['machine']['cpus']} CPUs, scikit-learn "
