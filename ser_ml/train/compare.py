@@ -9,6 +9,8 @@ the test actors' clean originals. No actor is ever on both sides of a fold.
 Hyper-parameters are fixed (below, with the reasons); nothing is tuned, so no choice is made on a
 test fold. The report (``report.json``, ``report.md``, one confusion PNG per model) gives each
 model's out-of-fold accuracy, macro-F1, per-class precision/recall/F1 and its fit and predict time.
+It is a command of its own (``ser compare``), not ``ser train --compare``: it writes a report and never
+touches the models folder, and it shares ``ser train``'s options for the features and the folds.
 """
 
 from __future__ import annotations
