@@ -107,12 +107,21 @@ def list_ravdess(root: Path, limit_per_actor: int | None = None) -> list[tuple[P
     return items
 
 
-def fold_of_actor(groups: np.ndarray, folds: int) -> dict[str, int]:
-    """The cross-validation fold each actor is tested in (GroupKFold's own assignment)."""
+def actor_folds(groups: np.ndarray, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train, test)`` row indices of each speaker-independent fold: GroupKFold by actor.
+
+    The one place the folds are made: ``ser train``'s cross-validation, the babble pools of its
+    training copies and ``ser compare`` all take them from here, so they always agree.
+    """
     from sklearn.model_selection import GroupKFold
 
+    return list(GroupKFold(n_splits=folds).split(groups, groups, groups))
+
+
+def fold_of_actor(groups: np.ndarray, folds: int) -> dict[str, int]:
+    """The cross-validation fold each actor is tested in (GroupKFold's own assignment)."""
     out: dict[str, int] = {}
-    for k, (_, test) in enumerate(GroupKFold(n_splits=folds).split(groups, groups, groups)):
+    for k, (_, test) in enumerate(actor_folds(groups, folds)):
         out.update({str(a): k for a in set(groups[test].tolist())})
     return out
 
@@ -237,8 +246,8 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def fit_rf(x: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> dict[str, Any]:
-    """scaler → shrinkage LDA → RandomForest, one scikit-learn Pipeline.
+def rf_pipeline(trees: int, seed: int) -> Any:
+    """scaler → shrinkage LDA → RandomForest, one (unfitted) scikit-learn Pipeline.
 
     The LDA projects the 768 pooled encoder values onto the 6 directions that separate the
     emotions best (with Ledoit-Wolf shrinkage, as 768 dimensions are many for a few thousand
@@ -250,13 +259,18 @@ def fit_rf(x: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> dict[str, Any]:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    pipe = Pipeline([
+    return Pipeline([
         ("scaler", StandardScaler()),
         ("lda", LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto")),
-        ("rf", RandomForestClassifier(n_estimators=cfg.rf_trees, class_weight="balanced_subsample",
+        ("rf", RandomForestClassifier(n_estimators=trees, class_weight="balanced_subsample",
                                       min_samples_leaf=4, max_features="sqrt", n_jobs=2,
-                                      random_state=cfg.seed)),
+                                      random_state=seed)),
     ])
+
+
+def fit_rf(x: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> dict[str, Any]:
+    """Fit :func:`rf_pipeline` and wrap it as the served bundle (pipeline, classes, feature version)."""
+    pipe = rf_pipeline(cfg.rf_trees, cfg.seed)
     pipe.fit(x, y)
     return {"pipeline": pipe, "classes": list(EMOTIONS), "feature_version": FEATURE_VERSION}
 
@@ -322,13 +336,11 @@ def _lstm_proba(model: Any, info: dict[str, Any], feats: list[Features], cfg: Tr
 def cross_validate(corpus: Corpus, cfg: TrainConfig) -> dict[str, Any]:
     """Out-of-fold probabilities and per-fold metrics for the RF, the LSTM and their ensemble,
     on the clean recordings and under each scoring condition."""
-    from sklearn.model_selection import GroupKFold
-
     y, groups = corpus.labels, corpus.groups
     sets = {"clean": corpus.feats, **corpus.conditioned}
     oof = {c: {"rf": np.zeros((len(y), len(EMOTIONS))), "lstm": np.zeros((len(y), len(EMOTIONS)))} for c in sets}
     folds: list[dict[str, Any]] = []
-    for k, (train, test) in enumerate(GroupKFold(n_splits=cfg.folds).split(y, y, groups)):
+    for k, (train, test) in enumerate(actor_folds(groups, cfg.folds)):
         started = time.perf_counter()
         fit_idx, val_idx = _inner_split(groups[train], cfg.seed + k)
         tr, va = train[fit_idx], train[val_idx]
