@@ -275,8 +275,8 @@ def table(scores: dict[str, Score]) -> tuple[str, dict[str, Any]]:
         for name, row in summary.items():
             if name == "sphinx":
                 continue
-            wer, base_wer = cast(dict[str, float], row["wer"]), cast(dict[str, float], base["wer"])
-            ratios = [wer[c] / base_wer[c] if base_wer[c] else float("nan") for c in corpora]
+            row_wer, base_wer = cast(dict[str, float], row["wer"]), cast(dict[str, float], base["wer"])
+            ratios = [row_wer[c] / base_wer[c] if base_wer[c] else float("nan") for c in corpora]
             ratios += [cast(float, row["rtf_clips_wall"]) / cast(float, base["rtf_clips_wall"]),
                        cast(float, row["rtf_long_wall"]) / cast(float, base["rtf_long_wall"])]
             rows.append(f"| {name} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")

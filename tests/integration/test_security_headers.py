@@ -246,7 +246,7 @@ def test_no_page_has_inline_script_style_or_handlers(site: Site) -> None:
     # The page with everything on it: charts, timeline, timings, player, images.
     html = pages[f"/jobs/{site.jobs['finished']}"][1].get_data(as_text=True)
     assert 'id="player"' in html and 'id="chart-ensemble"' in html and 'id="timings"' in html
-    assert 'class="timeline"' in html and 'class="segment happy emo-happy"' in html
+    assert 'class="track timeline"' in html and 'class="segment happy emo-happy"' in html
     # The sad segment, 1.0-1.9 s of 2 s: placed and sized by SVG attributes, not a style.
     assert 'x="50.000%" width="45.000%"' in html
 

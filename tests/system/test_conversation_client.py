@@ -22,6 +22,7 @@ from tests.conftest import private_database, ravdess_file
 from tests.conversations import call, finish
 from tests.live_server import serve
 from tests.system.test_cli_client import ser
+from tests.system.test_sdk import run_async
 from web import create_app
 
 QUEUE = "conversation-client-unread"
@@ -64,15 +65,13 @@ def calls_batch(client: Client, job_id: str) -> str:
 
 
 def test_async_sdk_sends_them_too(calls: dict[str, Any]) -> None:
-    import asyncio
-
     async def upload() -> dict[str, Any]:
         async with AsyncClient(calls["url"]) as client:
             accepted = await client.jobs.create([ravdess_file(3, "03")], channels="split",
                                                 channel_labels=("caller", "callee"))
             return (await client.jobs.get(accepted.jobs[0].id)).options
 
-    assert asyncio.run(upload()) == {"device": "auto", "channels": "split", "channel_labels": ["caller", "callee"]}
+    assert run_async(upload()) == {"device": "auto", "channels": "split", "channel_labels": ["caller", "callee"]}
 
 
 def test_typed_results_carry_each_speaker_and_the_filter_selects(calls: dict[str, Any]) -> None:

@@ -56,7 +56,8 @@ def test_live_session_grows_a_timeline_and_keeps_its_chunks(page: Any, worker: W
 
     # Every chunk on the timeline is a job of the session, in order, with the result it shows.
     assert batch["options"]["live"] is True
-    assert batch["file_count"] == len(batch["jobs"]) == len(shown) >= 5
+    # Four results were on screen at the stop; its last cut adds a fifth unless under 0.5 s.
+    assert batch["file_count"] == len(batch["jobs"]) == len(shown) >= 4
     assert [s["job"] for s in shown] == [j["id"] for j in batch["jobs"]]
     for s, job in zip(shown, batch["jobs"], strict=True):
         assert job["status"] in ("succeeded", "failed")
