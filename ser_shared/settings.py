@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     # "unavailable" and the emotion result stands; the Google Web Speech key (None: its demo key).
     transcribe_timeout_s: float = Field(default=20.0, gt=0)
     # ... which grows with the speech to transcribe: a recording gets the larger of the two. Whisper
-    # tiny.en runs at about 0.08 s per speech second on 2 cores (bench/RESULTS.md), so 0.5 leaves a
+    # tiny.en runs at 0.035 s per speech second on 2 idle cores, about 0.08 loaded (bench/RESULTS.md), so 0.5 leaves a
     # loaded worker room; a 10-minute call is not cut at its first 4 minutes by the 20 s floor.
     transcribe_s_per_speech_s: float = Field(default=0.5, ge=0)
     google_speech_key: str | None = None
