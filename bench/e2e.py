@@ -69,6 +69,18 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------- options
 
 
+def add_stack_args(p: argparse.ArgumentParser, when: str = "", redis_default: str | None = DEFAULT_REDIS_URL,
+                   redis_help: str = "Redis database used as the broker; it is FLUSHED first") -> None:
+    """The options every service bench shares: where the recordings are, and the Postgres and Redis
+    it runs on (``when`` prefixes their help, e.g. "--stack services: ")."""
+    p.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS,
+                   help="folder holding ravdess/Actor_*/*.flac (relative paths: to the repository root)")
+    p.add_argument("--pg-admin-url", default=os.environ.get("SER_BENCH_PG_ADMIN_URL", DEFAULT_PG_ADMIN_URL),
+                   help=f"{when}Postgres URL with CREATE DATABASE rights (env SER_BENCH_PG_ADMIN_URL)")
+    p.add_argument("--redis-url", default=os.environ.get("SER_BENCH_REDIS_URL", redis_default),
+                   help=f"{when}{redis_help} (env SER_BENCH_REDIS_URL)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -82,12 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--identity-samples", type=int, default=20,
                    help="distinct recordings compared with an in-process one-by-one run (0: skip)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs probability difference for 'identical'")
-    p.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS,
-                   help="folder holding ravdess/Actor_*/*.flac (relative paths: to the repository root)")
-    p.add_argument("--pg-admin-url", default=os.environ.get("SER_BENCH_PG_ADMIN_URL", DEFAULT_PG_ADMIN_URL),
-                   help="Postgres URL with CREATE DATABASE rights (env SER_BENCH_PG_ADMIN_URL)")
-    p.add_argument("--redis-url", default=os.environ.get("SER_BENCH_REDIS_URL", DEFAULT_REDIS_URL),
-                   help="Redis database used as the broker; it is FLUSHED first (env SER_BENCH_REDIS_URL)")
+    add_stack_args(p)
     p.add_argument("--port", type=int, default=0, help="web port (0: a free one)")
     p.add_argument("--start-timeout", type=float, default=300, help="seconds for the service to become ready")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for all results")

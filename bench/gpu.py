@@ -69,13 +69,11 @@ import requests
 import sqlalchemy as sa
 
 from bench.e2e import (
-    DEFAULT_DATASETS,
-    DEFAULT_PG_ADMIN_URL,
-    DEFAULT_REDIS_URL,
     Child,
     Clip,
     Service,
     _readyz,
+    add_stack_args,
     auth_headers,
     check_auth,
     child_env,
@@ -113,12 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="CPU worker processes (1: the GPU worker against one CPU worker process)")
     p.add_argument("--require-gpu", action="store_true", help="exit 1 unless both models ran on a GPU")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here (default: $OUT/gpu.json if OUT is set)")
-    p.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS,
-                   help="folder holding ravdess/Actor_*/*.flac (relative paths: to the repository root)")
-    p.add_argument("--pg-admin-url", default=os.environ.get("SER_BENCH_PG_ADMIN_URL", DEFAULT_PG_ADMIN_URL),
-                   help="--stack services: Postgres URL with CREATE DATABASE rights")
-    p.add_argument("--redis-url", default=os.environ.get("SER_BENCH_REDIS_URL", DEFAULT_REDIS_URL),
-                   help="--stack services: Redis database used as the broker; it is FLUSHED first")
+    add_stack_args(p, when="--stack services: ")
     p.add_argument("--start-timeout", type=float, default=300, help="seconds for the service to become ready")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for one phase's results")
     p.add_argument("--keep", type=Path, default=None, help="keep the data folder and logs here")

@@ -55,11 +55,10 @@ import requests
 import sqlalchemy as sa
 
 from bench.e2e import (
-    DEFAULT_DATASETS,
-    DEFAULT_PG_ADMIN_URL,
     Child,
     Clip,
     _readyz,
+    add_stack_args,
     auth_headers,
     child_env,
     create_api_key,
@@ -88,12 +87,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kill-one", action="store_true", help="after the phases, kill -9 one worker mid-batch")
     p.add_argument("--dead-after", type=float, default=5.0, help="SER_WORKER_DEAD_AFTER_S (heartbeat: a fifth)")
     p.add_argument("--s3-endpoint", default=None, help="an S3 endpoint to use instead of starting moto")
-    p.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS,
-                   help="folder holding ravdess/Actor_*/*.flac (relative paths: to the repository root)")
-    p.add_argument("--pg-admin-url", default=os.environ.get("SER_BENCH_PG_ADMIN_URL", DEFAULT_PG_ADMIN_URL))
-    p.add_argument("--redis-url", default=os.environ.get("SER_BENCH_REDIS_URL"),
-                   help="Redis database used as the broker, FLUSHED first (default: a private redis-server, so "
-                        "that INFO commandstats counts this run's commands only)")
+    add_stack_args(p, redis_default=None,
+                   redis_help="Redis database used as the broker, FLUSHED first (default: a private redis-server, "
+                              "so that INFO commandstats counts this run's commands only)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for one phase's results")
     args = p.parse_args(argv)
     if args.recordings < 1 or args.workers < 1 or args.batch_size < 1:

@@ -692,7 +692,8 @@ def transcribe_stored(job: JobInput, transcript: dict[str, Any], segments: list[
     was interrupted (its worker was killed): the stored audio is decoded once more. ``segments``
     (the stored ones) get their own transcripts, as in ``transcribe_all``; so do a split
     recording's ``channels`` (see ``_transcribe_channels``, and ``restore_conversation`` after)."""
-    settings = budgeted(settings, [s for c in channels or [] for s in c["segments"]] if channels else segments or [])
+    spoken = [seg for c in channels for seg in c["segments"]] if channels else segments or []
+    settings = budgeted(settings, spoken)
     if channels is not None and len(channels) > 1:  # a split recording
         return _transcribe_stored_channels(job, transcript, channels, settings)
     try:

@@ -101,12 +101,12 @@ def parse_filter(args: dict[str, str], tenant: str) -> JobFilter:
                      _parse_until(args.get("until")), q, reference,
                      min_confidence=_parse_confidence(args.get("min_confidence"), "min_confidence"),
                      max_confidence=_parse_confidence(args.get("max_confidence"), "max_confidence"),
-                     escalation=_parse_bool(args.get("escalation"), "escalation"),
+                     escalation=parse_bool(args.get("escalation"), "escalation"),
                      ids=_parse_ids(args.get("ids")), sort=sort)
 
 
-def _parse_bool(value: str | None, name: str) -> bool | None:
-    """``true`` or ``false`` (also 1/0, yes/no, any case); empty is no filter, anything else a 400."""
+def parse_bool(value: str | None, name: str, code: str = "invalid_parameter") -> bool | None:
+    """``true`` or ``false`` (also 1/0, yes/no, any case); empty is None, anything else a 400 ``code``."""
     text = (value or "").strip().lower()
     if not text:
         return None
@@ -114,7 +114,7 @@ def _parse_bool(value: str | None, name: str) -> bool | None:
         return True
     if text in ("false", "0", "no"):
         return False
-    raise BadRequest(f"{name} must be true or false", code="invalid_parameter")
+    raise BadRequest(f"{name} must be true or false", code=code)
 
 
 def _parse_until(value: str | None) -> datetime | None:

@@ -26,6 +26,7 @@ from ser_shared.settings import Settings
 from ser_shared.webhooks import record_events
 from web.context import Services
 from web.metrics import count_files
+from web.queries import parse_bool
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,7 @@ def parse_options(form: dict[str, str]) -> dict[str, Any]:
     labels = parse_channel_labels(form.get("channel_labels"))
     if labels:
         options["channel_labels"] = labels
-    live = (form.get("live") or "false").strip().lower()
-    if live not in BOOLEAN_WORDS:
-        raise BadRequest("live must be true or false", code="invalid_option")
-    if BOOLEAN_WORDS[live]:
+    if parse_bool(form.get("live"), "live", code="invalid_option"):
         options["live"] = True
     return options
 
@@ -105,7 +103,6 @@ def parse_channel_labels(raw: str | None) -> list[str]:
 
 LIVE_WEBHOOK = ("a live session takes no webhook_url: it has no end to report, and each chunk's result is "
                 "there to poll as soon as it is ready")
-BOOLEAN_WORDS = {"true": True, "1": True, "false": False, "0": False}
 
 
 def open_live_batch(session: Session, batch_id: str, tenant: str) -> Batch:

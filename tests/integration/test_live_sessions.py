@@ -16,17 +16,9 @@ from ser_shared.db import make_engine, make_session_factory
 from ser_shared.models import Batch, Job
 from ser_shared.settings import Settings
 from tests.conftest import ravdess_file
-from tests.helpers import multipart, read
+from tests.helpers import read
+from tests.integration.test_api import _assert_error, _post
 from web import create_app
-
-
-def _post(client, files, **fields):  # type: ignore[no-untyped-def]
-    return client.post("/api/v1/jobs", data=multipart(files, **fields), content_type="multipart/form-data")
-
-
-def _error(resp, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
-    assert resp.status_code == status, resp.get_data(as_text=True)
-    assert resp.get_json()["error"]["code"] == code
 
 
 def test_chunks_join_the_live_session_in_order(client, pg_settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -71,11 +63,11 @@ def test_chunks_sent_at_once_get_different_positions(pg_settings: Settings) -> N
 
 def test_only_a_live_session_takes_more_files(client) -> None:  # type: ignore[no-untyped-def]
     ordinary = _post(client, [read(ravdess_file(1, "01"))]).get_json()["batch_id"]
-    _error(_post(client, [read(ravdess_file(1, "03"))], batch_id=ordinary), 409, "batch_not_live")
-    _error(_post(client, [read(ravdess_file(1, "03"))], batch_id=str(uuid.uuid4())), 404, "not_found")
-    _error(_post(client, [read(ravdess_file(1, "03"))], batch_id="not-a-uuid"), 400, "invalid_parameter")
-    _error(_post(client, [read(ravdess_file(1, "03"))], live="maybe"), 400, "invalid_option")
-    _error(_post(client, [read(ravdess_file(1, "03"))], live="true", webhook_url="https://example.com/hook"),
+    _assert_error(_post(client, [read(ravdess_file(1, "03"))], batch_id=ordinary), 409, "batch_not_live")
+    _assert_error(_post(client, [read(ravdess_file(1, "03"))], batch_id=str(uuid.uuid4())), 404, "not_found")
+    _assert_error(_post(client, [read(ravdess_file(1, "03"))], batch_id="not-a-uuid"), 400, "invalid_parameter")
+    _assert_error(_post(client, [read(ravdess_file(1, "03"))], live="maybe"), 400, "invalid_option")
+    _assert_error(_post(client, [read(ravdess_file(1, "03"))], live="true", webhook_url="https://example.com/hook"),
            400, "invalid_option")
     # The refused requests added nothing to the ordinary batch.
     assert client.get(f"/api/v1/batches/{ordinary}").get_json()["file_count"] == 1
