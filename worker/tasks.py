@@ -31,7 +31,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ser_ml import pipeline
+from ser_ml import pipeline, transcript_stage
 from ser_shared import logs, webhooks
 from ser_shared.contracts import ANALYZE, DELIVER_WEBHOOK, TRANSCRIBE
 from ser_shared.settings import Settings
@@ -168,7 +168,7 @@ def _transcripts(factory: sessionmaker[Session], outcomes: list[pipeline.Outcome
         transcripts: dict[uuid.UUID, dict[str, Any]] = {}
         for outcome in outcomes:  # one at a time, as transcribe_all does, to time each recording
             started = time.perf_counter()
-            made = pipeline.transcribe_all([outcome], settings)
+            made = transcript_stage.transcribe_all([outcome], settings)
             if made:
                 metrics.observe_transcript(started)
                 transcripts.update(made)
@@ -196,11 +196,12 @@ def _owed_transcripts(factory: sessionmaker[Session], job_ids: list[uuid.UUID], 
     try:
         for item in owed:
             with spool.local_inputs(settings, [item.job]) as (local,):
-                done[item.job.id] = pipeline.transcribe_stored(local, item.transcript, item.segments, settings,
+                done[item.job.id] = transcript_stage.transcribe_stored(local, item.transcript, item.segments, settings,
                                                                item.channels)
             kept = item.segments
             if item.channels:  # the channels' segments got their text: the conversation follows
-                talk = pipeline.restore_conversation(item.job.id, item.segments, item.channels, item.conversation)
+                talk = transcript_stage.restore_conversation(item.job.id, item.segments, item.channels,
+                                                            item.conversation)
                 talks[item.job.id], kept = (talk.channels, talk.conversation), talk.segments
             if kept:
                 segments[item.job.id] = kept

@@ -486,7 +486,7 @@ def test_split_points_cover_the_audio_within_the_limit() -> None:
 
 
 def test_the_budget_grows_with_the_speech_to_transcribe() -> None:
-    from ser_ml.pipeline import budgeted
+    from ser_ml.transcript_stage import budgeted
     from ser_shared.settings import Settings
 
     base = Settings(env="test", transcribe_timeout_s=20.0, transcribe_s_per_speech_s=0.5)

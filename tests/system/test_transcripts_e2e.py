@@ -91,7 +91,8 @@ def test_each_segment_of_a_long_recording_gets_its_own_transcript(tmp_path: Path
 
     from ser_ml.features import SAMPLE_RATE
     from ser_ml.inference import Ensemble
-    from ser_ml.pipeline import JobInput, run, transcribe_all
+    from ser_ml.pipeline import JobInput, run
+    from ser_ml.transcript_stage import transcribe_all
     from ser_shared import schemas
     from ser_shared.audio import decode
     from ser_shared.settings import REPO_ROOT, Settings
