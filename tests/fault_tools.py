@@ -12,8 +12,9 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from sqlalchemy import func, select
@@ -21,8 +22,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ser_shared.models import Job, Result, WebhookDelivery
 from ser_shared.settings import REPO_ROOT, Settings
-from tests.conftest import RAVDESS, settings_env, wait_for
+from tests.conftest import RAVDESS, WorkerProcess, private_database, settings_env, wait_for
 from tests.helpers import stop_process
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def free_port() -> int:
@@ -56,6 +60,49 @@ def fault_env(settings: Settings) -> dict[str, str]:
         "SER_WORKER_DEAD_AFTER_S": str(settings.worker_dead_after_s),
         "SER_IDEMPOTENCY_LEASE_S": str(settings.idempotency_lease_s),
     }
+
+
+@contextlib.contextmanager
+def isolated(pg_settings: Settings, tmp: Path, **changes: Any) -> Iterator[Settings]:
+    """A database and a Redis of their own for tests that start, kill and freeze workers. The
+    session's shared worker consumes the shared broker and reconciles the shared database: it must
+    neither pick up these jobs nor take them for lost (they are in a broker it cannot see). Data and
+    uploads in ``tmp`` unless ``changes`` say otherwise."""
+    broker = RedisServer(tmp)
+    try:
+        broker.start()
+        changes = {"data_dir": tmp / "data", "storage_dir": tmp / "data" / "uploads"} | changes
+        with private_database(pg_settings, broker_url=broker.url, **changes) as settings:
+            yield settings
+    finally:
+        broker.kill()
+
+
+def start_worker(settings: Settings, log: Path) -> WorkerProcess:
+    """A worker with ``settings`` (all of them, see ``fault_env``), ready to take tasks."""
+    worker = WorkerProcess(settings, log, extra_env=fault_env(settings))
+    try:
+        worker.wait_ready()
+    except BaseException:
+        stop_cold(worker)
+        raise
+    return worker
+
+
+def stop_cold(worker: WorkerProcess) -> None:
+    """Cold shutdown: a warm one waits for the webhook retries the tests leave scheduled."""
+    if worker.proc.poll() is None:
+        worker.proc.send_signal(signal.SIGQUIT)
+    worker.stop()
+
+
+def web_app(settings: Settings) -> Flask:
+    """The web app on ``settings``, in test mode (exceptions reach the test)."""
+    from web import create_app
+
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    return app
 
 
 def long_recording(path: Path, seconds: float) -> Path:

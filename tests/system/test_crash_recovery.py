@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-from flask import Flask
 from ser_client import Client
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,20 +28,22 @@ from sqlalchemy.orm import Session, sessionmaker
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.models import LOCAL_TENANT, Batch, IdempotencyKey, Job, Result, WorkerHeartbeat
 from ser_shared.settings import Settings
-from tests.conftest import WorkerProcess, private_database, ravdess_file, wait_for
+from tests.conftest import WorkerProcess, ravdess_file, wait_for
 from tests.fault_tools import (
     Gunicorn,
-    RedisServer,
     events,
-    fault_env,
     fault_settings,
     free_port,
+    isolated,
     job,
     kill,
     long_recording,
     only_child,
     result_rows,
+    start_worker,
+    stop_cold,
     wait_status,
+    web_app,
 )
 from tests.helpers import multipart, read
 
@@ -57,19 +58,12 @@ WEBHOOK = "http://127.0.0.1:9/hook"  # nothing listens: deliveries stay in the o
 
 @pytest.fixture(scope="module")
 def settings(pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """A database and a Redis of this module's own (the session's shared worker must not see these
-    jobs), and the quick recovery settings."""
+    """A database and a Redis of this module's own (see ``isolated``), and the quick recovery settings."""
     tmp = tmp_path_factory.mktemp("crash")
-    broker = RedisServer(tmp)
-    try:
-        broker.start()
-        with private_database(pg_settings, broker_url=broker.url, data_dir=tmp / "data",
-                              storage_dir=tmp / "data" / "uploads") as base:
-            yield fault_settings(base, worker_heartbeat_s=0.5, worker_dead_after_s=3.0,
-                                 task_soft_time_limit_s=590, task_time_limit_s=600, stuck_margin_s=60.0,
-                                 max_attempts=3, transcribe_timeout_s=120.0, idempotency_lease_s=3.0)
-    finally:
-        broker.kill()
+    with isolated(pg_settings, tmp) as base:
+        yield fault_settings(base, worker_heartbeat_s=0.5, worker_dead_after_s=3.0,
+                             task_soft_time_limit_s=590, task_time_limit_s=600, stuck_margin_s=60.0,
+                             max_attempts=3, transcribe_timeout_s=120.0, idempotency_lease_s=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -89,37 +83,12 @@ def long_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
     return path.name, path.read_bytes()
 
 
-def _app(settings: Settings) -> Flask:
-    from web import create_app
-
-    app = create_app(settings)
-    app.config["TESTING"] = True
-    return app
-
-
 def _upload(settings: Settings, files: list[tuple[str, bytes]], **fields: str) -> str:
-    resp = _app(settings).test_client().post("/api/v1/jobs", data=multipart(files, **fields),
+    resp = web_app(settings).test_client().post("/api/v1/jobs", data=multipart(files, **fields),
                                              content_type="multipart/form-data")
     assert resp.status_code == 202, resp.get_data(as_text=True)
     (only,) = resp.get_json()["jobs"]
     return str(only["id"])
-
-
-def _worker(settings: Settings, log: Path) -> WorkerProcess:
-    worker = WorkerProcess(settings, log, extra_env=fault_env(settings))
-    try:
-        worker.wait_ready()
-    except BaseException:
-        _stop(worker)
-        raise
-    return worker
-
-
-def _stop(worker: WorkerProcess) -> None:
-    """Cold shutdown: a warm one waits for the webhook retries the tests leave scheduled."""
-    if worker.proc.poll() is None:
-        worker.proc.send_signal(signal.SIGQUIT)
-    worker.stop()
 
 
 def _kill_worker(worker: WorkerProcess, child: int) -> None:
@@ -127,7 +96,7 @@ def _kill_worker(worker: WorkerProcess, child: int) -> None:
     kill(worker.proc.pid)
     kill(child)
     worker.proc.wait()
-    _stop(worker)
+    stop_cold(worker)
 
 
 def _transcript(factory: sessionmaker[Session], job_id: str) -> dict[str, Any]:
@@ -161,7 +130,7 @@ def test_child_killed_while_transcribing_transcript_is_finished(
     """The pool child dies after storing the emotion, while it transcribes. Its node's main
     process requeues the message; the redelivered analyze finds the job finished and makes the
     transcript again from the stored audio (a second attempt), without touching the emotion."""
-    worker = _worker(settings, tmp_path / "worker.log")
+    worker = start_worker(settings, tmp_path / "worker.log")
     try:
         child = only_child(worker.proc.pid)
         job_id = _upload(settings, [speech], transcribe="sphinx", webhook_url=WEBHOOK)
@@ -172,7 +141,7 @@ def test_child_killed_while_transcribing_transcript_is_finished(
         assert only_child(worker.proc.pid) != child
         assert "transcribing again" in _log(worker)
     finally:
-        _stop(worker)
+        stop_cold(worker)
     assert transcript["status"] in ("succeeded", "unavailable") and transcript["attempts"] == 2, transcript
     assert transcript.get("reason") != "worker_lost"
     done = job(factory, job_id)
@@ -187,7 +156,7 @@ def test_whole_worker_killed_mid_analysis_jobs_requeued_by_heartbeat(
     """Main process and child killed: the job's holder stops heartbeating, and the next worker's
     reconciler requeues it as soon as the holder counts as dead, long before the hard time limit
     (600 s here) plus margin would have."""
-    victim = _worker(settings, tmp_path / "victim.log")
+    victim = start_worker(settings, tmp_path / "victim.log")
     try:
         child = only_child(victim.proc.pid)
         job_id = _upload(settings, [long_file], webhook_url=WEBHOOK)
@@ -195,12 +164,12 @@ def test_whole_worker_killed_mid_analysis_jobs_requeued_by_heartbeat(
         assert held.worker is not None and f":{victim.proc.pid}:" in held.worker
     finally:
         _kill_worker(victim, child)
-    worker = _worker(settings, tmp_path / "worker.log")
+    worker = start_worker(settings, tmp_path / "worker.log")
     try:
         done = wait_status(factory, job_id, ("succeeded", "failed"), timeout=300)
         log = _log(worker)
     finally:
-        _stop(worker)
+        stop_cold(worker)
     assert (done.status, done.attempts, done.worker) == ("succeeded", 2, None)
     assert "requeued jobs of dead workers jobs=1" in log and held.worker in log
     assert "requeued stuck jobs" not in log
@@ -217,7 +186,7 @@ def test_whole_worker_killed_while_transcribing_transcript_is_resent(
     """The emotion is stored and the whole worker dies during the transcript: no message would
     bring the transcript back (the unacknowledged one returns after an hour). The next worker's
     reconciler sees the holder dead and re-sends the transcript stage alone."""
-    victim = _worker(settings, tmp_path / "victim.log")
+    victim = start_worker(settings, tmp_path / "victim.log")
     try:
         child = only_child(victim.proc.pid)
         job_id = _upload(settings, [speech], transcribe="sphinx", webhook_url=WEBHOOK)
@@ -225,12 +194,12 @@ def test_whole_worker_killed_while_transcribing_transcript_is_resent(
     finally:
         _kill_worker(victim, child)
     emotion = job(factory, job_id).emotion
-    worker = _worker(settings, tmp_path / "worker.log")
+    worker = start_worker(settings, tmp_path / "worker.log")
     try:
         transcript = _final_transcript(factory, job_id)
         log = _log(worker)
     finally:
-        _stop(worker)
+        stop_cold(worker)
     assert transcript["status"] in ("succeeded", "unavailable") and transcript["attempts"] == 2, transcript
     assert transcript.get("reason") != "worker_lost"
     assert "re-sent transcripts of lost workers jobs=1" in log and "transcribing again" in log
@@ -244,17 +213,17 @@ def test_sweeper_killed_sweeps_resume_when_the_worker_returns(
         settings: Settings, factory: sessionmaker[Session], tmp_path: Path) -> None:
     """The sweeps run in the worker's main process: kill -9 it, and a job that reached no broker
     (Redis was unreachable at upload) waits; the worker started again sweeps it into the queue."""
-    victim = _worker(settings, tmp_path / "victim.log")
+    victim = start_worker(settings, tmp_path / "victim.log")
     _kill_worker(victim, only_child(victim.proc.pid))
     unreachable = fault_settings(settings, broker_url=f"redis://127.0.0.1:{free_port()}/0")
     job_id = _upload(unreachable, [read(ravdess_file(2, "03"))])
     assert job(factory, job_id).enqueued_at is None
-    worker = _worker(settings, tmp_path / "worker.log")
+    worker = start_worker(settings, tmp_path / "worker.log")
     try:
         done = wait_status(factory, job_id, ("succeeded", "failed"), timeout=300)
         log = _log(worker)
     finally:
-        _stop(worker)
+        stop_cold(worker)
     assert (done.status, done.attempts) == ("succeeded", 1)
     assert "sweep found=1 enqueued=1" in log
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,20 +27,23 @@ from ser_shared.enqueue import make_celery
 from ser_shared.migrate import upgrade
 from ser_shared.settings import Settings
 from ser_shared.storage import path_for
-from tests.conftest import WorkerProcess, private_database, ravdess_file, wait_for
+from tests import fault_tools
+from tests.conftest import WorkerProcess, ravdess_file, wait_for
 from tests.fault_tools import (
     Gunicorn,
     PostgresCluster,
     RedisServer,
     events,
-    fault_env,
     fault_settings,
     job,
     kill,
     long_recording,
     only_child,
     result_rows,
+    start_worker,
+    stop_cold,
     wait_status,
+    web_app,
 )
 from tests.helpers import multipart, read
 from worker import results
@@ -63,26 +65,10 @@ def long_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
 
 @pytest.fixture(scope="module")
 def isolated(pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """A database and a Redis of these tests' own. The session's shared worker consumes the shared
-    broker and reconciles the shared database: it must neither pick up these tests' jobs nor take
-    them for lost (they are in a broker it cannot see) and re-send them."""
+    """A database and a Redis of these tests' own (see ``fault_tools.isolated``)."""
     tmp = tmp_path_factory.mktemp("isolated")
-    broker = RedisServer(tmp)
-    try:
-        broker.start()
-        with private_database(pg_settings, broker_url=broker.url, data_dir=tmp / "data",
-                              storage_dir=tmp / "data" / "uploads") as settings:
-            yield settings
-    finally:
-        broker.kill()
-
-
-def _app(settings: Settings) -> Flask:
-    from web import create_app
-
-    app = create_app(settings)
-    app.config["TESTING"] = True
-    return app
+    with fault_tools.isolated(pg_settings, tmp) as settings:
+        yield settings
 
 
 def _upload(client: FlaskClient, files: list[tuple[str, bytes]], **fields: str) -> list[str]:
@@ -93,23 +79,6 @@ def _upload(client: FlaskClient, files: list[tuple[str, bytes]], **fields: str) 
 
 def _short(i: int) -> tuple[str, bytes]:
     return read(ravdess_file(1 + i % 4, ("01", "03", "04", "05", "06")[i % 5]))
-
-
-def _worker(settings: Settings, log: Path) -> WorkerProcess:
-    worker = WorkerProcess(settings, log, extra_env=fault_env(settings))
-    try:
-        worker.wait_ready()
-    except BaseException:
-        _stop(worker)
-        raise
-    return worker
-
-
-def _stop(worker: WorkerProcess) -> None:
-    """Cold shutdown: a warm one waits for the webhook retries the tests leave scheduled."""
-    if worker.proc.poll() is None:
-        worker.proc.send_signal(signal.SIGQUIT)
-    worker.stop()
 
 
 def _factory(settings: Settings) -> sessionmaker[Session]:
@@ -134,12 +103,12 @@ class TestTimeLimits:
     def env(cls, isolated: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         settings = fault_settings(isolated, task_soft_time_limit_s=cls.SOFT_S, task_time_limit_s=cls.HARD_S,
                                   max_attempts=3)
-        worker = _worker(settings, tmp_path_factory.mktemp("tl") / "worker.log")
+        worker = start_worker(settings, tmp_path_factory.mktemp("tl") / "worker.log")
         try:
-            yield {"settings": settings, "worker": worker, "client": _app(settings).test_client(),
+            yield {"settings": settings, "worker": worker, "client": web_app(settings).test_client(),
                    "factory": _factory(settings)}
         finally:
-            _stop(worker)
+            stop_cold(worker)
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -216,7 +185,7 @@ class TestKilledWorkers:
     @pytest.fixture(scope="class")
     @classmethod
     def env(cls, settings: Settings) -> dict[str, Any]:
-        return {"client": _app(settings).test_client(), "factory": _factory(settings)}
+        return {"client": web_app(settings).test_client(), "factory": _factory(settings)}
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -226,9 +195,9 @@ class TestKilledWorkers:
     @pytest.fixture(scope="class")
     @classmethod
     def worker(cls, settings: Settings, logs: Path) -> Iterator[WorkerProcess]:
-        worker = _worker(settings, logs / "worker.log")
+        worker = start_worker(settings, logs / "worker.log")
         yield worker
-        _stop(worker)
+        stop_cold(worker)
 
     def test_whole_worker_killed_mid_job_is_requeued_by_the_reconciler(
             self, request: pytest.FixtureRequest, settings: Settings, env: dict[str, Any], logs: Path,
@@ -236,7 +205,7 @@ class TestKilledWorkers:
         """Main process and child SIGKILLed: nothing requeues the message (it sits unacknowledged
         until Redis's visibility timeout, an hour); the next worker's reconciler finds the job
         processing past the hard time limit and requeues it, counting the lost attempt."""
-        victim = _worker(settings, logs / "victim.log")
+        victim = start_worker(settings, logs / "victim.log")
         try:
             child = only_child(victim.proc.pid)
             (job_id,) = _upload(env["client"], [long_file], webhook_url=WEBHOOK)
@@ -245,7 +214,7 @@ class TestKilledWorkers:
             kill(child)
             victim.proc.wait()
         finally:
-            _stop(victim)
+            stop_cold(victim)
         time.sleep(1)
         assert job(env["factory"], job_id).status == "processing"
         worker: WorkerProcess = request.getfixturevalue("worker")
@@ -305,7 +274,7 @@ class TestKilledWorkers:
         result row and one webhook event. Uses a queue no worker reads, so nothing else claims it."""
         idle = fault_settings(settings, default_queue="faults-unread")
         factory = _factory(idle)
-        (job_id,) = _upload(_app(idle).test_client(), [_short(4)], webhook_url=WEBHOOK)
+        (job_id,) = _upload(web_app(idle).test_client(), [_short(4)], webhook_url=WEBHOOK)
         first = results.claim(factory, [job_id], idle)
         second = results.claim(factory, [job_id], idle)
         assert [i.id for i in first.inputs] == [i.id for i in second.inputs] == [uuid.UUID(job_id)]
@@ -355,12 +324,12 @@ class TestBrokerAndDatabaseOutages:
             settings = fault_settings(pg_settings, database_url=cluster.url, broker_url=broker.url,
                                       data_dir=tmp / "data", storage_dir=tmp / "data" / "uploads")
             upgrade(settings)
-            worker = _worker(settings, tmp / "worker.log")
+            worker = start_worker(settings, tmp / "worker.log")
             yield {"settings": settings, "cluster": cluster, "broker": broker, "worker": worker,
-                   "client": _app(settings).test_client(), "factory": _factory(settings)}
+                   "client": web_app(settings).test_client(), "factory": _factory(settings)}
         finally:
             if worker is not None:
-                _stop(worker)
+                stop_cold(worker)
             broker.kill()
             cluster.remove()
 

@@ -27,8 +27,8 @@ from ser_shared import storage
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.models import Batch, Job
 from ser_shared.settings import Settings
-from tests.conftest import S3_ENV, WorkerProcess, private_database, ravdess_file, wait_for
-from tests.fault_tools import Gunicorn, RedisServer, kill, only_child
+from tests.conftest import S3_ENV, WorkerProcess, ravdess_file, wait_for
+from tests.fault_tools import Gunicorn, isolated, kill, only_child
 from tests.helpers import multipart, read
 from worker.orphans import sweep_orphans
 from worker.retention import purge_expired_audio
@@ -53,14 +53,9 @@ def base(pg_settings: Settings, bucket: tuple[Any, str], s3_endpoint: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """A database and a Redis of this module's own, uploads in the bucket."""
     tmp = tmp_path_factory.mktemp("s3e2e")
-    broker = RedisServer(tmp)
-    try:
-        broker.start()
-        with private_database(pg_settings, broker_url=broker.url, storage_dir=None, data_dir=tmp / "web",
-                              storage_url=f"s3://{bucket[1]}/{PREFIX}", s3_endpoint_url=s3_endpoint) as settings:
-            yield settings
-    finally:
-        broker.kill()
+    with isolated(pg_settings, tmp, storage_dir=None, data_dir=tmp / "web",
+                  storage_url=f"s3://{bucket[1]}/{PREFIX}", s3_endpoint_url=s3_endpoint) as settings:
+        yield settings
 
 
 @pytest.fixture(scope="module")

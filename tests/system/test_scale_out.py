@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from ser_shared.db import make_engine, make_session_factory
 from ser_shared.models import Job, Result
 from ser_shared.settings import Settings
-from tests.conftest import RAVDESS, S3_ENV, WorkerProcess, private_database, wait_for
-from tests.fault_tools import RedisServer, fault_env, fault_settings, kill, only_child
+from tests.conftest import RAVDESS, S3_ENV, WorkerProcess, wait_for
+from tests.fault_tools import fault_env, fault_settings, isolated, kill, only_child
 from tests.helpers import multipart
 
 pytestmark = pytest.mark.slow
@@ -39,16 +39,11 @@ def settings(pg_settings: Settings, s3_endpoint: str, tmp_path_factory: pytest.T
     tmp = tmp_path_factory.mktemp("scale")
     bucket = f"ser-scale-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    broker = RedisServer(tmp)
-    try:
-        broker.start()
-        with private_database(pg_settings, broker_url=broker.url, storage_dir=None, data_dir=tmp / "web",
-                              storage_url=f"s3://{bucket}/audio", s3_endpoint_url=s3_endpoint) as base:
-            # Chunks of 2: 30 messages, so that every worker gets some (one prefetched at a time each).
-            yield fault_settings(base, chunk_size=2, worker_heartbeat_s=0.5, worker_dead_after_s=3.0,
-                                 task_soft_time_limit_s=590, task_time_limit_s=600, stuck_margin_s=60.0)
-    finally:
-        broker.kill()
+    with isolated(pg_settings, tmp, storage_dir=None, data_dir=tmp / "web",
+                  storage_url=f"s3://{bucket}/audio", s3_endpoint_url=s3_endpoint) as base:
+        # Chunks of 2: 30 messages, so that every worker gets some (one prefetched at a time each).
+        yield fault_settings(base, chunk_size=2, worker_heartbeat_s=0.5, worker_dead_after_s=3.0,
+                             task_soft_time_limit_s=590, task_time_limit_s=600, stuck_margin_s=60.0)
 
 
 @pytest.fixture(scope="module")
