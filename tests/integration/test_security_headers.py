@@ -142,7 +142,7 @@ def test_pages_api_static_and_errors_all_carry_the_headers(site: Site) -> None:
     job = site.jobs["finished"]
     for path in ("/", "/history", "/docs/api", "/model", "/model/pictures/reliability.png", f"/batches/{site.batch}",
                  f"/jobs/{job}",
-                 "/static/style.css", "/static/live.js", "/static/upload.js",
+                 "/static/style.css", "/static/live.js", "/static/upload.js", "/static/csrf.js",
                  "/api/v1/jobs", f"/api/v1/jobs/{job}", "/api/v1/openapi.json", "/healthz",
                  "/no-such-page", f"/jobs/{uuid.uuid4()}", "/api/v1/no-such-thing", f"/api/v1/jobs/{uuid.uuid4()}"):
         resp = client.get(path)

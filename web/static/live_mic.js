@@ -10,7 +10,7 @@
 
   const form = document.getElementById("upload-form");
   const section = document.getElementById("live");
-  if (!form || !section || !window.fetch || !window.FormData) return;
+  if (!form || !section || !window.fetch || !window.FormData || !window.serCsrfHeaders) return;
   const AudioCtx = window.AudioContext || window.webkitAudioContext;
   const startBtn = document.getElementById("live-start");
   const stopBtn = document.getElementById("live-stop");
@@ -33,12 +33,6 @@
   const batchPage = form.dataset.batchPage;
 
   let session = null;  // { ctx, stream, node, blocks, samples, offset, batchId, sending, chunks, timer }
-
-  function csrfHeaders() {
-    const meta = document.querySelector('meta[name="csrf-token"]');
-    const token = meta && meta.getAttribute("content");
-    return token ? { "X-CSRF-Token": token, Accept: "application/json" } : { Accept: "application/json" };
-  }
 
   function wav(samples) {
     // RIFF/WAVE, PCM 16-bit mono at RATE.
@@ -130,7 +124,8 @@
         const device = form.querySelector('select[name="device"]');
         if (device) data.append("device", device.value);
       }
-      return fetch(apiJobs, { method: "POST", body: data, headers: csrfHeaders(), credentials: "same-origin" })
+      const headers = window.serCsrfHeaders({ Accept: "application/json" });
+      return fetch(apiJobs, { method: "POST", body: data, headers: headers, credentials: "same-origin" })
         .then(function (r) {
           return r.json().then(function (body) {
             if (r.status !== 202) throw new Error((body.error && body.error.message) || ("status " + r.status));

@@ -4,7 +4,7 @@
   "use strict";
 
   const form = document.getElementById("upload-form");
-  if (!form || !window.XMLHttpRequest || !window.FormData) return;
+  if (!form || !window.XMLHttpRequest || !window.FormData || !window.serCsrfHeaders) return;
 
   const cfg = {
     maxFileBytes: Number(form.dataset.maxFileBytes),
@@ -32,12 +32,6 @@
   const pending = [];  // groups of items waiting for a request slot
   let active = 0;
   let pollTimer = null;
-
-  function csrfHeaders() {
-    const meta = document.querySelector('meta[name="csrf-token"]');
-    const token = meta && meta.getAttribute("content");
-    return token ? { "X-CSRF-Token": token } : {};
-  }
 
   function showMessage(text) {
     message.textContent = text;
@@ -190,7 +184,7 @@
     });
     const xhr = new XMLHttpRequest();
     xhr.open("POST", cfg.apiJobs);
-    const headers = csrfHeaders();
+    const headers = window.serCsrfHeaders();
     Object.keys(headers).forEach(function (k) { xhr.setRequestHeader(k, headers[k]); });
     xhr.setRequestHeader("Accept", "application/json");
     group.forEach(function (item) { setStatus(item, "uploading"); });
