@@ -237,7 +237,7 @@ def cv_confusion(s: Served) -> Confusion | None:
 
 
 def per_class(s: Served) -> list[dict[str, Any]] | None:
-    """Precision and recall per class (out of fold): the manifest's own figures, or read off its
+    """Precision, recall and F1 per class (out of fold): the manifest's own figures, or read off its
     confusion matrix; None when it holds neither."""
     given = report(s, "cv", "ensemble", "per_class")
     if isinstance(given, dict) and given:
@@ -249,8 +249,10 @@ def per_class(s: Served) -> list[dict[str, Any]] | None:
     rows = []
     for i, r in enumerate(cm.rows):
         right = r["cells"][i]["n"]
-        rows.append({"label": r["label"], "precision": right / columns[i] if columns[i] else 0.0,
-                     "recall": right / r["total"] if r["total"] else 0.0, "support": r["total"]})
+        precision = right / columns[i] if columns[i] else 0.0
+        recall = right / r["total"] if r["total"] else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"label": r["label"], "precision": precision, "recall": recall, "f1": f1, "support": r["total"]})
     return rows
 
 

@@ -217,7 +217,10 @@ def test_model_page_shows_the_served_manifests_numbers(site: Site) -> None:
     table = {r["data-condition"]: float(r["data-accuracy"]) for r in page.rows["conditions-table"]}
     assert table == {name: m["ensemble_nested"]["accuracy"] for name, m in cv["conditions"].items()}
     noise = page.cells["conditions-table"][list(table).index("noise:0")]
-    assert noise[1:] == ["0.560", "0.547", "0.532", "0.521"]  # ensemble, macro-F1, RF, LSTM as printed
+    n0 = cv["conditions"]["noise:0"]
+    printed = [n0["ensemble_nested"]["accuracy"], n0["ensemble_nested"]["macro_f1"], n0["rf"]["accuracy"],
+               n0["lstm"]["accuracy"]]
+    assert noise[1:] == [f"{v:.3f}" for v in printed]  # ensemble, macro-F1, RF, LSTM, to 3 places
     assert [words(c[0]) for c in page.cells["fold-table"]] == [", ".join(f["test_actors"]) for f in cv["folds"]]
     assert words(page.text_by_id["cv-protocol"]) == cv["protocol"]
     # Classes, data and licence, versions.
@@ -254,9 +257,14 @@ def test_model_page_renders_the_card(site: Site) -> None:
     assert 'src="/model/pictures/cv_confusion.png" alt="confusion matrix" width="' in full
     assert 'src="/model/pictures/reliability.png" alt="reliability diagram"' in full
     assert 'id="card-limits-and-what-is-still-weak"' in full
-    # The confusion matrix: this manifest predates recording it, so its picture (with a text alternative).
-    assert "cv-confusion-table" not in page.by_id
-    assert page.by_id["confusion-picture"]["src"] == "/model/pictures/cv_confusion.png"
+    # The confusion matrix and per-class figures: the served manifest records them, so they are tables
+    # (the picture is linked); a manifest that holds the matrix only as a picture is tested below.
+    served_cm = SERVED["cv"]["ensemble"]["confusion"]["matrix"]
+    assert [[int(n) for n in row[:7]] for row in page.cells["cv-confusion-table"]] == served_cm
+    assert "confusion-picture" not in page.by_id and 'href="/model/pictures/cv_confusion.png"' in page.html
+    recall = {r["data-class"]: float(r["data-recall"]) for r in page.rows["per-class-table"]}
+    assert recall == {c: v["recall"] for c, v in SERVED["cv"]["ensemble"]["per_class"].items()}
+    assert "per-class-missing" not in page.by_id
     assert page.by_id["reliability-picture"]["src"] == "/model/pictures/reliability.png"
     assert page.by_id["reliability-picture"]["alt"] and page.by_id["reliability-picture"]["width"]
 
@@ -276,6 +284,7 @@ def test_a_changed_models_folder_changes_the_page(site: Site, tmp_path: Path) ->
         m["cv"]["ensemble_nested"]["accuracy_fold_mean"] = 0.6123
         m["cv"]["conditions"]["noise:0"]["ensemble_nested"]["accuracy"] = 0.4321
         m["cv"]["ensemble"]["confusion"] = {"labels": m["classes"], "matrix": matrix}
+        del m["cv"]["ensemble"]["per_class"]  # read off the matrix instead
         m["data"]["licence"] = "CC BY-NC-SA 4.0 (test copy)"
         m["models"]["rf"]["version"] = "rf-fv4-testcopy01"
         m["ensemble"] = {"weights": {"rf": 0.55, "lstm": 0.45}, "temperature": 1.07, "uncertain_threshold": 0.41}
@@ -308,6 +317,21 @@ def test_a_changed_models_folder_changes_the_page(site: Site, tmp_path: Path) ->
     # The job page's note follows the same folder.
     note = get(client, f"/jobs/{site.jobs['queued']}")
     assert note.by_id["uncertain-explained"] and "41 %" in words(note.text_by_id["uncertain-explained"])
+
+
+def test_a_manifest_without_the_matrix_shows_its_picture(site: Site, tmp_path: Path) -> None:
+    """Training runs before the matrix was recorded left it only as a picture: the page shows the
+    picture (with a text alternative) and points to the card for the per-class figures."""
+    folder = copy_models(tmp_path / "models")
+
+    def drop(m: dict[str, Any]) -> None:
+        del m["cv"]["ensemble"]["confusion"], m["cv"]["ensemble"]["per_class"]
+
+    rewrite(folder, drop)
+    page = get(site.app(models_dir=folder), "/model")
+    assert "cv-confusion-table" not in page.by_id and "per-class-table" not in page.by_id
+    assert page.by_id["confusion-picture"]["src"] == "/model/pictures/cv_confusion.png"
+    assert page.by_id["confusion-picture"]["alt"] and "per-class-missing" in page.by_id
 
 
 def test_settings_threshold_is_the_served_one(site: Site) -> None:

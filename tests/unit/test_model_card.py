@@ -44,14 +44,25 @@ def test_confusion_rows_shares_and_levels() -> None:
 
 
 def test_per_class_from_the_manifest_or_read_off_its_matrix() -> None:
-    assert model_card.per_class(served(MANIFEST)) is None  # the served manifest predates both
+    # The served manifest records both: its own per-class figures, which agree with its matrix.
+    given = {r["label"]: r for r in model_card.per_class(served(MANIFEST)) or []}
+    assert set(given) == set(MANIFEST["classes"])
     raw = copy.deepcopy(MANIFEST)
+    del raw["cv"]["ensemble"]["per_class"]
+    read_off = {r["label"]: r for r in model_card.per_class(served(raw)) or []}
+    for label, row in given.items():
+        for name in ("precision", "recall", "f1"):
+            assert read_off[label][name] == pytest.approx(row[name], abs=5e-5), (label, name)
+        assert read_off[label]["support"] == row["support"]
+    del raw["cv"]["ensemble"]["confusion"]
+    assert model_card.per_class(served(raw)) is None  # a manifest with neither (training runs before them)
     matrix = [[10 if i == j else 0 for j in range(7)] for i in range(7)]
     matrix[0][1] = 5  # 5 neutral files said as happy
     raw["cv"]["ensemble"]["confusion"] = {"labels": raw["classes"], "matrix": matrix}
     rows = {r["label"]: r for r in model_card.per_class(served(raw)) or []}
     assert rows["neutral"]["recall"] == pytest.approx(10 / 15) and rows["neutral"]["support"] == 15
     assert rows["happy"]["precision"] == pytest.approx(10 / 15) and rows["happy"]["recall"] == 1.0
+    assert rows["happy"]["f1"] == pytest.approx(2 * (10 / 15) / (10 / 15 + 1))
     raw["cv"]["ensemble"]["per_class"] = {"sad": {"precision": 0.5, "recall": 0.25, "f1": 0.33, "support": 4,
                                                   "predicted": 2}}
     assert model_card.per_class(served(raw)) == [{"label": "sad", "precision": 0.5, "recall": 0.25, "f1": 0.33,
