@@ -95,8 +95,10 @@ def test_history_filters_by_emotion_and_status(page: Any, finished_jobs: dict[st
     # The same filter through the API gives the same jobs: nothing matching is hidden. A job that
     # finished while the page loaded may or may not be on it; every one finished before must be.
     listed = page.request.get(f"/api/v1/jobs?status=succeeded&emotion={emotion}&limit=200").json()["jobs"]
-    # Rows other tests insert already finished carry no finished_at: their creation is their end.
-    finished = {j["id"]: datetime.fromisoformat(j["finished_at"] or j["created_at"]) for j in listed}
+    # Rows other tests insert as already succeeded carry no finished_at (and some a created_at in the
+    # future): they never change, so they count as finished before the page loaded.
+    settled = datetime.min.replace(tzinfo=UTC)
+    finished = {j["id"]: datetime.fromisoformat(j["finished_at"]) if j["finished_at"] else settled for j in listed}
     assert {i for i, at in finished.items() if at <= before} <= {r["id"] for r in shown}
     assert {r["id"] for r in shown} <= {i for i, at in finished.items() if at <= after}
     chart = page.locator(f'#summary-emotions .bar[data-emotion="{emotion}"]')

@@ -65,15 +65,17 @@ def test_screenshots_of_the_main_pages(page: Any, worker: WorkerProcess, finishe
 
 
 def test_screenshot_of_the_model_page(page: Any, tmp_path: Path) -> None:
-    """/model in a real browser: its pictures load under the policy (the fixture fails on anything the
-    policy blocks), the confusion table of the cross-corpus test is laid out, and the screenshot is taken."""
+    """/model in a real browser: its picture loads under the policy (the fixture fails on anything the
+    policy blocks), the confusion and per-class tables are laid out, and the screenshot is taken."""
     out = DOCS if os.environ.get("SER_SCREENSHOTS") == "1" else tmp_path
     out.mkdir(parents=True, exist_ok=True)
     page.goto("/model")
-    for image in ("img#reliability-picture", "img#confusion-picture"):
-        page.locator(image).evaluate("img => img.decode()")
-        assert page.locator(image).evaluate("img => img.naturalWidth") > 100
+    image = page.locator("img#reliability-picture")
+    image.evaluate("img => img.decode()")
+    assert image.evaluate("img => img.naturalWidth") > 100
     expect(page.locator("table#accuracy-table tbody tr")).not_to_have_count(0)
+    expect(page.locator("table#cv-confusion-table tbody tr")).to_have_count(7)
+    expect(page.locator("table#per-class-table tbody tr")).to_have_count(7)
     page.screenshot(path=str(out / "model-page.png"), full_page=True)
     width, height = png_size(out / "model-page.png")
     assert width == 1280 and height >= 900, (width, height)
