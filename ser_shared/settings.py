@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # time limit (their worker was killed outright), which counts as an attempt.
     sweep_interval_s: float = Field(default=30.0, gt=0)
     requeue_after_s: float = Field(default=60.0, gt=0)
+    # Jobs committed while the broker was unreachable (never sent) are sent by the reconciler once
+    # they are unqueued_grace_s old: a younger one's upload request may still be sending it.
+    unqueued_grace_s: float = Field(default=30.0, ge=0)
     stuck_margin_s: float = Field(default=60.0, ge=0)
     # Each worker node's main process writes a heartbeat every worker_heartbeat_s; a node silent
     # for worker_dead_after_s is dead, and the reconciler takes back what it held (jobs it was

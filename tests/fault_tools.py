@@ -50,7 +50,7 @@ def fault_env(settings: Settings) -> dict[str, str]:
     """The child-process environment for ``settings``, including what ``settings_env`` leaves out."""
     return settings_env(settings) | {
         "SER_SWEEP_INTERVAL_S": str(settings.sweep_interval_s), "SER_REQUEUE_AFTER_S": str(settings.requeue_after_s),
-        "SER_STUCK_MARGIN_S": str(settings.stuck_margin_s),
+        "SER_STUCK_MARGIN_S": str(settings.stuck_margin_s), "SER_UNQUEUED_GRACE_S": str(settings.unqueued_grace_s),
         "SER_TASK_SOFT_TIME_LIMIT_S": str(settings.task_soft_time_limit_s),
         "SER_TASK_TIME_LIMIT_S": str(settings.task_time_limit_s), "SER_MAX_ATTEMPTS": str(settings.max_attempts),
         "SER_RATE_LIMIT_UPLOADS_PER_MINUTE": str(settings.rate_limit_uploads_per_minute),

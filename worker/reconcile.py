@@ -28,12 +28,13 @@ log = logging.getLogger(__name__)
 
 
 def sweep_unqueued(celery: Celery, factory: sessionmaker[Session], settings: Settings,
-                   limit: int = 5000, min_age_s: float = 30.0) -> int:
+                   limit: int = 5000) -> int:
     """Enqueue jobs that were committed while the broker was unreachable. Returns how many were sent.
 
-    Jobs younger than ``min_age_s`` are left alone: their upload request may still be enqueuing them.
+    Jobs younger than ``settings.unqueued_grace_s`` are left alone: their upload request may still
+    be enqueuing them.
     """
-    cutoff = datetime.now(UTC) - timedelta(seconds=min_age_s)
+    cutoff = datetime.now(UTC) - timedelta(seconds=settings.unqueued_grace_s)
     with factory() as session:
         rows = session.execute(
             select(Job.id, Job.options).where(Job.status == JobStatus.QUEUED.value,

@@ -218,7 +218,8 @@ def test_sweeper_killed_sweeps_resume_when_the_worker_returns(
     unreachable = fault_settings(settings, broker_url=f"redis://127.0.0.1:{free_port()}/0")
     job_id = _upload(unreachable, [read(ravdess_file(2, "03"))])
     assert job(factory, job_id).enqueued_at is None
-    worker = start_worker(settings, tmp_path / "worker.log")
+    # Sent once 2 s old rather than 30 (SER_UNQUEUED_GRACE_S): the wait is the setting's, not the point.
+    worker = start_worker(settings.model_copy(update={"unqueued_grace_s": 2.0}), tmp_path / "worker.log")
     try:
         done = wait_status(factory, job_id, ("succeeded", "failed"), timeout=300)
         log = _log(worker)

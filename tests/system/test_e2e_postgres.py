@@ -141,7 +141,8 @@ def test_upload_survives_a_broker_outage(pg_settings: Settings, pg_worker) -> No
     assert client.get("/readyz").status_code == 503
 
     factory = make_session_factory(make_engine(pg_settings))
-    assert sweep_unqueued(make_celery(pg_settings), factory, pg_settings, min_age_s=0) >= 1
+    no_grace = pg_settings.model_copy(update={"unqueued_grace_s": 0})
+    assert sweep_unqueued(make_celery(pg_settings), factory, no_grace) >= 1
     good = create_app(pg_settings).test_client()
     final = wait_for(lambda: (j := good.get(f"/api/v1/jobs/{job_id}").get_json())["status"] == "succeeded" and j)
     assert final["queue"]["enqueued"] is True and final["queue"]["error"] is None
