@@ -27,12 +27,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import argparse
 import json
 import math
+import sys
 import tempfile
 import time
-import traceback
 from collections import Counter
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import redis
 import sqlalchemy as sa
@@ -43,30 +46,43 @@ from sqlalchemy.pool import Pool
 from bench.e2e import add_stack_args, create_database, cycle, encode, load_clips, log
 from ser_shared.settings import REPO_ROOT, Settings
 
-SERVICE = ("web", "worker", "ser_shared", "ser_ml")
+SERVICE = ("web.", "worker.", "ser_shared.", "ser_ml.")
 
 
-class CommitCounter:
-    """Counts the commits of every SQLAlchemy engine, by the innermost service function making them."""
+def call_site(frame: FrameType | None) -> str:
+    """The innermost service function on the stack from ``frame`` out: ``module.function``."""
+    while frame is not None:
+        module = str(frame.f_globals.get("__name__", ""))
+        if module.startswith(SERVICE):
+            return f"{module}.{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "other"
 
-    def __init__(self) -> None:
-        self.phase = "setup"
-        self.by_site: Counter[tuple[str, str]] = Counter()
-        self.checkouts: Counter[str] = Counter()
-        event.listen(Engine, "commit", self._commit)
-        event.listen(Pool, "checkout", self._checkout)
 
-    def _checkout(self, *_: object) -> None:
-        self.checkouts[self.phase] += 1
+@dataclass
+class Counts:
+    commits: Counter[str] = field(default_factory=Counter)  # by call site
+    checkouts: int = 0  # connections taken from a pool (each one pre-ping on Postgres)
 
-    def _commit(self, conn: Connection) -> None:
-        site = "other"
-        for frame in reversed(traceback.extract_stack()[:-1]):
-            rel = Path(frame.filename).resolve()
-            if rel.is_relative_to(REPO_ROOT) and rel.relative_to(REPO_ROOT).parts[0] in SERVICE:
-                site = f"{rel.relative_to(REPO_ROOT).with_suffix('').as_posix().replace('/', '.')}.{frame.name}"
-                break
-        self.by_site[(self.phase, site)] += 1
+
+@contextmanager
+def counting() -> Iterator[Counts]:
+    """Every commit and pool checkout of every SQLAlchemy engine in this process while inside."""
+    counts = Counts()
+
+    def on_commit(_: Connection) -> None:
+        counts.commits[call_site(sys._getframe(1))] += 1
+
+    def on_checkout(*_: object) -> None:
+        counts.checkouts += 1
+
+    event.listen(Engine, "commit", on_commit)
+    event.listen(Pool, "checkout", on_checkout)
+    try:
+        yield counts
+    finally:
+        event.remove(Engine, "commit", on_commit)
+        event.remove(Pool, "checkout", on_checkout)
 
 
 def pg_counters(admin: Engine, name: str) -> tuple[int, int]:
@@ -94,7 +110,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    counter = CommitCounter()
     with ExitStack() as stack:
         from celery.contrib.testing.worker import start_worker
 
@@ -121,15 +136,14 @@ def main() -> None:
         worker = create_worker(settings, models=Ensemble.load(REPO_ROOT / "models"))
         time.sleep(2)  # pg_stat_database is flushed about once a second
         pg0 = pg_counters(admin, name)
-        counter.phase = "upload"
-        for body, content_type in bodies:
-            resp = client.post("/api/v1/jobs", data=body, content_type=content_type)
-            assert resp.status_code == 202, resp.get_data(as_text=True)
-        counter.phase = "analysis"
+        with counting() as upload:
+            for body, content_type in bodies:
+                resp = client.post("/api/v1/jobs", data=body, content_type=content_type)
+                assert resp.status_code == 202, resp.get_data(as_text=True)
         started = time.monotonic()
         probe = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
-        with start_worker(worker, pool="solo", perform_ping_check=False, shutdown_timeout=60,
-                          hostname="db-writes@localhost"):
+        with counting() as analysis, start_worker(worker, pool="solo", perform_ping_check=False,
+                                                  shutdown_timeout=60, hostname="db-writes@localhost"):
             while True:
                 with probe.connect() as conn:  # read-only: ends in a rollback, not a commit
                     left = conn.execute(sa.text("SELECT count(*) FROM jobs WHERE status NOT IN "
@@ -138,18 +152,17 @@ def main() -> None:
                     break
                 time.sleep(0.5)
             seconds = time.monotonic() - started
-        counter.phase = "done"
         probe.dispose()
         time.sleep(2)
         pg1 = pg_counters(admin, name)
     n = len(recs)
-    counted = {f"{phase}:{site}": c for (phase, site), c in counter.by_site.most_common()
-               if phase in ("upload", "analysis")}
+    counted = {f"{phase}:{site}": c for phase, counts in (("upload", upload), ("analysis", analysis))
+               for site, c in counts.commits.most_common()}
     total = sum(counted.values())
     sizes = [len(recs[i:i + args.batch_size]) for i in range(0, n, args.batch_size)]
     expected = sum(2 + 2 * math.ceil(size / args.chunk_size) for size in sizes)
     pg_commits, writes = pg1[0] - pg0[0], pg1[1] - pg0[1]
-    checkouts = counter.checkouts["upload"] + counter.checkouts["analysis"]
+    checkouts = upload.checkouts + analysis.checkouts
     log(f"{n} recordings, {len(bodies)} requests, chunks of {args.chunk_size}: {total} commits counted "
         f"({total / n:.3f} per recording), expected {expected}; pg_stat_database {pg_commits}, "
         f"checkouts {checkouts}, write transactions {writes}")

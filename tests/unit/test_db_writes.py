@@ -3,63 +3,32 @@
 docs/SCALING.md builds its capacity figures on this: two commits per upload request (the rows,
 then the enqueue mark) and two per chunk (claim, persist), nothing per recording. A change that
 adds a write per recording (a progress write, a per-job update) changes these counts and fails
-here. ``bench.db_writes`` measures the same on Postgres with many more recordings.
+here. ``bench.db_writes`` (whose counter this is) measures the same on Postgres with many more
+recordings.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from types import FrameType
 
 from celery import Celery
 from flask.testing import FlaskClient
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
 
+from bench.db_writes import counting
 from ser_shared.settings import Settings
 from tests.conftest import ravdess_file
 from tests.helpers import multipart, read
 from tests.unit.conftest import running
 
-SERVICE = ("web.", "worker.", "ser_shared.", "ser_ml.")
 # Written per node per interval, not per recording: left out of the exact count.
 TIMED = ("worker.heartbeat.", "worker.reconcile.")
-
-
-def _site(frame: FrameType | None) -> str:
-    """The innermost service function on the stack: ``module.function``."""
-    while frame is not None:
-        module = str(frame.f_globals.get("__name__", ""))
-        if module.startswith(SERVICE):
-            return f"{module}.{frame.f_code.co_name}"
-        frame = frame.f_back
-    return "other"
-
-
-@contextmanager
-def commits() -> Iterator[Counter[str]]:
-    """Every commit of every engine in this process while inside, by call site."""
-    counted: Counter[str] = Counter()
-
-    def on_commit(_: Connection) -> None:
-        counted[_site(sys._getframe(1))] += 1
-
-    event.listen(Engine, "commit", on_commit)
-    try:
-        yield counted
-    finally:
-        event.remove(Engine, "commit", on_commit)
 
 
 def test_two_commits_per_request_and_two_per_chunk(client: FlaskClient, worker_app: Celery,
                                                    settings: Settings) -> None:
     files = [read(ravdess_file(actor, code)) for actor in (1, 2) for code in ("01", "03", "04", "05", "06")]
-    with commits() as counted:
+    with counting() as counts:
         resp = client.post("/api/v1/jobs", data=multipart(files), content_type="multipart/form-data")
         assert resp.status_code == 202, resp.get_data(as_text=True)
         urls = [j["url"] for j in resp.get_json()["jobs"]]
@@ -69,6 +38,6 @@ def test_two_commits_per_request_and_two_per_chunk(client: FlaskClient, worker_a
                 assert time.monotonic() < deadline, "the jobs did not finish"
                 time.sleep(0.2)
     chunks = math.ceil(len(files) / settings.chunk_size)
-    per_recording = {site: n for site, n in counted.items() if not site.startswith(TIMED)}
+    per_recording = {site: n for site, n in counts.commits.items() if not site.startswith(TIMED)}
     assert per_recording == {"web.uploads.create_batch": 1, "ser_shared.enqueue._mark": 1,
-                             "worker.results.claim": chunks, "worker.results.persist": chunks}, counted
+                             "worker.results.claim": chunks, "worker.results.persist": chunks}, counts.commits
