@@ -196,12 +196,12 @@ def _owed_transcripts(factory: sessionmaker[Session], job_ids: list[uuid.UUID], 
     try:
         for item in owed:
             with spool.local_inputs(settings, [item.job]) as (local,):
-                done[item.job.id] = transcript_stage.transcribe_stored(local, item.transcript, item.segments, settings,
-                                                               item.channels)
+                done[item.job.id] = transcript_stage.transcribe_stored(local, item.transcript, item.segments,
+                                                                       settings, item.channels)
             kept = item.segments
             if item.channels:  # the channels' segments got their text: the conversation follows
                 talk = transcript_stage.restore_conversation(item.job.id, item.segments, item.channels,
-                                                            item.conversation)
+                                                             item.conversation)
                 talks[item.job.id], kept = (talk.channels, talk.conversation), talk.segments
             if kept:
                 segments[item.job.id] = kept
