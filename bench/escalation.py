@@ -67,6 +67,7 @@ class Call:
     tracks: list[conv.Track]
     duration_s: float
     turn_to: float | None  # escalating: when the customer's negative part begins
+    actors: tuple[str, str] = ("", "")  # the agent's and the customer's RAVDESS actor
 
 
 def load_clips(path: Path, source: str) -> list[Clip]:
@@ -124,7 +125,8 @@ def build_call(rng: np.random.Generator, pool: dict[tuple[str, str], list[Clip]]
             t = end + 0.4
         t = end - rng.uniform(0.3, 1.0) if rng.random() < 0.1 else end + rng.uniform(0.3, 1.5)
     tracks = [conv.Track(0, "agent", segments[0]), conv.Track(1, "customer", segments[1])]
-    return Call(tracks, round(max(s["end"] for s in segments[0] + segments[1]) + 1.0, 3), turn_to)
+    return Call(tracks, round(max(s["end"] for s in segments[0] + segments[1]) + 1.0, 3), turn_to,
+                (agent, customer))
 
 
 @dataclass
@@ -137,13 +139,14 @@ class Outcome:
     customer_moments: list[dict[str, Any]]
     agent_moments: list[dict[str, Any]]
     turn_to: float | None
+    actors: tuple[str, str] = ("", "")
 
 
 def analyse_call(call: Call, kind: str, rule: conv.EscalationRule = conv.RULE) -> Outcome:
     metrics, conversation = conv.analyse(call.tracks, call.duration_s, "split", customer=1, rule=rule)
     c = metrics[1]
     return Outcome(kind, conversation["escalation"], c["negative_start"], c["negative_end"], c["talk_s"] / 3,
-                   c["escalations"], metrics[0]["escalations"], call.turn_to)
+                   c["escalations"], metrics[0]["escalations"], call.turn_to, call.actors)
 
 
 def make_calls(clips: list[Clip], actors: Sequence[str], calls: int, seed: int, threshold: float
@@ -190,6 +193,12 @@ def summarise(outcomes: dict[str, list[Outcome]]) -> dict[str, Any]:
         low, high = wilson(sum(hits), len(hits))
         out[name] = {"rate": round(sum(hits) / len(hits), 4), "hits": sum(hits), "n": len(hits),
                      "ci95": [round(low, 4), round(high, 4)]}
+    marked: dict[str, int] = {}
+    for o in calm:  # which voices the calm calls' moments come from
+        for actor, moments in zip(o.actors, (o.agent_moments, o.customer_moments), strict=True):
+            if moments:
+                marked[actor] = marked.get(actor, 0) + 1
+    out["calm_speakers_marked_by_actor"] = dict(sorted(marked.items(), key=lambda kv: (-kv[1], kv[0])))
     out["negative_change"] = {kind: _quartiles([o.negative_end - o.negative_start for o in outcomes[kind]
                                                 if o.negative_end is not None and o.negative_start is not None])
                               for kind in KINDS}
@@ -206,10 +215,20 @@ def run(clips: list[Clip], actors: Sequence[str], calls: int, seed: int, thresho
     return {kind: [analyse_call(c, kind, rule) for c in made[kind]] for kind in KINDS}
 
 
-def tune(clips: list[Clip], calls: int, seed: int, threshold: float) -> dict[str, Any]:
-    """Rates on actors 01-10 only (other draws than the report's) over a grid of the flag's (rise,
+MARGINS = tuple(round(float(m), 2) for m in np.arange(0.15, 0.56, 0.05))
+MOMENT_SPEECH_S = (2.0, 3.0, 4.0, 6.0)
+SPREADS = (0.0, 1.0, 1.5, 2.0, 2.5, 3.0)
+# What --cross asks of a choice on the tuning half: find this share of the escalations, then
+# fire as rarely as possible on calm calls.
+MIN_DETECTION = 0.95  # the call flag, on escalating calls
+MIN_FOUND = 0.90  # moments: escalating calls with a customer moment in the negative part
+
+
+def tune(clips: list[Clip], calls: int, seed: int, threshold: float, actors: Sequence[str] = TUNE_ACTORS
+         ) -> dict[str, Any]:
+    """Rates on ``actors`` only (other draws than the report's) over a grid of the flag's (rise,
     floor) and of the moments' (margin, speech): what the shipped thresholds were chosen from."""
-    made = make_calls(clips, TUNE_ACTORS, calls, seed + TUNE_SEED_OFFSET, threshold)
+    made = make_calls(clips, actors, calls, seed + TUNE_SEED_OFFSET, threshold)
     flags = []
     base = {kind: [analyse_call(c, kind) for c in made[kind]] for kind in KINDS}
     for rise in np.arange(0.10, 0.51, 0.05):
@@ -220,15 +239,45 @@ def tune(clips: list[Clip], calls: int, seed: int, threshold: float) -> dict[str
             flags.append({"rise": rule.rise, "floor": rule.floor, "false_alarm": rate["calm"],
                           "detection": rate["escalating"]})
     moments = []
-    for margin in np.arange(0.15, 0.56, 0.05):
-        for speech in (2.0, 3.0, 4.0, 6.0):
-            rule = replace(conv.RULE, margin=round(float(margin), 2), moment_speech_s=speech)
-            got = {kind: [analyse_call(c, kind, rule) for c in made[kind]] for kind in ("calm", "escalating")}
-            moments.append({"margin": rule.margin, "moment_speech_s": speech,
-                            "calm_calls_with_moment": float(np.mean([bool(o.customer_moments or o.agent_moments)
-                                                                     for o in got["calm"]])),
-                            "escalating_found": float(np.mean([_in_negative_part(o) for o in got["escalating"]]))})
+    for margin in MARGINS:
+        for speech in MOMENT_SPEECH_S:
+            for spread in SPREADS:
+                rule = replace(conv.RULE, margin=margin, moment_speech_s=speech, spread=spread)
+                got = {kind: [analyse_call(c, kind, rule) for c in made[kind]] for kind in ("calm", "escalating")}
+                moments.append({"margin": margin, "moment_speech_s": speech, "spread": spread,
+                                "calm_calls_with_moment": float(np.mean([bool(o.customer_moments or o.agent_moments)
+                                                                         for o in got["calm"]])),
+                                "escalating_found": float(np.mean([_in_negative_part(o)
+                                                                   for o in got["escalating"]]))})
     return {"flag_grid": flags, "moment_grid": moments}
+
+
+def choose(grids: dict[str, Any]) -> conv.EscalationRule:
+    """The rule a tuning half's grids pick, with no judgement left to a person: the call flag with
+    the fewest false alarms among those detecting ``MIN_DETECTION`` of escalations (ties: the
+    higher detection, then the larger rise and floor, the more cautious); moments with the fewest
+    calm calls marked among those finding ``MIN_FOUND`` (ties: the more found, then the larger
+    margin and speech). When nothing reaches the bar, the best detection or finding."""
+    flags = [f for f in grids["flag_grid"] if f["detection"] >= MIN_DETECTION] or \
+        [max(grids["flag_grid"], key=lambda f: f["detection"])]
+    flag = min(flags, key=lambda f: (f["false_alarm"], -f["detection"], -f["rise"], -f["floor"]))
+    moments = [m for m in grids["moment_grid"] if m["escalating_found"] >= MIN_FOUND] or \
+        [max(grids["moment_grid"], key=lambda m: m["escalating_found"])]
+    moment = min(moments, key=lambda m: (m["calm_calls_with_moment"], -m["escalating_found"], -m["margin"],
+                                         -m["moment_speech_s"], -m["spread"]))
+    return replace(conv.RULE, rise=flag["rise"], floor=flag["floor"], margin=moment["margin"],
+                   moment_speech_s=moment["moment_speech_s"], spread=moment["spread"])
+
+
+def cross(clips: list[Clip], calls: int, seed: int, threshold: float) -> dict[str, Any]:
+    """Both halves in turn: tune on one (``choose``), report on the other with what it chose.
+    Two estimates of how the whole procedure does on ten voices it never tuned on."""
+    out: dict[str, Any] = {}
+    for tuned, reported in ((TUNE_ACTORS, REPORT_ACTORS), (REPORT_ACTORS, TUNE_ACTORS)):
+        rule = choose(tune(clips, calls, seed, threshold, tuned))
+        name = f"tuned on {tuned[0]}-{tuned[-1]}, reported on {reported[0]}-{reported[-1]}"
+        out[name] = {"rule": rule.__dict__, **summarise(run(clips, reported, calls, seed, threshold, rule))}
+    return out
 
 
 def _print_grids(result: dict[str, Any]) -> None:
@@ -251,13 +300,14 @@ def _print_grids(result: dict[str, Any]) -> None:
                                            for m in moments if m["margin"] == margin))
 
 
-def _print_summary(source: str, summary: dict[str, Any]) -> None:
-    print(f"\n{source} probabilities, actors 11-20:")
+def _print_summary(heading: str, summary: dict[str, Any]) -> None:
+    print(f"\n{heading}:")
     for name, row in summary.items():
         if not isinstance(row, dict) or "rate" not in row:
             continue
         print(f"  {name:50s} {row['rate']:6.1%}  ({row['hits']}/{row['n']}, 95% CI "
               f"{row['ci95'][0]:.1%}-{row['ci95'][1]:.1%})")
+    print(f"  calm-call speakers with a moment, by actor: {summary['calm_speakers_marked_by_actor'] or 'none'}")
     for kind, q in summary["negative_change"].items():
         print(f"  negative_end - negative_start, {kind:20s} p10/p50/p90 = {q}")
 
@@ -276,12 +326,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=200, help="calls per kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tune", action="store_true", help="grid-search thresholds on actors 01-10 instead")
+    parser.add_argument("--cross", action="store_true",
+                        help="tune on each half of the actors in turn (automatic choice), report on the other")
     args = parser.parse_args(argv)
     threshold = float(json.loads((REPO_ROOT / "models" / "manifest.json").read_text())
                       ["ensemble"]["uncertain_threshold"])
     if args.tune:
         result = tune(load_clips(args.clips, "heldout"), args.calls, args.seed, threshold)
         _print_grids(result)
+        print(f"automatic choice (--cross): {choose(result)}")
+        print(json.dumps(result))
+        return 0
+    if args.cross:
+        result = cross(load_clips(args.clips, "heldout"), args.calls, args.seed, threshold)
+        for name, summary in result.items():
+            _print_summary(f"held-out probabilities, {name}; rule {summary['rule']}", summary)
         print(json.dumps(result))
         return 0
     print(f"rule: {conv.RULE}; {args.calls} calls per kind, seed {args.seed}")
@@ -292,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = summarise(run(clips, REPORT_ACTORS, args.calls, args.seed, threshold))
         summary["clip_accuracy"] = _clip_accuracy(clips, REPORT_ACTORS)
         print(f"\nper-clip accuracy ({source}, actors 11-20): {summary['clip_accuracy']:.1%}")
-        _print_summary(source, summary)
+        _print_summary(f"{source} probabilities, actors 11-20", summary)
         report[source] = summary
     print(json.dumps(report))
     return 0

@@ -62,6 +62,7 @@ class EscalationRule:
 
     margin: float = 0.35
     moment_speech_s: float = 3.0
+    spread: float = 2.0
     rise: float = 0.25
     floor: float = 0.4
     third_speech_s: float = 3.0
@@ -357,35 +358,50 @@ def _thirds(segments: Sequence[dict[str, Any]]) -> tuple[float | None, float | N
     A segment straddling a third's edge counts for the part of its speech on each side (its
     speech taken as spread evenly over it). None, None, 0 without speech.
     """
+    split = _third_weights(segments)
+    if split is None:
+        return None, None, 0.0
+    negative, first, last, third = split
+    return (round(float((first * negative).sum() / first.sum()), 4),
+            round(float((last * negative).sum() / last.sum()), 4), third)
+
+
+def _third_weights(segments: Sequence[dict[str, Any]]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
+    """Each segment's negative share, its speech inside the first and inside the last third of
+    the speaker's speech time, and a third's length; None without speech."""
     speech = np.array([_speech(s) for s in segments], dtype=np.float64)
     total = float(speech.sum())
     if total <= 0:
-        return None, None, 0.0
+        return None
     negative = np.array([negative_share(s) for s in segments])
     ends = np.cumsum(speech)
     starts = ends - speech
     third = total / 3
 
-    def level(lo: float, hi: float) -> float:
-        weight = np.clip(np.minimum(ends, hi) - np.maximum(starts, lo), 0.0, None)
-        return round(float((weight * negative).sum() / weight.sum()), 4)
+    def inside(lo: float, hi: float) -> np.ndarray:
+        return np.asarray(np.clip(np.minimum(ends, hi) - np.maximum(starts, lo), 0.0, None))
 
-    return level(0.0, third), level(total - third, total), third
+    return negative, inside(0.0, third), inside(total - third, total), third
 
 
 def _moments(segments: Sequence[dict[str, Any]], opening: float | None, rule: EscalationRule
              ) -> list[dict[str, Any]]:
-    """Escalation moments: runs of consecutive segments each ``rule.margin`` above the baseline
-    (the lower of the speaker's speech-weighted median and ``opening``, their first third)."""
-    if opening is None:
+    """Escalation moments: runs of consecutive segments each clearly above the baseline (the
+    lower of the speaker's speech-weighted median and ``opening``, their first third). Clearly:
+    by ``rule.margin``, or by ``rule.spread`` times the spread of the opening when that is more."""
+    split = _third_weights(segments)
+    if opening is None or split is None:
         return []
+    negative, first, _, _ = split
     speech = np.array([_speech(s) for s in segments])
-    negative = np.array([negative_share(s) for s in segments])
     baseline = min(_weighted_median(negative, speech), opening)
+    spread = float(np.sqrt((first * (negative - opening) ** 2).sum() / first.sum()))
+    bar = max(rule.margin, rule.spread * spread)
     out: list[dict[str, Any]] = []
     run: list[int] = []
     for i in [*range(len(segments)), -1]:  # -1 closes the last run
-        if i >= 0 and negative[i] - baseline >= rule.margin:
+        if i >= 0 and negative[i] - baseline >= bar:
             run.append(i)
             continue
         if run and speech[run].sum() >= rule.moment_speech_s:

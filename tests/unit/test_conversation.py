@@ -3,6 +3,7 @@ escalation are known; every output is checked against the strict schemas."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -203,6 +204,21 @@ def test_a_moment_needs_enough_speech() -> None:
     two = calm(6) + [seg(18, 20, "angry", 0.9), seg(21, 23, "angry", 0.9)] + calm(2, 24)
     metrics, _ = run(two)
     assert [(e["start"], e["end"]) for e in metrics[0]["escalations"]] == [(18.0, 23.0)]
+
+
+def test_a_voice_that_opens_unsteady_needs_a_larger_rise_for_a_moment() -> None:
+    # Some voices read as tense to the models now and then even when calm; the same rise is news
+    # for a steady voice and not for one whose opening already swung that much (rule.spread).
+    rising = [seg(12 + 3 * i, 14 + 3 * i, "angry", 0.6) for i in range(2)]
+    steady = [seg(2 * i, 2 * i + 1.9, negative=0.05) for i in range(6)] + rising
+    metrics, _ = run(steady)
+    assert [(e["start"], e["end"]) for e in metrics[0]["escalations"]] == [(12.0, 17.0)]
+    unsteady = [seg(2 * i, 2 * i + 2, negative=0.5 * (i % 2)) for i in range(6)] + rising
+    metrics, _ = run(unsteady)
+    assert metrics[0]["escalations"] == []  # 0.41 above its opening, whose spread (0.24) asks for 0.48
+    no_spread = replace(conv.RULE, spread=0.0)
+    metrics, _ = analyse([Track(0, "ch0", unsteady)], 60.0, "mono", rule=no_spread)
+    assert [(e["start"], e["end"]) for e in metrics[0]["escalations"]] == [(12.0, 17.0)]
 
 
 def test_a_moment_names_its_dominant_negative_emotion() -> None:
