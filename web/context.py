@@ -35,3 +35,23 @@ def db() -> Session:
     if "db" not in g:
         g.db = services().sessions()
     return g.db  # type: ignore[no-any-return]
+
+
+def snapshot() -> Session:
+    """The request's session, reading one snapshot of the database from here on.
+
+    For pages that show rows and counts from separate queries: a worker that finishes a job
+    between the two would otherwise make the counts disagree with the rows (the history page's
+    chart counting 11 where its table listed 10). Postgres: a REPEATABLE READ, READ ONLY
+    transaction. SQLite: BEGIN, since pysqlite starts no transaction for a SELECT (each would
+    read the latest commit). Only for requests that write nothing; the transaction ends with
+    the session on teardown.
+    """
+    session = db()
+    if session.in_transaction():  # an earlier read of this request took the default isolation
+        session.rollback()
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True})
+    else:
+        session.connection().exec_driver_sql("BEGIN")
+    return session

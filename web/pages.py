@@ -17,7 +17,7 @@ from ser_shared.errors import Gone, NotFound
 from ser_shared.models import Batch, Job
 from web import images, limits, markup, media, model_card, openapi, queries, timeline
 from web.auth import key_id, tenant
-from web.context import db, services
+from web.context import db, services, snapshot
 from web.serialize import iso
 from web.uploads import MAX_CHANNEL_LABELS, MAX_LABEL_LENGTH, TRANSCRIBE, create_batch, parse_options
 
@@ -107,10 +107,11 @@ def history() -> str:
     args = request.args.to_dict()
     f = queries.parse_filter(args, tenant())
     limit = queries.parse_limit(args.get("limit"), default=25)
-    jobs, next_cursor = queries.list_jobs(db(), f, limit, args.get("cursor"))
+    session = snapshot()  # the summary counts the same jobs the table lists
+    jobs, next_cursor = queries.list_jobs(session, f, limit, args.get("cursor"))
     base = {k: v for k, v in args.items() if k != "cursor" and v}
     return render_template("history.html", jobs=jobs, f=f, args=base, next_cursor=next_cursor,
-                           paged=bool(args.get("cursor")), summary=queries.summarize(db(), f),
+                           paged=bool(args.get("cursor")), summary=queries.summarize(session, f),
                            export_args={k: v for k, v in base.items() if k != "limit"})
 
 
@@ -177,7 +178,7 @@ def delete_job(job_id: str) -> str | Response:
 
 @bp.get("/batches/<batch_id>")
 def batch(batch_id: str) -> str:
-    session = db()
+    session = snapshot()  # the summary counts the same jobs the table lists
     found = queries.get_batch(session, batch_id, tenant())
     counts = queries.status_counts(found)
     done = counts["succeeded"] + counts["failed"]
