@@ -162,11 +162,11 @@ def test_a_long_recording_is_transcribed_in_packs(tiny: Any, speech: dict[str, n
     assert (result.text or "").lower().count("market") >= 7, result.text
 
 
-def test_no_budget_is_a_timeout_before_any_work(tiny: Any, speech: dict[str, np.ndarray]) -> None:
+def test_no_budget_is_a_timeout_before_any_work(tiny: Any, speech: dict[str, np.ndarray],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     audio, spans, _ = _recording(speech)
-    started = time.monotonic()
+    monkeypatch.setattr(whisper_asr, "_decode", _never_decode)
     result, heard = transcribe_segments(audio, SAMPLE_RATE, "whisper", "en-US", spans, timeout_s=0.0)
-    assert time.monotonic() - started < 1.0  # the model is loaded: nothing was decoded
     assert_unavailable(result, "timeout")
     assert heard == [None, None] and "after 0 of 2 segments" in (result.message or "")
 
@@ -217,10 +217,16 @@ def test_a_language_whisper_does_not_know_is_unsupported(language: str) -> None:
     assert result.language == language
 
 
-def test_silence_is_no_speech_without_decoding(tiny: Any) -> None:
+def test_silence_is_no_speech_without_decoding(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(whisper_asr, "_decode", _never_decode)
     result = transcribe(silence(5), SAMPLE_RATE, "whisper", "en-US")
     assert_unavailable(result, "no_speech")
-    assert result.seconds < 1.0
+
+
+def _never_decode(*_: Any) -> Any:
+    """Stands in for Whisper's decoding where a test shows it is never reached (a check by what
+    ran, not by how long it took)."""
+    raise AssertionError("Whisper decoded audio")
 
 
 # ---------------------------------------------------------------------------------------------------------
