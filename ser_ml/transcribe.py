@@ -86,6 +86,7 @@ class Transcript:
     seconds: float  # wall time spent
     model: str | None = None  # the Whisper model that made it: "whisper-tiny.en" or "whisper-base"
     detected_language: str | None = None  # Whisper's language code, when the language was detected
+    detected_probability: float | None = None  # Whisper's probability for that language
 
     @property
     def succeeded(self) -> bool:
@@ -100,6 +101,8 @@ class Transcript:
             out["model"] = self.model
         if self.detected_language is not None:
             out["detected_language"] = self.detected_language
+        if self.detected_probability is not None:
+            out["detected_language_probability"] = self.detected_probability
         return out
 
 
@@ -119,6 +122,7 @@ class _Run:
 
     model: str | None = None
     detected: str | None = None
+    probability: float | None = None
 
 
 def transcribe(audio: np.ndarray, sample_rate: int, engine: str, language: str = "en-US", *,
@@ -154,7 +158,7 @@ def transcribe_segments(audio: np.ndarray, sample_rate: int, engine: str, langua
         if status == SUCCEEDED and engine == "sphinx":
             message = SPHINX_NOTE
         return Transcript(status, engine, language, text, reason, message, round(time.monotonic() - started, 3),
-                          run.model, run.detected)
+                          run.model, run.detected, run.probability)
 
     try:
         text, heard = _transcribe(audio, sample_rate, engine, language, spans, deadline, google_key, chunk_s, run)
@@ -217,7 +221,7 @@ def _whisper(pcm: np.ndarray, language: str, spans: Sequence[tuple[float, float]
     except OutOfTime as exc:
         got, failure = exc.heard, exc
     finally:
-        run.detected = session.detected
+        run.detected, run.probability = session.detected, session.probability
     heard = _merge(got, owner, len(segments))
     if failure is not None:
         if whole:

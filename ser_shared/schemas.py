@@ -168,6 +168,10 @@ class Transcript(Emitted):
                                   "languages, detection). Engines `whisper` and `sphinx` (which Whisper now serves).")
     detected_language: str | SkipJsonSchema[None] = Field(
         default=None, description="The language Whisper detected (its code, e.g. `hi`), when `language` was `und`.")
+    detected_language_probability: float | SkipJsonSchema[None] = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Whisper's probability for `detected_language` (0-1). Detection can be wrong on short, "
+                    "noisy or synthetic speech; below 0.5, give `language` if you know it.")
 
 
 class Word(Emitted):

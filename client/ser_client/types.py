@@ -69,6 +69,7 @@ class Transcript(Model):
     attempts: int | None = None  # more than 1 after a worker was killed during the transcript
     model: str | None = None  # whisper-tiny.en or whisper-base (engines whisper and sphinx)
     detected_language: str | None = None  # Whisper's code for the language it detected (language=und)
+    detected_language_probability: float | None = None  # how sure Whisper was of it (0-1; unsure below 0.5)
 
 
 class Word(Model):

@@ -325,6 +325,23 @@ def test_a_one_speaker_conversation_is_one_lane(conv_app: Flask, client: FlaskCl
     assert "(customer)" not in html
 
 
+@pytest.mark.parametrize(("probability", "unsure"), [(0.31, True), (0.93, False)])
+def test_a_detected_language_is_shown_with_how_sure_whisper_was(conv_app: Flask, client: FlaskClient,
+                                                                 probability: float, unsure: bool) -> None:
+    job_id = _upload(client, client_reference="detected", transcribe="whisper", language="und")["jobs"][0]["id"]
+    segments = [segment(0.5, 2.0, "neutral", 0.7, text="namaste")]
+    channels, conversation = mono(segments, 3.0)
+    transcript = {"status": "succeeded", "engine": "whisper", "language": "und", "text": "namaste", "reason": None,
+                  "message": None, "seconds": 0.4, "model": "whisper-base", "detected_language": "hi",
+                  "detected_language_probability": probability}
+    finish(conv_app.extensions["ser"].sessions, uuid.UUID(job_id), channels, conversation, segments, transcript)
+    stored = client.get(f"/api/v1/jobs/{job_id}").get_json()["result"]["transcript"]
+    assert (stored["detected_language"], stored["detected_language_probability"]) == ("hi", probability)
+    hint = _element(client.get(f"/jobs/{job_id}").get_data(as_text=True), 'id="transcript"', "</p>")
+    assert f'data-probability="{probability}">hi</span> ({round(100 * probability)} % sure' in hint
+    assert ("give the language if you know it" in hint) is unsure
+
+
 def test_history_rows_show_each_speakers_emotion_and_the_flag(conv_app: Flask, client: FlaskClient) -> None:
     escalated, channels, _ = _stored_call(conv_app, "rows", escalation=True)
     calm, _, _ = _stored_call(conv_app, "rows", escalation=False)

@@ -206,6 +206,8 @@ def test_hindi_comes_back_in_devanagari(base: Any, speech: dict[str, np.ndarray]
 def test_undetermined_language_is_detected(base: Any, speech: dict[str, np.ndarray]) -> None:
     result = transcribe(speech["first"], SAMPLE_RATE, "whisper", "und", timeout_s=120)
     assert (result.status, result.model, result.detected_language) == ("succeeded", "whisper-base", "en"), result
+    assert result.detected_probability is not None and 0.5 < result.detected_probability <= 1.0, result
+    assert result.stored()["detected_language_probability"] == result.detected_probability
     assert len(heard_words(result.text) & {"going", "market", "afternoon"}) >= 2, result.text
 
 
