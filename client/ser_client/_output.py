@@ -98,7 +98,11 @@ def describe_job(job: dict[str, Any]) -> str:
     transcript = result.get("transcript")
     if transcript:
         text = transcript.get("text") or transcript.get("reason") or ""
-        lines.append(f"transcript  {transcript.get('status')} ({transcript.get('engine')}): {text}")
+        how = str(transcript.get("engine"))
+        if transcript.get("detected_language"):
+            sure = transcript.get("detected_language_probability")
+            how += f", detected {transcript['detected_language']}" + (f" {sure:.0%} sure" if sure is not None else "")
+        lines.append(f"transcript  {transcript.get('status')} ({how}): {text}")
     for line in (result.get("conversation") or {}).get("transcript") or []:
         lines.append(f"  {line['start']:7.1f}s  {line['label']}: {line['text']}")
     return "\n".join(lines)
