@@ -54,7 +54,8 @@ NEGATIVE = ("angry", "fearful", "disgust")
 class EscalationRule:
     """The escalation thresholds (docs/CONVERSATIONS.md; measured by bench/escalation.py).
 
-    A *moment*: consecutive segments of one speaker, each ``margin`` or more above the speaker's
+    A *moment*: consecutive segments of one speaker, each ``margin`` (or ``spread`` times the
+    standard deviation of the speaker's opening third, when that is more) above the speaker's
     baseline in negative share, holding ``moment_speech_s`` of speech together. The call's *flag*:
     the judged speaker's last third of speech is ``rise`` more negative than the first third and
     at least ``floor`` negative, each third holding ``third_speech_s`` of speech.
