@@ -227,7 +227,7 @@ MIN_FOUND = 0.90  # moments: escalating calls with a customer moment in the nega
 def tune(clips: list[Clip], calls: int, seed: int, threshold: float, actors: Sequence[str] = TUNE_ACTORS
          ) -> dict[str, Any]:
     """Rates on ``actors`` only (other draws than the report's) over a grid of the flag's (rise,
-    floor) and of the moments' (margin, speech): what the shipped thresholds were chosen from."""
+    floor) and of the moments' (margin, speech, spread): what the shipped thresholds were chosen from."""
     made = make_calls(clips, actors, calls, seed + TUNE_SEED_OFFSET, threshold)
     flags = []
     base = {kind: [analyse_call(c, kind) for c in made[kind]] for kind in KINDS}
@@ -257,7 +257,7 @@ def choose(grids: dict[str, Any]) -> conv.EscalationRule:
     the fewest false alarms among those detecting ``MIN_DETECTION`` of escalations (ties: the
     higher detection, then the larger rise and floor, the more cautious); moments with the fewest
     calm calls marked among those finding ``MIN_FOUND`` (ties: the more found, then the larger
-    margin and speech). When nothing reaches the bar, the best detection or finding."""
+    margin, speech and spread). When nothing reaches the bar, the best detection or finding."""
     flags = [f for f in grids["flag_grid"] if f["detection"] >= MIN_DETECTION] or \
         [max(grids["flag_grid"], key=lambda f: f["detection"])]
     flag = min(flags, key=lambda f: (f["false_alarm"], -f["detection"], -f["rise"], -f["floor"]))
@@ -281,23 +281,25 @@ def cross(clips: list[Clip], calls: int, seed: int, threshold: float) -> dict[st
 
 
 def _print_grids(result: dict[str, Any]) -> None:
-    """The flag's false-alarm/detection per (rise, floor) and the moments' rates per (margin, speech)."""
+    """The flag's false-alarm/detection per (rise, floor) and the moments' rates per (margin, speech),
+    one table for each spread factor."""
     flags = result["flag_grid"]
     floors = sorted({f["floor"] for f in flags})
-    print("call flag, actors 01-10: false alarms % / detection % (rows: rise, columns: floor)")
+    print("call flag: false alarms % / detection % (rows: rise, columns: floor)")
     print("rise  " + " ".join(f"{f:>7.2f}" for f in floors))
     for rise in sorted({f["rise"] for f in flags}):
         print(f"{rise:4.2f}  " + " ".join(f"{100 * f['false_alarm']:3.0f}/{100 * f['detection']:3.0f}"
                                           for f in flags if f["rise"] == rise))
-    print("moments, actors 01-10: calm calls with a moment % / escalations found % (rows: margin, columns: "
-          "speech s)")
-    moments = result["moment_grid"]
-    speeches = sorted({m["moment_speech_s"] for m in moments})
-    print("margin " + " ".join(f"{s:>7.1f}" for s in speeches))
-    for margin in sorted({m["margin"] for m in moments}):
-        print(f"{margin:5.2f}  " + " ".join(f"{100 * m['calm_calls_with_moment']:3.0f}/"
-                                           f"{100 * m['escalating_found']:3.0f}"
-                                           for m in moments if m["margin"] == margin))
+    speeches = sorted({m["moment_speech_s"] for m in result["moment_grid"]})
+    for spread in sorted({m["spread"] for m in result["moment_grid"]}):
+        moments = [m for m in result["moment_grid"] if m["spread"] == spread]
+        print(f"moments, spread {spread}: calm calls with a moment % / escalations found % (rows: margin, "
+              "columns: speech s)")
+        print("margin " + " ".join(f"{s:>7.1f}" for s in speeches))
+        for margin in sorted({m["margin"] for m in moments}):
+            print(f"{margin:5.2f}  " + " ".join(f"{100 * m['calm_calls_with_moment']:3.0f}/"
+                                               f"{100 * m['escalating_found']:3.0f}"
+                                               for m in moments if m["margin"] == margin))
 
 
 def _print_summary(heading: str, summary: dict[str, Any]) -> None:

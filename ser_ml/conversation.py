@@ -27,7 +27,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -316,7 +316,8 @@ def _metrics(track: Track, segments: list[dict[str, Any]], talk_s: float, total_
              rule: EscalationRule) -> dict[str, Any]:
     mine = [t for t in turns if t[0].channel == track.index]
     words, wpm = _words(segments)
-    start, end, _ = _thirds(segments)
+    split = _split_thirds(segments)
+    start, end, _ = _levels(split)
     return {
         "talk_s": round(talk_s, 3), "talk_share": round(talk_s / total_talk_s, 4) if total_talk_s > 0 else 0.0,
         "words": words, "words_per_minute": wpm,
@@ -324,7 +325,7 @@ def _metrics(track: Track, segments: list[dict[str, Any]], talk_s: float, total_
         "turns": len(mine), "interruptions": sum(1 for _, by, _ in interruptions if by == track.index),
         "emotion_share": _emotion_share(segments),
         "negative_start": start, "negative_end": end,
-        "escalations": _moments(segments, start, rule),
+        "escalations": _moments(segments, split, start, rule),
     }
 
 
@@ -359,23 +360,27 @@ def _thirds(segments: Sequence[dict[str, Any]]) -> tuple[float | None, float | N
     A segment straddling a third's edge counts for the part of its speech on each side (its
     speech taken as spread evenly over it). None, None, 0 without speech.
     """
-    split = _third_weights(segments)
-    if split is None:
-        return None, None, 0.0
-    negative, first, last, third = split
-    return (round(float((first * negative).sum() / first.sum()), 4),
-            round(float((last * negative).sum() / last.sum()), 4), third)
+    return _levels(_split_thirds(segments))
 
 
-def _third_weights(segments: Sequence[dict[str, Any]]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
-    """Each segment's negative share, its speech inside the first and inside the last third of
-    the speaker's speech time, and a third's length; None without speech."""
+class _Split(NamedTuple):
+    """A speaker's segments against the thirds of their speech time: each segment's negative share
+    and speech, how much of that speech lies inside the first and inside the last third, and a
+    third's length."""
+
+    negative: np.ndarray
+    speech: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+    third: float
+
+
+def _split_thirds(segments: Sequence[dict[str, Any]]) -> _Split | None:
+    """The speaker's ``_Split``; None without speech."""
     speech = np.array([_speech(s) for s in segments], dtype=np.float64)
     total = float(speech.sum())
     if total <= 0:
         return None
-    negative = np.array([negative_share(s) for s in segments])
     ends = np.cumsum(speech)
     starts = ends - speech
     third = total / 3
@@ -383,19 +388,26 @@ def _third_weights(segments: Sequence[dict[str, Any]]
     def inside(lo: float, hi: float) -> np.ndarray:
         return np.asarray(np.clip(np.minimum(ends, hi) - np.maximum(starts, lo), 0.0, None))
 
-    return negative, inside(0.0, third), inside(total - third, total), third
+    return _Split(np.array([negative_share(s) for s in segments]), speech, inside(0.0, third),
+                  inside(total - third, total), third)
 
 
-def _moments(segments: Sequence[dict[str, Any]], opening: float | None, rule: EscalationRule
-             ) -> list[dict[str, Any]]:
+def _levels(split: _Split | None) -> tuple[float | None, float | None, float]:
+    """``_thirds`` from a ``_Split``."""
+    if split is None:
+        return None, None, 0.0
+    return (round(float((split.first * split.negative).sum() / split.first.sum()), 4),
+            round(float((split.last * split.negative).sum() / split.last.sum()), 4), split.third)
+
+
+def _moments(segments: Sequence[dict[str, Any]], split: _Split | None, opening: float | None,
+             rule: EscalationRule) -> list[dict[str, Any]]:
     """Escalation moments: runs of consecutive segments each clearly above the baseline (the
     lower of the speaker's speech-weighted median and ``opening``, their first third). Clearly:
     by ``rule.margin``, or by ``rule.spread`` times the spread of the opening when that is more."""
-    split = _third_weights(segments)
     if opening is None or split is None:
         return []
-    negative, first, _, _ = split
-    speech = np.array([_speech(s) for s in segments])
+    negative, speech, first = split.negative, split.speech, split.first
     baseline = min(_weighted_median(negative, speech), opening)
     spread = float(np.sqrt((first * (negative - opening) ** 2).sum() / first.sum()))
     bar = max(rule.margin, rule.spread * spread)
